@@ -1,0 +1,285 @@
+"""Conversation use cases: join, send, cancel, regenerate, select.
+
+Owns the transactions and the rule "one generation per room at a time". Every change
+that clients see is committed first and published second, both under the room's
+lock, so a client joining concurrently gets either the old state plus the event, or
+the new state without it — never a gap or a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import Any
+
+from gateway import protocol
+from gateway.errors import BadRequest, Busy, Conflict, NotFound
+from gateway.generation import GenerationTask
+from gateway.hub import RoomHub, Subscriber
+from gateway.prompt import Turn, build_prompt
+from gateway.providers.base import ChatProvider, CompletionRequest
+from gateway.settings import Settings
+from gateway.store.db import Database
+from gateway.store.models import Message, Room, new_id
+from gateway.store.repository import MessageStore
+
+log = logging.getLogger(__name__)
+
+
+def room_not_found(room_id: str) -> NotFound:
+    return NotFound(f"no room with id {room_id!r}", code="room_not_found")
+
+
+def message_not_found(message_id: str) -> NotFound:
+    return NotFound(f"no message with id {message_id!r} in this room", code="message_not_found")
+
+
+class ChatService:
+    """The live side of rooms: messages, generations and their fan-out."""
+
+    def __init__(
+        self, *, db: Database, hub: RoomHub, provider: ChatProvider, settings: Settings
+    ) -> None:
+        self.db = db
+        self.hub = hub
+        self.provider = provider
+        self.settings = settings
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._running: dict[str, GenerationTask] = {}
+
+    def running(self, room_id: str) -> GenerationTask | None:
+        return self._running.get(room_id)
+
+    # --- joining -------------------------------------------------------------------
+
+    async def join(self, room_id: str) -> tuple[protocol.Frame, Subscriber]:
+        """Subscribe to a room; returns the ``ready`` frame and the subscription.
+
+        The snapshot and the subscription are taken together under the room lock, and
+        the live text of a running answer is read in the same step as subscribing, so
+        the client sees every later token exactly once.
+        """
+        async with self._locks[room_id]:
+            async with self.db.transaction() as session:
+                store = MessageStore(session)
+                room = await store.room(room_id)
+                if room is None:
+                    raise room_not_found(room_id)
+                messages = await store.branch_view(room_id, room.active_leaf_id)
+                room_view = room.to_dict()
+            generation = self._running.get(room_id)
+            live = generation.snapshot() if generation is not None else None
+            if live is not None:
+                for message in messages:
+                    if message["id"] == live["message_id"]:
+                        message["content"] = live["text"]
+            subscriber = self.hub.subscribe(room_id)
+        return protocol.ready_frame(room_view, messages, live), subscriber
+
+    def leave(self, subscriber: Subscriber) -> None:
+        self.hub.unsubscribe(subscriber)
+
+    # --- sending -------------------------------------------------------------------
+
+    async def send(
+        self, room_id: str, content: str, client_id: str | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """Store a user message and start answering it.
+
+        Returns the stored message and whether it was a duplicate (a retry with a
+        ``client_id`` already used in this room: nothing new is stored or generated).
+        Raises ``Busy`` while the room is generating: queued messages would reach
+        the model out of order with the answers, so the client retries instead.
+        """
+        if not content.strip():
+            raise BadRequest("message content is empty", code="empty_message")
+        if len(content) > self.settings.max_message_chars:
+            raise BadRequest(
+                f"message has {len(content)} characters; the limit is "
+                f"{self.settings.max_message_chars}",
+                code="message_too_long",
+            )
+        async with self._locks[room_id]:
+            async with self.db.transaction() as session:
+                store = MessageStore(session)
+                room = await store.room(room_id)
+                if room is None:
+                    raise room_not_found(room_id)
+                if client_id is not None:
+                    existing = await store.by_client_id(room_id, client_id)
+                    if existing is not None:
+                        return await store.message_view(existing), True
+                self._ensure_idle(room_id)
+                user = Message(
+                    id=new_id("msg"),
+                    room_id=room_id,
+                    parent_id=room.active_leaf_id,
+                    role="user",
+                    content=content,
+                    status="complete",
+                    client_id=client_id,
+                )
+                await store.add(user)
+                user_view = await store.message_view(user)
+                generation = await self._prepare(store, room, user, temperature=None)
+            self.hub.publish(room_id, protocol.message_frame(user_view, client_id))
+            self._launch(generation)
+        return user_view, False
+
+    async def regenerate(
+        self, room_id: str, message_id: str, temperature: float | None = None
+    ) -> str:
+        """Answer the same user message again as a new sibling; returns the generation id."""
+        async with self._locks[room_id]:
+            async with self.db.transaction() as session:
+                store = MessageStore(session)
+                room = await store.room(room_id)
+                if room is None:
+                    raise room_not_found(room_id)
+                target = await store.message(room_id, message_id)
+                if target is None:
+                    raise message_not_found(message_id)
+                if target.role != "assistant" or target.parent_id is None:
+                    raise BadRequest(
+                        "only an assistant message can be regenerated", code="invalid_target"
+                    )
+                self._ensure_idle(room_id)
+                parent = await session.get(Message, target.parent_id)
+                assert parent is not None
+                generation = await self._prepare(store, room, parent, temperature=temperature)
+                branch = await store.branch_view(room_id, room.active_leaf_id)
+            self.hub.publish(room_id, protocol.branch_frame(branch, room.active_leaf_id))
+            self._launch(generation)
+        return generation.id
+
+    async def select(self, room_id: str, message_id: str) -> list[dict[str, Any]]:
+        """Make the branch through ``message_id`` (down to its newest leaf) active."""
+        async with self._locks[room_id]:
+            async with self.db.transaction() as session:
+                store = MessageStore(session)
+                room = await store.room(room_id)
+                if room is None:
+                    raise room_not_found(room_id)
+                target = await store.message(room_id, message_id)
+                if target is None:
+                    raise message_not_found(message_id)
+                self._ensure_idle(room_id)
+                room.active_leaf_id = await store.newest_leaf_under(target)
+                branch = await store.branch_view(room_id, room.active_leaf_id)
+            self.hub.publish(room_id, protocol.branch_frame(branch, room.active_leaf_id))
+        return branch
+
+    async def cancel(self, room_id: str, generation_id: str | None = None) -> str:
+        """Stop the room's running generation; returns its id.
+
+        The partial answer is stored with status ``cancelled`` and announced with a
+        ``cancelled`` frame by the generation itself.
+        """
+        generation = self._running.get(room_id)
+        if generation is not None and generation_id in (None, generation.id):
+            if generation.stop("cancelled"):
+                return generation.id
+        if generation_id is None:
+            raise Conflict("nothing is being generated in this room", code="not_running")
+        async with self.db.transaction() as session:
+            known = await MessageStore(session).by_generation_id(room_id, generation_id)
+        if known is None:
+            raise NotFound(f"no generation with id {generation_id!r}", code="generation_not_found")
+        raise Conflict(f"generation {generation_id!r} has already ended", code="not_running")
+
+    async def close_room(self, room_id: str) -> None:
+        """Stop the room's generation and disconnect its members (room deleted)."""
+        generation = self._running.get(room_id)
+        if generation is not None:
+            generation.stop("cancelled")
+            await generation.wait()
+        self.hub.close_room(
+            room_id,
+            protocol.error_frame(NotFound("this room was deleted", code="room_deleted")),
+        )
+        self._locks.pop(room_id, None)
+
+    async def shutdown(self) -> None:
+        """Stop every generation, storing its text as ``interrupted``."""
+        generations = list(self._running.values())
+        for generation in generations:
+            generation.stop("interrupted")
+        await asyncio.gather(*(g.wait() for g in generations))
+
+    # --- internals -----------------------------------------------------------------
+
+    def _ensure_idle(self, room_id: str) -> None:
+        running = self._running.get(room_id)
+        if running is not None:
+            raise Busy(
+                f"the room is generating (generation {running.id}); wait for it to end "
+                "or cancel it",
+            )
+
+    async def _prepare(
+        self, store: MessageStore, room: Room, parent: Message, *, temperature: float | None
+    ) -> GenerationTask:
+        """Insert a streaming assistant message under ``parent`` and build its task."""
+        settings = self.settings
+        params = {
+            "model": room.model or settings.default_model,
+            "temperature": temperature
+            if temperature is not None
+            else (
+                room.temperature if room.temperature is not None else settings.default_temperature
+            ),
+            "max_tokens": room.max_tokens or settings.default_max_tokens,
+            "context_tokens": room.context_tokens or settings.default_context_tokens,
+            "system_prompt": room.system_prompt,
+        }
+        history = await store.branch(parent.id)
+        messages = build_prompt(
+            room.system_prompt,
+            [Turn(m.role, m.content) for m in history],
+            context_tokens=params["context_tokens"],
+            max_tokens=params["max_tokens"],
+        )
+        generation_id = new_id("gen")
+        answer = Message(
+            id=new_id("msg"),
+            room_id=room.id,
+            parent_id=parent.id,
+            role="assistant",
+            content="",
+            status="streaming",
+            generation_id=generation_id,
+            params=params,
+        )
+        await store.add(answer)
+        room.active_leaf_id = answer.id
+        await store.session.flush()
+        return GenerationTask(
+            generation_id=generation_id,
+            room_id=room.id,
+            message_view=await store.message_view(answer),
+            request=CompletionRequest(
+                model=params["model"],
+                messages=messages,
+                temperature=params["temperature"],
+                max_tokens=params["max_tokens"],
+            ),
+            provider=self.provider,
+            db=self.db,
+            hub=self.hub,
+            room_lock=self._locks[room.id],
+            checkpoint_interval=settings.checkpoint_interval,
+            on_exit=self._on_generation_exit,
+        )
+
+    def _launch(self, generation: GenerationTask) -> None:
+        """Publish ``start`` and run the generation (caller holds the room lock)."""
+        self._running[generation.room_id] = generation
+        self.hub.publish(
+            generation.room_id, protocol.start_frame(generation.id, generation.message_view)
+        )
+        generation.start()
+
+    def _on_generation_exit(self, generation: GenerationTask) -> None:
+        if self._running.get(generation.room_id) is generation:
+            del self._running[generation.room_id]

@@ -1,0 +1,83 @@
+"""The gateway's error tree.
+
+Every error a client can see carries a stable wire ``code``, an HTTP status for REST
+and SSE, and whether retrying the same request later may succeed::
+
+    GatewayError
+    ├── BadRequest                 400  invalid_json, invalid_frame, unknown_type,
+    │                                   binary_not_supported, message_too_long, ...
+    ├── NotFound                   404  room_not_found, message_not_found,
+    │                                   generation_not_found, not_found
+    ├── Conflict                   409  busy, not_running, invalid_target
+    ├── PayloadTooLarge            413  frame_too_large
+    └── UpstreamError              502  upstream_error, upstream_unavailable,
+        │                               upstream_timeout, upstream_bad_response,
+        │                               upstream_truncated, upstream_rate_limited (429)
+        └── NoProvider             503  no_provider
+
+Third-party exceptions (openai, SQLAlchemy) are translated into this tree once, at the
+adapter that sees them; nothing above an adapter catches a library's own types.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error with a wire representation."""
+
+    status: int = 500
+    code: str = "internal_error"
+    retryable: bool = False
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+    def to_dict(self) -> dict[str, object]:
+        """The ``{"code", "message"}`` body shared by REST errors and ``error`` frames."""
+        return {"code": self.code, "message": self.message}
+
+
+class BadRequest(GatewayError):
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(GatewayError):
+    status = 409
+    code = "conflict"
+
+
+class Busy(Conflict):
+    """The room is already generating; retry once the running generation ends."""
+
+    code = "busy"
+    retryable = True
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UpstreamError(GatewayError):
+    """The model provider failed; the partial answer (if any) is stored with status error."""
+
+    status = 502
+    code = "upstream_error"
+    retryable = True
+
+
+class NoProvider(UpstreamError):
+    status = 503
+    code = "no_provider"
+    retryable = False

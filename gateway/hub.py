@@ -1,0 +1,131 @@
+"""Per-process fan-out of room events to connected clients.
+
+Why not ``await ws.send()`` for each client in turn: one client that stops reading
+would then stall every other member of the room (backpressure does not work for
+fan-out). Instead each subscriber gets a bounded queue that :meth:`RoomHub.publish`
+fills without awaiting, and a writer of its own drains it.
+
+Slow-consumer policy: a writer that falls behind sends the queued tokens of one
+generation coalesced into a single ``token`` frame (same text, fewer frames). A
+subscriber whose queue still reaches its limit is dropped — its connection is closed
+with code 1013 ("try again later") and it should reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterator
+
+from gateway import protocol
+from gateway.protocol import Frame
+
+
+class Event:
+    """One published frame; encoded at most once however many clients receive it."""
+
+    __slots__ = ("_text", "frame")
+
+    def __init__(self, frame: Frame) -> None:
+        self.frame = frame
+        self._text: str | None = None
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = protocol.encode(self.frame)
+        return self._text
+
+
+class SlowConsumer(Exception):
+    """The subscriber's queue overflowed; its connection should be closed with 1013."""
+
+
+class Subscriber:
+    """A client's view of a room: a bounded queue of events and a wake-up signal."""
+
+    def __init__(self, room_id: str, limit: int) -> None:
+        self.room_id = room_id
+        self.limit = limit
+        self.overflowed = False
+        self.closed_with: Frame | None = None
+        self._queue: deque[Event] = deque()
+        self._ready = asyncio.Event()
+
+    def push(self, event: Event) -> None:
+        if len(self._queue) >= self.limit:
+            self.overflowed = True
+        else:
+            self._queue.append(event)
+        self._ready.set()
+
+    def close(self, final: Frame) -> None:
+        """End this subscription after ``final`` has been sent (e.g. room deleted)."""
+        self.closed_with = final
+        self._ready.set()
+
+    async def next_batch(self) -> list[Event]:
+        """Wait for events and take all that are queued. Raises SlowConsumer."""
+        await self._ready.wait()
+        self._ready.clear()
+        if self.overflowed:
+            raise SlowConsumer(self.room_id)
+        batch = list(self._queue)
+        self._queue.clear()
+        return batch
+
+
+def coalesce(batch: list[Event]) -> Iterator[str]:
+    """Encoded frames for ``batch``, with each run of one generation's tokens merged."""
+    i = 0
+    while i < len(batch):
+        frame = batch[i].frame
+        j = i + 1
+        if frame["type"] == "token":
+            while (
+                j < len(batch)
+                and batch[j].frame["type"] == "token"
+                and batch[j].frame["generation_id"] == frame["generation_id"]
+            ):
+                j += 1
+        if j - i == 1:
+            yield batch[i].text
+        else:
+            yield protocol.encode(protocol.merge_tokens([e.frame for e in batch[i:j]]))
+        i = j
+
+
+class RoomHub:
+    """Which subscribers are in which room, and publishing to them."""
+
+    def __init__(self, queue_limit: int = 1024) -> None:
+        self.queue_limit = queue_limit
+        self._rooms: dict[str, set[Subscriber]] = {}
+
+    def subscribe(self, room_id: str) -> Subscriber:
+        subscriber = Subscriber(room_id, self.queue_limit)
+        self._rooms.setdefault(room_id, set()).add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        members = self._rooms.get(subscriber.room_id)
+        if members is not None:
+            members.discard(subscriber)
+            if not members:
+                del self._rooms[subscriber.room_id]
+
+    def publish(self, room_id: str, frame: Frame) -> None:
+        """Queue ``frame`` for every member of the room; never awaits."""
+        members = self._rooms.get(room_id)
+        if not members:
+            return
+        event = Event(frame)
+        for subscriber in members:
+            subscriber.push(event)
+
+    def close_room(self, room_id: str, final: Frame) -> None:
+        for subscriber in self._rooms.pop(room_id, set()):
+            subscriber.close(final)
+
+    def members(self, room_id: str) -> int:
+        return len(self._rooms.get(room_id, ()))

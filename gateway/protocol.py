@@ -1,0 +1,249 @@
+"""The WebSocket/SSE wire protocol, free of I/O.
+
+Client frames are JSON text objects with a ``type``; :func:`parse_client_frame` turns
+one into a typed frame or raises :class:`~gateway.errors.BadRequest` with a stable code.
+Server frames are built by the ``*_frame`` functions and encoded once by
+:func:`encode`, so fanning one event out to many clients costs one serialisation.
+
+Nothing here awaits or imports a transport; tests feed it literal strings.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
+
+Id = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Send(_Frame):
+    """Post a user message; the assistant answers it."""
+
+    type: Literal["send"]
+    content: str
+    id: Id | None = None  # client's own id: echoed back, and makes retries idempotent
+
+
+class Cancel(_Frame):
+    """Stop the running generation (or the named one)."""
+
+    type: Literal["cancel"]
+    generation_id: Id | None = None
+
+
+class Regenerate(_Frame):
+    """Answer the same user message again, as a new sibling version."""
+
+    type: Literal["regenerate"]
+    message_id: Id
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+
+
+class Select(_Frame):
+    """Make the branch through ``message_id`` the room's active one."""
+
+    type: Literal["select"]
+    message_id: Id
+
+
+class Ping(_Frame):
+    type: Literal["ping"]
+    id: Id | None = None
+
+
+ClientFrame = Send | Cancel | Regenerate | Select | Ping
+CLIENT_TYPES = ("send", "cancel", "regenerate", "select", "ping")
+
+_client_frame: TypeAdapter[ClientFrame] = TypeAdapter(
+    Annotated[ClientFrame, Field(discriminator="type")]
+)
+
+
+def parse_client_frame(text: str | bytes, *, max_bytes: int) -> ClientFrame:
+    """Parse one client frame, raising :class:`BadRequest` (or ``PayloadTooLarge``)."""
+    # A str of n characters is at most 4n bytes in UTF-8: encode only when it matters.
+    size = len(text) if isinstance(text, bytes) or len(text) * 4 <= max_bytes else None
+    if size is None:
+        size = len(text.encode())  # type: ignore[union-attr]
+    if size > max_bytes:
+        raise PayloadTooLarge(
+            f"frame of {size} bytes exceeds the limit of {max_bytes}", code="frame_too_large"
+        )
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"frame is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise BadRequest("a frame must be a JSON object", code="invalid_frame")
+    kind = data.get("type")
+    if kind not in CLIENT_TYPES:
+        raise BadRequest(
+            f"unknown frame type {kind!r}; expected one of {', '.join(CLIENT_TYPES)}",
+            code="unknown_type",
+        )
+    try:
+        return _client_frame.validate_python(data)
+    except ValidationError as exc:
+        raise BadRequest(_describe(exc), code="invalid_frame") from None
+
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"][1:]) or "frame"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+# --- REST bodies -----------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PersonaUpdate(_Body):
+    """Persona fields; any omitted field keeps its value (or the gateway default)."""
+
+    system_prompt: Annotated[str, Field(max_length=100_000)] | None = None
+    model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    context_tokens: Annotated[int, Field(ge=256, le=10_000_000)] | None = None
+
+
+class RoomCreate(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    persona: PersonaUpdate = PersonaUpdate()
+
+
+class RoomUpdate(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    persona: PersonaUpdate | None = None
+
+
+def parse_body(model: type[BodyT], raw: bytes) -> BodyT:
+    """Parse a JSON request body into ``model``, raising :class:`BadRequest`."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors(include_url=False):
+            loc = ".".join(str(p) for p in err["loc"]) or "body"
+            parts.append(f"{loc}: {err['msg']}")
+        raise BadRequest("; ".join(parts), code="invalid_body") from None
+
+
+# --- server frames ---------------------------------------------------------------
+
+Frame = dict[str, Any]
+
+
+def encode(frame: Frame) -> str:
+    """Serialise a server frame to the JSON text sent on the wire."""
+    return orjson.dumps(frame).decode()
+
+
+def ready_frame(room: Frame, messages: list[Frame], generation: Frame | None) -> Frame:
+    return {"type": "ready", "room": room, "messages": messages, "generation": generation}
+
+
+def message_frame(message: Frame, client_id: str | None = None) -> Frame:
+    frame: Frame = {"type": "message", "message": message}
+    if client_id is not None:
+        frame["id"] = client_id
+    return frame
+
+
+def start_frame(generation_id: str, message: Frame) -> Frame:
+    return {
+        "type": "start",
+        "generation_id": generation_id,
+        "message_id": message["id"],
+        "parent_id": message["parent_id"],
+        "message": message,
+    }
+
+
+def token_frame(generation_id: str, seq: int, text: str) -> Frame:
+    return {"type": "token", "generation_id": generation_id, "seq": seq, "text": text}
+
+
+def done_frame(
+    generation_id: str, message: Frame, finish_reason: str | None, usage: Frame | None
+) -> Frame:
+    return {
+        "type": "done",
+        "generation_id": generation_id,
+        "message": message,
+        "finish_reason": finish_reason,
+        "usage": usage,
+    }
+
+
+def cancelled_frame(generation_id: str, message: Frame) -> Frame:
+    return {"type": "cancelled", "generation_id": generation_id, "message": message}
+
+
+def error_frame(
+    error: GatewayError,
+    *,
+    generation_id: str | None = None,
+    message: Frame | None = None,
+    client_id: str | None = None,
+) -> Frame:
+    frame: Frame = {"type": "error", **error.to_dict(), "retryable": error.retryable}
+    if generation_id is not None:
+        frame["generation_id"] = generation_id
+    if message is not None:
+        frame["message"] = message
+    if client_id is not None:
+        frame["id"] = client_id
+    return frame
+
+
+def branch_frame(messages: list[Frame], active_leaf_id: str | None) -> Frame:
+    return {"type": "branch", "active_leaf_id": active_leaf_id, "messages": messages}
+
+
+def room_frame(room: Frame) -> Frame:
+    """The room's name or persona changed."""
+    return {"type": "room", "room": room}
+
+
+def pong_frame(client_id: str | None = None) -> Frame:
+    frame: Frame = {"type": "pong"}
+    if client_id is not None:
+        frame["id"] = client_id
+    return frame
+
+
+def merge_tokens(frames: list[Frame]) -> Frame:
+    """Coalesce consecutive token frames of one generation into one frame.
+
+    Used for a connection that has fallen behind: it receives the same text in fewer
+    frames. ``seq`` is the last merged frame's, ``seq_from`` the first's.
+    """
+    first, last = frames[0], frames[-1]
+    return {
+        "type": "token",
+        "generation_id": first["generation_id"],
+        "seq": last["seq"],
+        "seq_from": first["seq"],
+        "text": "".join(f["text"] for f in frames),
+    }

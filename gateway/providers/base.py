@@ -1,0 +1,49 @@
+"""The provider interface: stream one chat completion.
+
+Guarantees an implementation gives:
+
+- ``stream()`` yields :class:`Chunk` objects in order; text chunks may be empty.
+- Errors are raised as :class:`gateway.errors.UpstreamError` (or a subclass), never as
+  the library's own exceptions.
+- Cancelling the consuming task, or closing the iterator (``aclose()``), stops the
+  upstream work at once: the HTTP response is closed, not drained.
+- Retries only happen before the first chunk is yielded; once text reached a client
+  a failure ends the stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    model: str
+    messages: list[dict[str, str]]
+    temperature: float
+    max_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A piece of the answer: new text, and on the last chunks how it ended."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = field(default=None)
+
+
+class ChatProvider(Protocol):
+    """Streams chat completions from some model."""
+
+    name: str
+
+    def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
+        """Stream the answer to ``request``; see the module docstring for guarantees."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and workers."""
+        ...

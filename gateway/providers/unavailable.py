@@ -1,0 +1,24 @@
+"""The provider used when none is configured: every generation fails clearly."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from gateway.errors import NoProvider
+from gateway.providers.base import Chunk, CompletionRequest
+
+
+class UnavailableProvider:
+    """Lets the server start without a model, telling clients how to configure one."""
+
+    name = "none"
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
+        raise NoProvider(
+            "no model provider is configured: set OPENAI_API_KEY (and OPENAI_BASE_URL for "
+            "a compatible server such as vLLM, Ollama or llama.cpp) and restart the gateway"
+        )
+        yield Chunk()  # pragma: no cover - makes this an async generator
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,78 @@
+"""Gateway configuration, read once from the environment (and an optional ``.env``).
+
+Every value is validated at start so a typo fails loudly with the variable's name,
+instead of surfacing later as a confusing runtime error.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+
+
+class Settings(BaseSettings):
+    """All knobs of the gateway. Environment variables are ``GATEWAY_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    database_url: str = "sqlite+aiosqlite:///./gateway.db"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: LogLevel = "info"
+
+    # Upstream: the names the openai SDK itself reads, without our prefix.
+    openai_api_key: str | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_API_KEY", "openai_api_key")
+    )
+    openai_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_BASE_URL", "openai_base_url")
+    )
+    default_model: str = "gpt-4o-mini"
+    default_temperature: float = Field(0.7, ge=0.0, le=2.0)
+    default_max_tokens: int = Field(1024, ge=1)
+    default_context_tokens: int = Field(8192, ge=256)
+
+    # Upstream timeouts (seconds). The SDK defaults (600 s, 2 retries) are far too lax
+    # for an interactive room: a hung upstream would hold the room for ten minutes.
+    upstream_connect_timeout: float = Field(10.0, gt=0)
+    upstream_first_token_timeout: float = Field(60.0, gt=0)
+    upstream_token_timeout: float = Field(30.0, gt=0)
+    upstream_max_retries: int = Field(2, ge=0, le=10)
+
+    # Limits and flow control.
+    max_message_chars: int = Field(32_000, ge=1)
+    max_frame_bytes: int = Field(64 * 1024, ge=1024)
+    send_queue_size: int = Field(1024, ge=8)
+    send_timeout: float = Field(10.0, gt=0)
+    checkpoint_interval: float = Field(1.0, gt=0)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, applying ``overrides`` on top.
+
+    Raises :class:`SettingsError` with one line per bad variable.
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = "GATEWAY_" + "_".join(str(p) for p in err["loc"]).upper()
+            if name.startswith("GATEWAY_OPENAI_"):
+                name = name.removeprefix("GATEWAY_")
+            lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+class SettingsError(Exception):
+    """The configuration is invalid; the message names each bad variable."""

@@ -1,0 +1,149 @@
+"""Tables of the gateway. Alembic (``migrations/``) owns the schema; these mirror it.
+
+Messages form a tree per room: each message points at its ``parent_id``; regenerating
+an answer adds a sibling under the same parent. ``rooms.active_leaf_id`` names the tip
+of the branch the room currently shows; walking parents from it gives the history.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+Role = Literal["user", "assistant"]
+# streaming: being generated; complete: finished normally; cancelled: stopped by a
+# client; error: the upstream failed; interrupted: the process stopped mid-answer.
+Status = Literal["streaming", "complete", "cancelled", "error", "interrupted"]
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s_%(column_1_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def new_id(prefix: str) -> str:
+    """A URL-safe, unguessable id such as ``room_V1StGXR8_Z5j``."""
+    return f"{prefix}_{secrets.token_urlsafe(9)}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def isoformat(value: datetime) -> str:
+    # SQLite hands datetimes back naive; they were stored as UTC.
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.isoformat().replace("+00:00", "Z")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Room(Base):
+    """A chat room and its persona."""
+
+    __tablename__ = "rooms"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    system_prompt: Mapped[str] = mapped_column(Text, default="")
+    model: Mapped[str | None] = mapped_column(String(200))
+    temperature: Mapped[float | None] = mapped_column(Float)
+    max_tokens: Mapped[int | None] = mapped_column(Integer)
+    context_tokens: Mapped[int | None] = mapped_column(Integer)
+    active_leaf_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+    def persona(self) -> dict[str, Any]:
+        return {
+            "system_prompt": self.system_prompt,
+            "model": self.model,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "context_tokens": self.context_tokens,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "persona": self.persona(),
+            "active_leaf_id": self.active_leaf_id,
+            "created_at": isoformat(self.created_at),
+            "updated_at": isoformat(self.updated_at),
+        }
+
+
+class Message(Base):
+    """One user or assistant message; assistant messages record what produced them."""
+
+    __tablename__ = "messages"
+    __table_args__ = (UniqueConstraint("room_id", "client_id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    room_id: Mapped[str] = mapped_column(ForeignKey("rooms.id", ondelete="CASCADE"), index=True)
+    parent_id: Mapped[str | None] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), index=True
+    )
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    client_id: Mapped[str | None] = mapped_column(String(64))
+    generation_id: Mapped[str | None] = mapped_column(String(40))
+    # The persona values in force when the answer was generated (model, temperature,
+    # max_tokens, context_tokens, system_prompt), and how it ended.
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+    def to_dict(self, siblings: list[str] | None = None) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "room_id": self.room_id,
+            "role": self.role,
+            "content": self.content,
+            "status": self.status,
+            "parent_id": self.parent_id,
+            "client_id": self.client_id,
+            "created_at": isoformat(self.created_at),
+        }
+        if self.role == "assistant":
+            params = self.params or {}
+            data.update(
+                generation_id=self.generation_id,
+                model=params.get("model"),
+                temperature=params.get("temperature"),
+                max_tokens=params.get("max_tokens"),
+                finish_reason=self.finish_reason,
+                usage=self.usage,
+                error=self.error,
+                siblings=siblings if siblings is not None else [self.id],
+            )
+        return data

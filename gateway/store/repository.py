@@ -1,0 +1,146 @@
+"""Queries over rooms and messages. Functions flush, never commit: the caller owns the
+transaction (see :meth:`gateway.store.db.Database.transaction`)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from sqlalchemy import func, literal, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.store.models import Message, Room
+
+
+class MessageStore:
+    """Room and message queries bound to one session (one unit of work)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    # --- rooms ---------------------------------------------------------------------
+
+    async def add(self, obj: Room | Message) -> None:
+        self.session.add(obj)
+        await self.session.flush()
+
+    async def room(self, room_id: str) -> Room | None:
+        return await self.session.get(Room, room_id)
+
+    async def rooms(self, *, limit: int, offset: int) -> Sequence[Room]:
+        query = select(Room).order_by(Room.created_at, Room.id).limit(limit).offset(offset)
+        return (await self.session.scalars(query)).all()
+
+    async def delete_room(self, room: Room) -> None:
+        await self.session.delete(room)
+        await self.session.flush()
+
+    # --- messages ------------------------------------------------------------------
+
+    async def message(self, room_id: str, message_id: str) -> Message | None:
+        message = await self.session.get(Message, message_id)
+        return message if message is not None and message.room_id == room_id else None
+
+    async def by_client_id(self, room_id: str, client_id: str) -> Message | None:
+        query = select(Message).where(Message.room_id == room_id, Message.client_id == client_id)
+        return (await self.session.scalars(query)).first()
+
+    async def answer_to(self, message: Message) -> Message | None:
+        """The newest assistant reply to a user message."""
+        query = (
+            select(Message)
+            .where(Message.parent_id == message.id, Message.role == "assistant")
+            .order_by(Message.created_at.desc(), Message.id.desc())
+        )
+        return (await self.session.scalars(query)).first()
+
+    async def branch(self, leaf_id: str | None) -> list[Message]:
+        """The messages from the root to ``leaf_id``, oldest first (one recursive query)."""
+        if leaf_id is None:
+            return []
+        chain = (
+            select(Message.id, Message.parent_id, literal(0).label("depth"))
+            .where(Message.id == leaf_id)
+            .cte("chain", recursive=True)
+        )
+        chain = chain.union_all(
+            select(Message.id, Message.parent_id, (chain.c.depth + 1).label("depth")).join(
+                chain, Message.id == chain.c.parent_id
+            )
+        )
+        query = select(Message).join(chain, Message.id == chain.c.id).order_by(chain.c.depth.desc())
+        return list((await self.session.scalars(query)).all())
+
+    async def siblings(self, room_id: str, messages: Sequence[Message]) -> dict[str, list[str]]:
+        """For each message: the ids of all versions under the same parent, oldest first."""
+        parents = {m.parent_id for m in messages}
+        if not parents:
+            return {}
+        query = (
+            select(Message.id, Message.parent_id, Message.role)
+            .where(Message.room_id == room_id)
+            .order_by(Message.created_at, Message.id)
+        )
+        non_null = [p for p in parents if p is not None]
+        if None in parents:
+            query = query.where((Message.parent_id.in_(non_null)) | (Message.parent_id.is_(None)))
+        else:
+            query = query.where(Message.parent_id.in_(non_null))
+        groups: dict[tuple[str | None, str], list[str]] = defaultdict(list)
+        for message_id, parent_id, role in (await self.session.execute(query)).all():
+            groups[(parent_id, role)].append(message_id)
+        return {m.id: groups[(m.parent_id, m.role)] for m in messages}
+
+    async def newest_leaf_under(self, message: Message) -> str:
+        """Follow the newest child from ``message`` down to a leaf; return its id."""
+        current = message.id
+        while True:
+            query = (
+                select(Message.id)
+                .where(Message.parent_id == current)
+                .order_by(Message.created_at.desc(), Message.id.desc())
+                .limit(1)
+            )
+            child = (await self.session.scalars(query)).first()
+            if child is None:
+                return current
+            current = child
+
+    async def checkpoint(self, message_id: str, content: str) -> None:
+        await self.session.execute(
+            update(Message)
+            .where(Message.id == message_id, Message.status == "streaming")
+            .values(content=content)
+        )
+
+    async def interrupt_streaming(self) -> int:
+        """Mark answers left ``streaming`` by a crash as ``interrupted``; return how many."""
+        result = await self.session.execute(
+            update(Message)
+            .where(Message.status == "streaming")
+            .values(
+                status="interrupted",
+                error={"code": "interrupted", "message": "the gateway stopped mid-answer"},
+            )
+        )
+        return result.rowcount or 0
+
+    async def count_messages(self, room_id: str) -> int:
+        query = select(func.count()).select_from(Message).where(Message.room_id == room_id)
+        return int((await self.session.scalar(query)) or 0)
+
+    async def branch_view(self, room_id: str, leaf_id: str | None) -> list[dict]:
+        """The active branch as wire dicts, each assistant message with its siblings."""
+        branch = await self.branch(leaf_id)
+        siblings = await self.siblings(room_id, branch)
+        return [m.to_dict(siblings.get(m.id)) for m in branch]
+
+    async def message_view(self, message: Message) -> dict:
+        siblings = await self.siblings(message.room_id, [message])
+        return message.to_dict(siblings.get(message.id))
+
+    async def by_generation_id(self, room_id: str, generation_id: str) -> Message | None:
+        query = select(Message).where(
+            Message.room_id == room_id, Message.generation_id == generation_id
+        )
+        return (await self.session.scalars(query)).first()

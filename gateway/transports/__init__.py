@@ -1,0 +1,1 @@
+"""Thin adapters from the network to the use cases: parse, call, encode."""

@@ -1,0 +1,139 @@
+"""The WebSocket endpoint ``/ws/rooms/{room_id}``.
+
+Each connection runs a reader and a writer; whichever ends first ends the other.
+Only the writer sends, draining the connection's bounded queue (see
+:mod:`gateway.hub`), so a client that stops reading stalls nobody else.
+
+Close codes: 4404 unknown or deleted room; 1013 the client fell too far behind
+(reconnect); 1009 a frame over the server's hard size limit (closed by uvicorn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from gateway import protocol
+from gateway.chat import ChatService
+from gateway.errors import BadRequest, GatewayError
+from gateway.hub import Event, SlowConsumer, Subscriber, coalesce
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CLOSE_ROOM_GONE = 4404
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+class Connection:
+    """One client in one room."""
+
+    def __init__(
+        self, websocket: WebSocket, chat: ChatService, settings: Settings, room_id: str
+    ) -> None:
+        self.websocket = websocket
+        self.chat = chat
+        self.settings = settings
+        self.room_id = room_id
+
+    async def serve(self) -> None:
+        await self.websocket.accept()
+        try:
+            ready, subscriber = await self.chat.join(self.room_id)
+        except GatewayError as exc:
+            await self.websocket.send_text(protocol.encode(protocol.error_frame(exc)))
+            await self.websocket.close(CLOSE_ROOM_GONE, exc.code)
+            return
+        try:
+            await self.websocket.send_text(protocol.encode(ready))
+            reader = asyncio.create_task(self._read(subscriber))
+            writer = asyncio.create_task(self._write(subscriber))
+            done, pending = await asyncio.wait(
+                {reader, writer}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for task in done:
+                task.result()
+        except WebSocketDisconnect:
+            pass
+        finally:
+            self.chat.leave(subscriber)
+
+    async def _write(self, subscriber: Subscriber) -> None:
+        send_timeout = self.settings.send_timeout
+        try:
+            while True:
+                batch = await subscriber.next_batch()
+                for text in coalesce(batch):
+                    async with asyncio.timeout(send_timeout):
+                        await self.websocket.send_text(text)
+                if subscriber.closed_with is not None:
+                    await self.websocket.send_text(protocol.encode(subscriber.closed_with))
+                    await self.websocket.close(CLOSE_ROOM_GONE, "room deleted")
+                    return
+        except (SlowConsumer, TimeoutError):
+            log.info("closing a slow client of room %s", self.room_id)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1):
+                    await self.websocket.close(CLOSE_TRY_AGAIN_LATER, "too slow; reconnect")
+
+    async def _read(self, subscriber: Subscriber) -> None:
+        max_bytes = self.settings.max_frame_bytes
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                # receive_text() would raise KeyError and drop the socket without a
+                # close frame; say what is wrong and keep the connection instead.
+                error = BadRequest(
+                    "binary frames are not supported; send JSON text frames",
+                    code="binary_not_supported",
+                )
+                subscriber.push(Event(protocol.error_frame(error)))
+                continue
+            client_id = None
+            try:
+                frame = protocol.parse_client_frame(text, max_bytes=max_bytes)
+                client_id = getattr(frame, "id", None)
+                reply = await self._dispatch(frame)
+            except GatewayError as exc:
+                reply = protocol.error_frame(exc, client_id=client_id)
+            except Exception as exc:
+                log.exception("handling a frame in room %s failed", self.room_id)
+                reply = protocol.error_frame(GatewayError(f"internal error: {exc!r}"))
+            if reply is not None:
+                subscriber.push(Event(reply))
+
+    async def _dispatch(self, frame: protocol.ClientFrame) -> protocol.Frame | None:
+        """Run one client frame; returns a frame for this client only, if any."""
+        match frame:
+            case protocol.Send(content=content, id=client_id):
+                message, duplicate = await self.chat.send(self.room_id, content, client_id)
+                if duplicate:
+                    return {**protocol.message_frame(message, client_id), "duplicate": True}
+            case protocol.Cancel(generation_id=generation_id):
+                await self.chat.cancel(self.room_id, generation_id)
+            case protocol.Regenerate(message_id=message_id, temperature=temperature):
+                await self.chat.regenerate(self.room_id, message_id, temperature)
+            case protocol.Select(message_id=message_id):
+                await self.chat.select(self.room_id, message_id)
+            case protocol.Ping(id=client_id):
+                return protocol.pong_frame(client_id)
+        return None
+
+
+async def room_socket(websocket: WebSocket) -> None:
+    state = websocket.state
+    connection = Connection(websocket, state.chat, state.settings, websocket.path_params["room_id"])
+    await connection.serve()
+
+
+routes = [WebSocketRoute("/ws/rooms/{room_id}", room_socket)]

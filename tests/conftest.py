@@ -1,0 +1,176 @@
+"""Shared fixtures: a fake upstream and the gateway, both real servers on loopback.
+
+Timeouts scale with ``TEST_TIME_SCALE`` (default 1) for slow machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import orjson
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from gateway.testing.fake_upstream import FakeUpstream, FakeUpstreamServer, Scenario
+from gateway.testing.servers import ThreadedServer
+
+TIME_SCALE = float(os.environ.get("TEST_TIME_SCALE", "1"))
+
+
+def scaled(seconds: float) -> float:
+    return seconds * TIME_SCALE
+
+
+@pytest.fixture(scope="session")
+def upstream_server() -> Iterator[FakeUpstreamServer]:
+    with FakeUpstreamServer(FakeUpstream(Scenario(count=8))) as server:
+        yield server
+
+
+@pytest.fixture
+def upstream(upstream_server: FakeUpstreamServer) -> FakeUpstream:
+    """The fake upstream's state, reset for each test."""
+    upstream_server.upstream.reset()
+    return upstream_server.upstream
+
+
+@dataclass
+class Gateway:
+    """A running gateway: its URLs and settings."""
+
+    server: ThreadedServer
+    settings: Settings
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def ws_url(self, room_id: str, query: str = "") -> str:
+        return f"ws://127.0.0.1:{self.server.port}/ws/rooms/{room_id}{query}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, upstream_server: FakeUpstreamServer) -> Any:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}",
+            "openai_api_key": "test-key",
+            "openai_base_url": upstream_server.base_url,
+            "upstream_max_retries": 0,
+            "default_model": "fake-model",
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return make
+
+
+@pytest.fixture
+def start_gateway(make_settings: Any) -> Iterator[Any]:
+    """Start a gateway (call again after stopping to restart on the same database)."""
+    started: list[Gateway] = []
+
+    def start(**overrides: Any) -> Gateway:
+        settings = make_settings(**overrides)
+        server = ThreadedServer(create_app(settings), ws_max_size=4 * 1024 * 1024)
+        gateway = Gateway(server.start(), settings)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        if gateway.server.server.started and not gateway.server.server.should_exit:
+            gateway.stop()
+
+
+@pytest.fixture
+def gateway(start_gateway: Any) -> Gateway:
+    return start_gateway()
+
+
+@pytest.fixture
+async def http(gateway: Gateway) -> AsyncIterator[httpx2.AsyncClient]:
+    async with httpx2.AsyncClient(base_url=gateway.url, timeout=scaled(10)) as client:
+        yield client
+
+
+@pytest.fixture
+async def room(http: httpx2.AsyncClient) -> dict[str, Any]:
+    response = await http.post(
+        "/api/rooms",
+        json={"name": "test room", "persona": {"system_prompt": "You are terse."}},
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def covered_seqs(tokens: list[dict[str, Any]]) -> list[int]:
+    """The token seqs a list of token frames carries, expanding merged frames."""
+    seqs: list[int] = []
+    for frame in tokens:
+        seqs.extend(range(frame.get("seq_from", frame["seq"]), frame["seq"] + 1))
+    return seqs
+
+
+class Client:
+    """A WebSocket client that keeps every frame it received."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+
+    async def send(self, frame: dict[str, Any] | str | bytes) -> None:
+        if isinstance(frame, dict):
+            frame = orjson.dumps(frame).decode()
+        await self.ws.send(frame)
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), scaled(timeout))
+        frame = orjson.loads(raw)
+        self.frames.append(frame)
+        return frame
+
+    async def until(self, *types: str, timeout: float = 5.0) -> dict[str, Any]:
+        """Receive until a frame of one of ``types`` arrives; return it."""
+        while True:
+            frame = await self.recv(timeout)
+            if frame["type"] in types:
+                return frame
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f["type"] == kind]
+
+    def text_of(self, generation_id: str) -> str:
+        return "".join(
+            f["text"] for f in self.frames if f["type"] == "token" and f["generation_id"] == generation_id
+        )
+
+
+@pytest.fixture
+async def connect(gateway: Gateway) -> AsyncIterator[Any]:
+    """``client = await connect(room_id)`` opens a WebSocket and reads ``ready``."""
+    opened: list[ClientConnection] = []
+
+    async def open_client(room_id: str, *, gateway_: Gateway | None = None, query: str = "") -> Client:
+        ws = await websockets.connect((gateway_ or gateway).ws_url(room_id, query), max_size=None)
+        opened.append(ws)
+        client = Client(ws)
+        ready = await client.recv()
+        assert ready["type"] in ("ready", "error"), ready
+        return client
+
+    yield open_client
+    for ws in opened:
+        await ws.close()
