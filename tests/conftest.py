@@ -154,7 +154,9 @@ class Client:
 
     def text_of(self, generation_id: str) -> str:
         return "".join(
-            f["text"] for f in self.frames if f["type"] == "token" and f["generation_id"] == generation_id
+            f["text"]
+            for f in self.frames
+            if f["type"] == "token" and f["generation_id"] == generation_id
         )
 
 
@@ -163,8 +165,12 @@ async def connect(gateway: Gateway) -> AsyncIterator[Any]:
     """``client = await connect(room_id)`` opens a WebSocket and reads ``ready``."""
     opened: list[ClientConnection] = []
 
-    async def open_client(room_id: str, *, gateway_: Gateway | None = None, query: str = "") -> Client:
-        ws = await websockets.connect((gateway_ or gateway).ws_url(room_id, query), max_size=None)
+    async def open_client(
+        room_id: str, *, gateway_: Gateway | None = None, query: str = ""
+    ) -> Client:
+        ws = await websockets.connect(
+            (gateway_ or gateway).ws_url(room_id, query), max_size=None, max_queue=None
+        )
         opened.append(ws)
         client = Client(ws)
         ready = await client.recv()
