@@ -191,5 +191,5 @@ class GenerationTask:
                 frame = protocol.cancelled_frame(self.id, view)
             else:
                 exc = error or GatewayError("the gateway stopped mid-answer", code="interrupted")
-                frame = protocol.error_frame(exc, generation_id=self.id, message=view)
+                frame = protocol.error_frame(exc, generation_id=self.id, answer=view)
             self._hub.publish(self.room_id, frame)

@@ -204,14 +204,14 @@ def error_frame(
     error: GatewayError,
     *,
     generation_id: str | None = None,
-    message: Frame | None = None,
+    answer: Frame | None = None,
     client_id: str | None = None,
 ) -> Frame:
     frame: Frame = {"type": "error", **error.to_dict(), "retryable": error.retryable}
     if generation_id is not None:
         frame["generation_id"] = generation_id
-    if message is not None:
-        frame["message"] = message
+    if answer is not None:
+        frame["answer"] = answer  # the stored assistant message the error ended
     if client_id is not None:
         frame["id"] = client_id
     return frame

@@ -106,14 +106,18 @@ async def http(gateway: Gateway) -> AsyncIterator[httpx2.AsyncClient]:
         yield client
 
 
-@pytest.fixture
-async def room(http: httpx2.AsyncClient) -> dict[str, Any]:
-    response = await http.post(
-        "/api/rooms",
-        json={"name": "test room", "persona": {"system_prompt": "You are terse."}},
-    )
+async def create_room(gateway: Gateway, **persona: Any) -> dict[str, Any]:
+    """Create a room over REST on ``gateway`` and return it."""
+    persona.setdefault("system_prompt", "You are terse.")
+    async with httpx2.AsyncClient(base_url=gateway.url, timeout=scaled(10)) as client:
+        response = await client.post("/api/rooms", json={"name": "test room", "persona": persona})
     assert response.status_code == 201, response.text
     return response.json()
+
+
+@pytest.fixture
+async def room(gateway: Gateway) -> dict[str, Any]:
+    return await create_room(gateway)
 
 
 def covered_seqs(tokens: list[dict[str, Any]]) -> list[int]:

@@ -84,11 +84,13 @@ class OpenAIProvider:
                     ) from None
                 except Exception as exc:
                     raise _translate(exc) from exc
-                timeout = self.token_timeout
                 usage = chunk.usage.model_dump() if chunk.usage is not None else None
                 if chunk.choices:
                     choice = chunk.choices[0]
-                    yield Chunk(choice.delta.content or "", choice.finish_reason, usage)
+                    text = choice.delta.content or ""
+                    if text:  # the role-only opening chunk does not count as a token
+                        timeout = self.token_timeout
+                    yield Chunk(text, choice.finish_reason, usage)
                 elif usage is not None:
                     yield Chunk(usage=usage)
         finally:

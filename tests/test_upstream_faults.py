@@ -1,0 +1,103 @@
+"""Upstream failures end the generation with an error frame and a stored error message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.testing.fake_upstream import FakeUpstream, Scenario
+from tests.conftest import create_room
+
+
+@pytest.mark.parametrize(
+    ("scenario", "code", "partial"),
+    [
+        (Scenario(fault="500"), "upstream_error", ""),
+        (Scenario(fault="429"), "upstream_rate_limited", ""),
+        (
+            Scenario(count=5, fault="truncate", fault_after=3),
+            "upstream_truncated",
+            "tok0 tok1 tok2 ",
+        ),
+        (Scenario(count=5, fault="garbage", fault_after=2), "upstream_bad_response", "tok0 tok1 "),
+    ],
+    ids=["http-500", "http-429", "truncated-stream", "garbage-chunk"],
+)
+async def test_upstream_fault_ends_generation_with_error(
+    connect: Any,
+    room: dict,
+    http: Any,
+    upstream: FakeUpstream,
+    scenario: Scenario,
+    code: str,
+    partial: str,
+) -> None:
+    upstream.script(scenario)
+    client = await connect(room["id"])
+    await client.send({"type": "send", "content": "hello"})
+    start = await client.until("start")
+    error = await client.until("error")
+    assert error["code"] == code
+    assert error["generation_id"] == start["generation_id"]
+    assert error["answer"]["status"] == "error"
+    assert error["answer"]["content"] == partial
+    assert error["answer"]["error"]["code"] == code
+
+    stored = (await http.get(f"/api/rooms/{room['id']}/messages")).json()["messages"]
+    assert [(m["role"], m["status"]) for m in stored] == [
+        ("user", "complete"),
+        ("assistant", "error"),
+    ]
+    assert stored[0]["content"] == "hello"
+    assert stored[1]["content"] == partial
+
+    # The room is usable again right away.
+    await client.send({"type": "send", "content": "again"})
+    assert (await client.until("done"))["message"]["status"] == "complete"
+
+
+async def test_upstream_hang_mid_stream_times_out(
+    start_gateway: Any, connect: Any, upstream: FakeUpstream
+) -> None:
+    gateway = start_gateway(upstream_token_timeout=0.3)
+    upstream.script(Scenario(count=10, fault="hang", fault_after=2))
+    room = await create_room(gateway)
+    client = await connect(room["id"], gateway_=gateway)
+    await client.send({"type": "send", "content": "hello"})
+    error = await client.until("error")
+    assert error["code"] == "upstream_timeout"
+    assert error["answer"]["content"] == "tok0 tok1 "
+    request = upstream.requests[-1]
+    upstream.wait_until(lambda: request.disconnected_at is not None)
+
+
+async def test_upstream_that_never_answers_times_out(
+    start_gateway: Any, connect: Any, upstream: FakeUpstream
+) -> None:
+    gateway = start_gateway(upstream_first_token_timeout=0.3)
+    upstream.script(Scenario(count=10, fault="hang", fault_after=0))
+    room = await create_room(gateway)
+    client = await connect(room["id"], gateway_=gateway)
+    await client.send({"type": "send", "content": "hello"})
+    error = await client.until("error")
+    assert error["code"] == "upstream_timeout"
+    assert error["answer"]["content"] == ""
+
+
+async def test_unreachable_upstream(start_gateway: Any, connect: Any) -> None:
+    gateway = start_gateway(openai_base_url="http://127.0.0.1:9/v1", upstream_connect_timeout=1)
+    room = await create_room(gateway)
+    client = await connect(room["id"], gateway_=gateway)
+    await client.send({"type": "send", "content": "hello"})
+    assert (await client.until("error"))["code"] == "upstream_unavailable"
+
+
+async def test_no_provider_configured(start_gateway: Any, connect: Any) -> None:
+    gateway = start_gateway(openai_base_url=None, openai_api_key=None)
+    room = await create_room(gateway)
+    client = await connect(room["id"], gateway_=gateway)
+    await client.send({"type": "send", "content": "hello"})
+    error = await client.until("error")
+    assert error["code"] == "no_provider"
+    assert "OPENAI_API_KEY" in error["message"]
