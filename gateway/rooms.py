@@ -40,8 +40,10 @@ class RoomService:
             return [room.to_dict() for room in rooms]
 
     async def get(self, room_id: str) -> dict[str, Any]:
+        """The room, with ``members``: clients connected to it on this process."""
         async with self.db.transaction() as session:
-            return (await self._room(MessageStore(session), room_id)).to_dict()
+            view = (await self._room(MessageStore(session), room_id)).to_dict()
+        return {**view, "members": self.chat.hub.members(room_id)}
 
     async def update(self, room_id: str, body: RoomUpdate) -> dict[str, Any]:
         async with self.db.transaction() as session:
