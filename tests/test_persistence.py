@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 import time
 from typing import Any
@@ -77,7 +78,7 @@ async def test_streaming_answer_is_checkpointed_every_interval(
             seen.append(row[0])
     # Checkpoints arrive every interval, each a longer prefix of the answer.
     assert len(seen) >= 3
-    assert all(later.startswith(earlier) for earlier, later in zip(seen, seen[1:], strict=False))
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(seen))
     done = await client.until("done", timeout=10)
     assert all(done["message"]["content"].startswith(text) for text in seen)
 
