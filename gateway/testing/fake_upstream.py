@@ -70,7 +70,6 @@ import importlib.util
 import itertools
 import re
 import shlex
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
@@ -80,6 +79,8 @@ from typing import Any
 
 import orjson
 import uvicorn
+
+from gateway.testing.servers import ThreadedServer
 
 __all__ = ["FAULTS", "FakeUpstream", "FakeUpstreamServer", "RecordedRequest", "Scenario"]
 
@@ -737,8 +738,8 @@ class FakeUpstreamServer:
     """Run a :class:`FakeUpstream` under uvicorn in a daemon thread.
 
     Use as a context manager; ``__enter__`` returns once the server accepts
-    connections. With ``port=0`` a free port is picked (the socket is bound here
-    and handed to uvicorn, so there is no race for the port).
+    connections. With ``port=0`` a free port is picked (the socket is bound at
+    construction and handed to uvicorn, so there is no race for the port).
     """
 
     def __init__(
@@ -746,30 +747,10 @@ class FakeUpstreamServer:
     ) -> None:
         self.upstream: FakeUpstream = upstream if upstream is not None else FakeUpstream()
         self.host = host
-        self.port: int = port
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    @property
-    def base_url(self) -> str:
-        """The OpenAI base URL of the server, e.g. ``http://127.0.0.1:PORT/v1``."""
-        return f"http://{self.host}:{self.port}/v1"
-
-    def __enter__(self) -> FakeUpstreamServer:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
-        except BaseException:
-            sock.close()
-            raise
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
+        self._server = ThreadedServer(
             self.upstream,
-            host=self.host,
-            port=self.port,
-            log_level="warning",
+            host=host,
+            port=port,
             lifespan="off",
             ws="none",
             http=_http_impl(),
@@ -777,27 +758,15 @@ class FakeUpstreamServer:
             # A stream left hanging must not block shutdown forever.
             timeout_graceful_shutdown=1,
         )
-        config.load()  # surface configuration errors in the caller's thread
-        server = uvicorn.Server(config)
-        self._server = server
+        self.port: int = self._server.port
 
-        def run() -> None:
-            try:
-                server.run(sockets=[sock])
-            except BaseException as exc:  # reported by __enter__ / __exit__
-                self._error = exc
-            finally:
-                sock.close()
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL of the server, e.g. ``http://127.0.0.1:PORT/v1``."""
+        return f"http://{self.host}:{self.port}/v1"
 
-        self._thread = threading.Thread(target=run, name=f"fake-upstream:{self.port}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                server.should_exit = True
-                self._thread.join(5)
-                raise RuntimeError("fake upstream failed to start") from self._error
-            time.sleep(0.002)
+    def __enter__(self) -> FakeUpstreamServer:
+        self._server.start(timeout=10)
         return self
 
     def __exit__(
@@ -806,13 +775,7 @@ class FakeUpstreamServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
-            if self._thread.is_alive():  # pragma: no cover - defensive
-                raise RuntimeError("fake upstream did not stop within 10 s")
-        self._server = self._thread = None
+        self._server.stop(timeout=10)
 
 
 # --------------------------------------------------------------------------- CLI
