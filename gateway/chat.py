@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+import weakref
 from typing import Any
 
 from gateway import protocol
@@ -45,8 +45,16 @@ class ChatService:
         self.hub = hub
         self.provider = provider
         self.settings = settings
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Weak: a room's lock lives while someone holds it (a caller, or a running
+        # generation), so probing many unknown room ids leaves nothing behind.
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._running: dict[str, GenerationTask] = {}
+
+    def _lock(self, room_id: str) -> asyncio.Lock:
+        lock = self._locks.get(room_id)
+        if lock is None:
+            lock = self._locks[room_id] = asyncio.Lock()
+        return lock
 
     def running(self, room_id: str) -> GenerationTask | None:
         return self._running.get(room_id)
@@ -60,7 +68,7 @@ class ChatService:
         the live text of a running answer is read in the same step as subscribing, so
         the client sees every later token exactly once.
         """
-        async with self._locks[room_id]:
+        async with self._lock(room_id):
             async with self.db.transaction() as session:
                 store = MessageStore(session)
                 room = await store.room(room_id)
@@ -100,7 +108,7 @@ class ChatService:
                 f"{self.settings.max_message_chars}",
                 code="message_too_long",
             )
-        async with self._locks[room_id]:
+        async with self._lock(room_id):
             async with self.db.transaction() as session:
                 store = MessageStore(session)
                 room = await store.room(room_id)
@@ -131,7 +139,7 @@ class ChatService:
         self, room_id: str, message_id: str, temperature: float | None = None
     ) -> str:
         """Answer the same user message again as a new sibling; returns the generation id."""
-        async with self._locks[room_id]:
+        async with self._lock(room_id):
             async with self.db.transaction() as session:
                 store = MessageStore(session)
                 room = await store.room(room_id)
@@ -155,7 +163,7 @@ class ChatService:
 
     async def select(self, room_id: str, message_id: str) -> list[dict[str, Any]]:
         """Make the branch through ``message_id`` (down to its newest leaf) active."""
-        async with self._locks[room_id]:
+        async with self._lock(room_id):
             async with self.db.transaction() as session:
                 store = MessageStore(session)
                 room = await store.room(room_id)
@@ -198,7 +206,6 @@ class ChatService:
             room_id,
             protocol.error_frame(NotFound("this room was deleted", code="room_deleted")),
         )
-        self._locks.pop(room_id, None)
 
     async def shutdown(self) -> None:
         """Stop every generation, storing its text as ``interrupted``."""
@@ -267,7 +274,7 @@ class ChatService:
             provider=self.provider,
             db=self.db,
             hub=self.hub,
-            room_lock=self._locks[room.id],
+            room_lock=self._lock(room.id),
             checkpoint_interval=settings.checkpoint_interval,
             on_exit=self._on_generation_exit,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from gateway.settings import SettingsError, load_settings
@@ -59,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.app import create_app
 
     print(f"chat-gateway listening on http://{settings.host}:{settings.port}", flush=True)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with
+    # the previous handlers restored. Make those no-ops, so a clean shutdown exits 0
+    # instead of dying by the signal (or printing a KeyboardInterrupt traceback).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

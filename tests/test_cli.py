@@ -1,0 +1,394 @@
+"""The real command line, run as a user runs it: ``chat-gateway`` in a subprocess.
+
+Each test starts the installed console script (or ``python -m gateway``) against a
+temporary SQLite file and the session's fake upstream, talks to it over real HTTP and
+WebSocket, and stops it with SIGTERM. Every wait is bounded and every process is
+killed (its whole process group) in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import orjson
+import pytest
+from alembic.script import ScriptDirectory
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
+
+from gateway.store.db import alembic_config
+from gateway.testing.fake_upstream import FakeUpstream, FakeUpstreamServer, Scenario
+from tests.conftest import scaled
+
+pytestmark = pytest.mark.slow
+
+START_TIMEOUT = scaled(30)
+# "Exits within a few seconds" of SIGTERM; the wait itself is bounded more loosely so a
+# slow shutdown fails with the measured time instead of a bare timeout.
+SHUTDOWN_WITHIN = scaled(5)
+SHUTDOWN_TIMEOUT = scaled(20)
+
+
+def console_script(name: str) -> str:
+    """The venv's ``name`` script: next to the running interpreter, else on PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which(name)
+    assert found, f"{name} is not installed (pip install -e '.[test]')"
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def sqlite_tables(path: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    return {name for (name,) in rows if not name.startswith("sqlite_")}
+
+
+def alembic_versions(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return [v for (v,) in conn.execute("SELECT version_num FROM alembic_version")]
+
+
+def gateway_env(db_path: Path, upstream_server: FakeUpstreamServer, **extra: str) -> dict[str, str]:
+    """The caller's environment without any GATEWAY_/OPENAI_ settings, plus ours."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("GATEWAY_", "OPENAI_"))
+    }
+    env.update(
+        GATEWAY_DATABASE_URL=f"sqlite+aiosqlite:///{db_path}",
+        OPENAI_BASE_URL=upstream_server.base_url,
+        OPENAI_API_KEY="x",
+        GATEWAY_DEFAULT_MODEL="fake-model",
+        GATEWAY_UPSTREAM_MAX_RETRIES="0",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class Served:
+    """A ``chat-gateway serve`` subprocess with its logs in files."""
+
+    def __init__(self, command: list[str], env: dict[str, str], workdir: Path, name: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stdout_path = workdir / f"{name}.stdout.log"
+        self.stderr_path = workdir / f"{name}.stderr.log"
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.process = subprocess.Popen(
+                [*command, "--host", "127.0.0.1", "--port", str(self.port)],
+                env=env,
+                cwd=workdir,  # no stray .env from the repository is picked up
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,  # its own process group, killed as a whole
+            )
+        self.stop_seconds: float | None = None
+
+    def logs(self) -> str:
+        return (
+            f"--- stdout\n{self.stdout_path.read_text(errors='replace')}"
+            f"--- stderr\n{self.stderr_path.read_text(errors='replace')}"
+        )
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail(f"gateway exited with {self.process.returncode}:\n{self.logs()}")
+            try:
+                response = httpx2.get(f"{self.url}/healthz", timeout=1)
+                if response.status_code == 200:
+                    assert response.json() == {"status": "ok"}
+                    return
+            except httpx2.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"gateway not healthy after {START_TIMEOUT}s:\n{self.logs()}")
+            time.sleep(0.05)
+
+    def terminate(self) -> int:
+        """SIGTERM, then wait (bounded); returns the exit status."""
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(SHUTDOWN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"gateway still running {SHUTDOWN_TIMEOUT}s after SIGTERM:\n{self.logs()}")
+        self.stop_seconds = time.monotonic() - started
+        return code
+
+    def assert_stopped_gracefully(self, code: int) -> None:
+        assert self.stop_seconds is not None
+        assert self.stop_seconds < SHUTDOWN_WITHIN, (self.stop_seconds, self.logs())
+        assert code == 0, (code, self.logs())
+        assert "Application shutdown complete" in self.logs()
+        assert "Traceback" not in self.logs()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(scaled(10))
+
+
+@pytest.fixture
+def serve(tmp_path: Path, upstream: FakeUpstream, upstream_server: FakeUpstreamServer) -> Any:
+    """``served = serve()`` starts ``chat-gateway serve`` on ``tmp_path/g.db`` and waits
+    until ``/healthz`` answers; all processes are killed at teardown."""
+    started: list[Served] = []
+
+    def start(command: list[str] | None = None, **extra_env: str) -> Served:
+        served = Served(
+            command or [console_script("chat-gateway"), "serve"],
+            gateway_env(tmp_path / "g.db", upstream_server, **extra_env),
+            tmp_path,
+            f"serve{len(started) + 1}",
+        )
+        started.append(served)
+        served.wait_healthy()
+        return served
+
+    try:
+        yield start
+    finally:
+        for served in started:
+            served.kill()
+
+
+@contextlib.contextmanager
+def websocket(served: Served, room_id: str) -> Iterator[ClientConnection]:
+    url = f"ws://127.0.0.1:{served.port}/ws/rooms/{room_id}"
+    with ws_connect(url, open_timeout=scaled(10), close_timeout=scaled(2)) as ws:
+        ready = recv(ws)
+        assert ready["type"] == "ready", ready
+        yield ws
+
+
+def recv(ws: ClientConnection, timeout: float = 10) -> dict[str, Any]:
+    return orjson.loads(ws.recv(timeout=scaled(timeout)))
+
+
+def until(ws: ClientConnection, kind: str, frames: list[dict[str, Any]] | None = None) -> dict:
+    """Receive frames (kept in ``frames``) until one of type ``kind``; fail on errors."""
+    while True:
+        frame = recv(ws)
+        if frames is not None:
+            frames.append(frame)
+        if frame["type"] == kind:
+            return frame
+        assert frame["type"] != "error", frame
+
+
+def send(ws: ClientConnection, frame: dict[str, Any]) -> None:
+    ws.send(orjson.dumps(frame).decode())
+
+
+def create_room(served: Served, name: str = "cli room") -> dict[str, Any]:
+    response = httpx2.post(
+        f"{served.url}/api/rooms",
+        json={"name": name, "persona": {"system_prompt": "Be brief."}},
+        timeout=scaled(10),
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def get_json(served: Served, path: str) -> Any:
+    response = httpx2.get(f"{served.url}{path}", timeout=scaled(10))
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def full_answer(count: int) -> str:
+    return "".join(f"tok{i} " for i in range(count))
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def test_serve_creates_schema_serves_and_chats(serve: Any, tmp_path: Path) -> None:
+    db = tmp_path / "g.db"
+    assert not db.exists()
+    served = serve()
+
+    # The schema was created by the server itself, at the newest revision.
+    assert {"rooms", "messages", "alembic_version"} <= sqlite_tables(db)
+    assert alembic_versions(db) == [head_revision()]
+
+    room = create_room(served)
+    with websocket(served, room["id"]) as ws:
+        send(ws, {"type": "send", "content": "hi [[fake count=5 delay=0.01]]", "id": "c1"})
+        frames: list[dict[str, Any]] = []
+        done = until(ws, "done", frames)
+    tokens = "".join(f["text"] for f in frames if f["type"] == "token")
+    assert tokens == full_answer(5)
+    assert done["message"]["content"] == full_answer(5)
+    assert done["message"]["status"] == "complete"
+    assert [f["type"] for f in frames][:2] == ["message", "start"]
+
+    code = served.terminate()
+    served.assert_stopped_gracefully(code)
+    logs = served.logs()
+    assert "provider openai" in logs, logs
+    assert f"listening on http://127.0.0.1:{served.port}" in logs
+
+
+def test_python_dash_m_gateway_serves(serve: Any) -> None:
+    served = serve([sys.executable, "-m", "gateway", "serve"])
+    code = served.terminate()
+    served.assert_stopped_gracefully(code)
+
+
+def test_sigterm_exits_with_status_0(serve: Any) -> None:
+    served = serve()
+    assert served.terminate() == 0, served.logs()
+
+
+# --------------------------------------------------------------------------- restarts
+
+
+def test_rooms_and_all_answer_versions_survive_a_restart(
+    serve: Any, upstream: FakeUpstream
+) -> None:
+    upstream.script(Scenario(tokens=["first ", "answer"]), Scenario(tokens=["second ", "answer"]))
+    served = serve()
+    room = create_room(served, "kept")
+    with websocket(served, room["id"]) as ws:
+        send(ws, {"type": "send", "content": "hello", "id": "c1"})
+        first = until(ws, "done")["message"]
+        send(ws, {"type": "regenerate", "message_id": first["id"]})
+        second = until(ws, "done")["message"]
+    assert (first["content"], second["content"]) == ("first answer", "second answer")
+    before = get_json(served, f"/api/rooms/{room['id']}/messages")["messages"]
+    assert [m["content"] for m in before] == ["hello", "second answer"]
+    assert before[1]["siblings"] == [first["id"], second["id"]]
+    served.assert_stopped_gracefully(served.terminate())
+
+    again = serve()
+    assert [r["id"] for r in get_json(again, "/api/rooms")["rooms"]] == [room["id"]]
+    assert get_json(again, f"/api/rooms/{room['id']}")["name"] == "kept"
+    assert get_json(again, f"/api/rooms/{room['id']}/messages")["messages"] == before
+
+    # The older version is still stored too: switch the room's branch back to it.
+    with websocket(again, room["id"]) as ws:
+        send(ws, {"type": "select", "message_id": first["id"]})
+        branch = until(ws, "branch")
+    assert branch["active_leaf_id"] == first["id"]
+    after = get_json(again, f"/api/rooms/{room['id']}/messages")["messages"]
+    assert [(m["role"], m["content"], m["status"]) for m in after] == [
+        ("user", "hello", "complete"),
+        ("assistant", "first answer", "complete"),
+    ]
+    assert after[1]["siblings"] == [first["id"], second["id"]]
+    again.assert_stopped_gracefully(again.terminate())
+
+
+def test_sigterm_mid_answer_stores_it_as_interrupted(serve: Any) -> None:
+    served = serve()
+    room = create_room(served)
+    seen = ""
+    with websocket(served, room["id"]) as ws:
+        send(ws, {"type": "send", "content": "long one [[fake count=500 delay=0.02]]"})
+        tokens = 0
+        while tokens < 3:
+            frame = until(ws, "token")
+            seen += frame["text"]
+            tokens += 1
+        code = served.terminate()
+    served.assert_stopped_gracefully(code)
+
+    again = serve()
+    messages = get_json(again, f"/api/rooms/{room['id']}/messages")["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    answer = messages[1]
+    assert answer["status"] == "interrupted", answer
+    assert answer["error"]["code"] == "interrupted"
+    # Everything streamed before the stop was kept (not just the last checkpoint),
+    # and the answer really was cut short.
+    assert answer["content"].startswith(seen), (seen, answer["content"])
+    assert full_answer(500).startswith(answer["content"])
+    assert answer["content"] != full_answer(500)
+    # Stored by the graceful shutdown, not repaired at the next start.
+    assert "left streaming by a crash" not in again.logs()
+    again.assert_stopped_gracefully(again.terminate())
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_bad_port_setting_exits_2_naming_the_variable(
+    tmp_path: Path, upstream_server: FakeUpstreamServer
+) -> None:
+    result = subprocess.run(
+        [console_script("chat-gateway"), "serve"],
+        env=gateway_env(tmp_path / "g.db", upstream_server, GATEWAY_PORT="notaport"),
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+    )
+    assert result.returncode == 2, result
+    assert "GATEWAY_PORT" in result.stderr
+    assert "notaport" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "g.db").exists()
+
+
+# --------------------------------------------------------------------------- db
+
+
+def run_db(tmp_path: Path, upstream_server: FakeUpstreamServer, *args: str) -> None:
+    result = subprocess.run(
+        [console_script("chat-gateway"), "db", *args],
+        env=gateway_env(tmp_path / "g.db", upstream_server),
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
+    assert result.returncode == 0, result
+
+
+def test_db_upgrade_then_downgrade(tmp_path: Path, upstream_server: FakeUpstreamServer) -> None:
+    db = tmp_path / "g.db"
+    db.touch()  # an empty file, as a fresh deployment might have
+    run_db(tmp_path, upstream_server, "upgrade")
+    assert {"rooms", "messages", "alembic_version"} <= sqlite_tables(db)
+    assert alembic_versions(db) == [head_revision()]
+
+    run_db(tmp_path, upstream_server, "upgrade")  # already at head: a no-op
+    assert alembic_versions(db) == [head_revision()]
+
+    run_db(tmp_path, upstream_server, "downgrade")
+    assert not {"rooms", "messages"} & sqlite_tables(db)
+    assert alembic_versions(db) == []

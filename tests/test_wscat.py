@@ -1,0 +1,85 @@
+"""The README's ``wscat`` example, run with the real ``wscat`` binary::
+
+    wscat -c ws://127.0.0.1:8000/ws/rooms/ROOM_ID -x '{"type":"send","content":"Hello!"}' -w 3
+
+``-x`` sends the frame once connected, ``-w 3`` waits three seconds and closes.
+Without a terminal wscat prints each received frame on its own line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.conftest import Gateway, covered_seqs, scaled
+
+pytestmark = pytest.mark.slow
+
+
+def run_wscat(wscat: str, url: str, frame: str, workdir: Path) -> tuple[int, str, str]:
+    """Run the README command; return (exit status, stdout, stderr)."""
+    stdout_path, stderr_path = workdir / "wscat.stdout", workdir / "wscat.stderr"
+    with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
+        process = subprocess.Popen(
+            [wscat, "-c", url, "-x", frame, "-w", "3"],
+            # stdin stays open: wscat quits at once, printing nothing, on end of input.
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+    try:
+        code = process.wait(scaled(20))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(scaled(10))
+        assert process.stdin is not None
+        process.stdin.close()
+    return code, stdout_path.read_text(), stderr_path.read_text()
+
+
+async def test_readme_wscat_example(
+    gateway: Gateway, room: dict[str, Any], http: Any, tmp_path: Path
+) -> None:
+    wscat = shutil.which("wscat")
+    if wscat is None:
+        pytest.skip("wscat not installed: npm install -g wscat")
+    frame = orjson.dumps({"type": "send", "content": "Hello! [[fake count=5 delay=0.01]]"})
+
+    code, stdout, stderr = await asyncio.to_thread(
+        run_wscat, wscat, gateway.ws_url(room["id"]), frame.decode(), tmp_path
+    )
+
+    assert code == 0, (code, stdout, stderr)
+    assert stderr == ""
+    frames = [orjson.loads(line) for line in stdout.splitlines() if line.strip()]
+    kinds = [f["type"] for f in frames]
+    assert kinds[:1] == ["ready"], (kinds, stdout, stderr)
+    assert frames[0]["room"]["id"] == room["id"]
+    assert "message" in kinds
+    assert kinds[-1] == "done", kinds
+    tokens = [f for f in frames if f["type"] == "token"]
+    assert len(tokens) >= 2, kinds
+    assert covered_seqs(tokens) == [1, 2, 3, 4, 5]
+    text = "".join(t["text"] for t in tokens)
+    assert text == "tok0 tok1 tok2 tok3 tok4 "
+    done = frames[-1]
+    assert done["message"]["content"] == text
+    assert done["message"]["status"] == "complete"
+
+    stored = (await http.get(f"/api/rooms/{room['id']}/messages")).json()["messages"]
+    assert [(m["role"], m["status"]) for m in stored] == [
+        ("user", "complete"),
+        ("assistant", "complete"),
+    ]
+    assert stored[0]["content"] == "Hello! [[fake count=5 delay=0.01]]"
+    assert stored[1]["content"] == text
