@@ -229,13 +229,11 @@ class ChatService:
     ) -> GenerationTask:
         """Insert a streaming assistant message under ``parent`` and build its task."""
         settings = self.settings
+        if temperature is None:
+            temperature = room.temperature
         params = {
             "model": room.model or settings.default_model,
-            "temperature": temperature
-            if temperature is not None
-            else (
-                room.temperature if room.temperature is not None else settings.default_temperature
-            ),
+            "temperature": settings.default_temperature if temperature is None else temperature,
             "max_tokens": room.max_tokens or settings.default_max_tokens,
             "context_tokens": room.context_tokens or settings.default_context_tokens,
             "system_prompt": room.system_prompt,
