@@ -23,6 +23,7 @@ from gateway.rooms import RoomService
 from gateway.settings import Settings, load_settings
 from gateway.store.db import Database
 from gateway.store.repository import MessageStore
+from gateway.store.writer import Writer
 from gateway.transports import http, websocket
 
 log = logging.getLogger("gateway")
@@ -90,13 +91,21 @@ def create_app(
             settings.openai_base_url or "default endpoint",
             settings.default_model,
         )
+        writer = Writer(db)
+        writer.start()
         chat = ChatService(
-            db=db, hub=RoomHub(settings.send_queue_size), provider=chosen, settings=settings
+            db=db,
+            writer=writer,
+            hub=RoomHub(settings.send_queue_size),
+            provider=chosen,
+            settings=settings,
         )
+        chat.start()
         try:
             yield {"settings": settings, "chat": chat, "rooms": RoomService(db, chat)}
         finally:
             await chat.shutdown()
+            await writer.close()
             await chosen.aclose()
             await db.dispose()
 

@@ -1,9 +1,10 @@
 """Conversation use cases: join, send, cancel, regenerate, select.
 
-Owns the transactions and the rule "one generation per room at a time". Every change
-that clients see is committed first and published second, both under the room's
-lock, so a client joining concurrently gets either the old state plus the event, or
-the new state without it — never a gap or a duplicate.
+Owns the rule "one generation per room at a time". Every change that clients see is
+committed first and published second, both under the room's lock, so a client
+joining concurrently gets either the old state plus the event, or the new state
+without it — never a gap or a duplicate. Reads use read sessions; writes go through
+the group-committing :class:`~gateway.store.writer.Writer`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from gateway.prompt import Turn, build_prompt
 from gateway.providers.base import ChatProvider, CompletionRequest
 from gateway.settings import Settings
 from gateway.store.db import Database
-from gateway.store.models import Message, Room, new_id
+from gateway.store.models import Message, Room, message_row, new_id, utcnow
 from gateway.store.repository import MessageStore
+from gateway.store.writer import WriteBatch, Writer
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,16 @@ class ChatService:
     """The live side of rooms: messages, generations and their fan-out."""
 
     def __init__(
-        self, *, db: Database, hub: RoomHub, provider: ChatProvider, settings: Settings
+        self,
+        *,
+        db: Database,
+        writer: Writer,
+        hub: RoomHub,
+        provider: ChatProvider,
+        settings: Settings,
     ) -> None:
         self.db = db
+        self.writer = writer
         self.hub = hub
         self.provider = provider
         self.settings = settings
@@ -49,15 +58,19 @@ class ChatService:
         # generation), so probing many unknown room ids leaves nothing behind.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._running: dict[str, GenerationTask] = {}
+        self._checkpointer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._checkpointer = asyncio.create_task(self._checkpoint_loop(), name="checkpoints")
+
+    def running(self, room_id: str) -> GenerationTask | None:
+        return self._running.get(room_id)
 
     def _lock(self, room_id: str) -> asyncio.Lock:
         lock = self._locks.get(room_id)
         if lock is None:
             lock = self._locks[room_id] = asyncio.Lock()
         return lock
-
-    def running(self, room_id: str) -> GenerationTask | None:
-        return self._running.get(room_id)
 
     # --- joining -------------------------------------------------------------------
 
@@ -69,11 +82,9 @@ class ChatService:
         the client sees every later token exactly once.
         """
         async with self._lock(room_id):
-            async with self.db.transaction() as session:
+            async with self.db.read() as session:
                 store = MessageStore(session)
-                room = await store.room(room_id)
-                if room is None:
-                    raise room_not_found(room_id)
+                room = await load_room(store, room_id)
                 messages = await store.branch_view(room_id, room.active_leaf_id)
                 room_view = room.to_dict()
             generation = self._running.get(room_id)
@@ -109,28 +120,34 @@ class ChatService:
                 code="message_too_long",
             )
         async with self._lock(room_id):
-            async with self.db.transaction() as session:
+            async with self.db.read() as session:
                 store = MessageStore(session)
-                room = await store.room(room_id)
-                if room is None:
-                    raise room_not_found(room_id)
+                room = await load_room(store, room_id)
                 if client_id is not None:
                     existing = await store.by_client_id(room_id, client_id)
                     if existing is not None:
                         return await store.message_view(existing), True
                 self._ensure_idle(room_id)
-                user = Message(
-                    id=new_id("msg"),
-                    room_id=room_id,
-                    parent_id=room.active_leaf_id,
-                    role="user",
-                    content=content,
-                    status="complete",
-                    client_id=client_id,
+                history = await store.branch(room.active_leaf_id)
+                siblings = await store.sibling_ids(room_id, room.active_leaf_id, "user")
+            user = Message(
+                id=new_id("msg"),
+                room_id=room_id,
+                parent_id=room.active_leaf_id,
+                role="user",
+                content=content,
+                status="complete",
+                client_id=client_id,
+                created_at=utcnow(),
+            )
+            user_view = user.to_dict([*siblings, user.id])
+            generation, answer = self._plan(room, [*history, user], [], temperature=None)
+            await self.writer.write(
+                WriteBatch(
+                    inserts=[message_row(user), message_row(answer)],
+                    leaves={room_id: answer.id},
                 )
-                await store.add(user)
-                user_view = await store.message_view(user)
-                generation = await self._prepare(store, room, user, temperature=None)
+            )
             self.hub.publish(room_id, protocol.message_frame(user_view, client_id))
             self._launch(generation)
         return user_view, False
@@ -140,11 +157,9 @@ class ChatService:
     ) -> str:
         """Answer the same user message again as a new sibling; returns the generation id."""
         async with self._lock(room_id):
-            async with self.db.transaction() as session:
+            async with self.db.read() as session:
                 store = MessageStore(session)
-                room = await store.room(room_id)
-                if room is None:
-                    raise room_not_found(room_id)
+                room = await load_room(store, room_id)
                 target = await store.message(room_id, message_id)
                 if target is None:
                     raise message_not_found(message_id)
@@ -153,29 +168,32 @@ class ChatService:
                         "only an assistant message can be regenerated", code="invalid_target"
                     )
                 self._ensure_idle(room_id)
-                parent = await session.get(Message, target.parent_id)
-                assert parent is not None
-                generation = await self._prepare(store, room, parent, temperature=temperature)
-                branch = await store.branch_view(room_id, room.active_leaf_id)
-            self.hub.publish(room_id, protocol.branch_frame(branch, room.active_leaf_id))
+                history = await store.branch(target.parent_id)
+                branch = await store.branch_view(room_id, target.parent_id)
+                siblings = await store.sibling_ids(room_id, target.parent_id, "assistant")
+            generation, answer = self._plan(room, history, siblings, temperature=temperature)
+            await self.writer.write(
+                WriteBatch(inserts=[message_row(answer)], leaves={room_id: answer.id})
+            )
+            branch.append(generation.message_view)
+            self.hub.publish(room_id, protocol.branch_frame(branch, answer.id))
             self._launch(generation)
         return generation.id
 
     async def select(self, room_id: str, message_id: str) -> list[dict[str, Any]]:
         """Make the branch through ``message_id`` (down to its newest leaf) active."""
         async with self._lock(room_id):
-            async with self.db.transaction() as session:
+            async with self.db.read() as session:
                 store = MessageStore(session)
-                room = await store.room(room_id)
-                if room is None:
-                    raise room_not_found(room_id)
+                await load_room(store, room_id)
                 target = await store.message(room_id, message_id)
                 if target is None:
                     raise message_not_found(message_id)
                 self._ensure_idle(room_id)
-                room.active_leaf_id = await store.newest_leaf_under(target)
-                branch = await store.branch_view(room_id, room.active_leaf_id)
-            self.hub.publish(room_id, protocol.branch_frame(branch, room.active_leaf_id))
+                leaf = await store.newest_leaf_under(target)
+                branch = await store.branch_view(room_id, leaf)
+            await self.writer.write(WriteBatch(leaves={room_id: leaf}))
+            self.hub.publish(room_id, protocol.branch_frame(branch, leaf))
         return branch
 
     async def cancel(self, room_id: str, generation_id: str | None = None) -> str:
@@ -190,7 +208,7 @@ class ChatService:
                 return generation.id
         if generation_id is None:
             raise Conflict("nothing is being generated in this room", code="not_running")
-        async with self.db.transaction() as session:
+        async with self.db.read() as session:
             known = await MessageStore(session).by_generation_id(room_id, generation_id)
         if known is None:
             raise NotFound(f"no generation with id {generation_id!r}", code="generation_not_found")
@@ -213,6 +231,9 @@ class ChatService:
         for generation in generations:
             generation.stop("interrupted")
         await asyncio.gather(*(g.wait() for g in generations))
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            await asyncio.gather(self._checkpointer, return_exceptions=True)
 
     # --- internals -----------------------------------------------------------------
 
@@ -224,10 +245,19 @@ class ChatService:
                 "or cancel it",
             )
 
-    async def _prepare(
-        self, store: MessageStore, room: Room, parent: Message, *, temperature: float | None
-    ) -> GenerationTask:
-        """Insert a streaming assistant message under ``parent`` and build its task."""
+    def _plan(
+        self,
+        room: Room,
+        history: list[Message],
+        siblings: list[str],
+        *,
+        temperature: float | None,
+    ) -> tuple[GenerationTask, Message]:
+        """A streaming assistant message (not stored yet) and the task to answer it.
+
+        ``history`` is the branch from the first message down to the user message
+        being answered; ``siblings`` the ids of earlier answers to it.
+        """
         settings = self.settings
         if temperature is None:
             temperature = room.temperature
@@ -238,7 +268,6 @@ class ChatService:
             "context_tokens": room.context_tokens or settings.default_context_tokens,
             "system_prompt": room.system_prompt,
         }
-        history = await store.branch(parent.id)
         messages = build_prompt(
             room.system_prompt,
             [Turn(m.role, m.content) for m in history],
@@ -246,23 +275,23 @@ class ChatService:
             max_tokens=params["max_tokens"],
         )
         generation_id = new_id("gen")
+        now = utcnow()
         answer = Message(
             id=new_id("msg"),
             room_id=room.id,
-            parent_id=parent.id,
+            parent_id=history[-1].id,
             role="assistant",
             content="",
             status="streaming",
             generation_id=generation_id,
             params=params,
+            created_at=now,
+            updated_at=now,
         )
-        await store.add(answer)
-        room.active_leaf_id = answer.id
-        await store.session.flush()
-        return GenerationTask(
+        generation = GenerationTask(
             generation_id=generation_id,
             room_id=room.id,
-            message_view=await store.message_view(answer),
+            message_view=answer.to_dict([*siblings, answer.id]),
             request=CompletionRequest(
                 model=params["model"],
                 messages=messages,
@@ -270,12 +299,12 @@ class ChatService:
                 max_tokens=params["max_tokens"],
             ),
             provider=self.provider,
-            db=self.db,
+            writer=self.writer,
             hub=self.hub,
             room_lock=self._lock(room.id),
-            checkpoint_interval=settings.checkpoint_interval,
             on_exit=self._on_generation_exit,
         )
+        return generation, answer
 
     def _launch(self, generation: GenerationTask) -> None:
         """Publish ``start`` and run the generation (caller holds the room lock)."""
@@ -288,3 +317,26 @@ class ChatService:
     def _on_generation_exit(self, generation: GenerationTask) -> None:
         if self._running.get(generation.room_id) is generation:
             del self._running[generation.room_id]
+
+    async def _checkpoint_loop(self) -> None:
+        """Every interval, save the text of all running answers in one write."""
+        while True:
+            await asyncio.sleep(self.settings.checkpoint_interval)
+            rows = []
+            for generation in self._running.values():
+                if generation.seq != generation.checkpointed_seq:
+                    generation.checkpointed_seq = generation.seq
+                    rows.append({"id": generation.message_id, "content": generation.text})
+            if rows:
+                try:
+                    await self.writer.write(WriteBatch(checkpoints=rows))
+                except Exception:
+                    log.exception("checkpointing %d answers failed", len(rows))
+
+
+async def load_room(store: MessageStore, room_id: str) -> Room:
+    """The room, or ``room_not_found``."""
+    room = await store.room(room_id)
+    if room is None:
+        raise room_not_found(room_id)
+    return room

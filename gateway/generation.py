@@ -1,11 +1,10 @@
-"""One running answer: stream from the provider, fan out tokens, persist the result."""
+"""One running answer: stream from the provider, fan out tokens, store the result."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,20 +12,20 @@ from gateway import protocol
 from gateway.errors import GatewayError, UpstreamError
 from gateway.hub import RoomHub
 from gateway.providers.base import ChatProvider, CompletionRequest
-from gateway.store.db import Database
-from gateway.store.models import Message
-from gateway.store.repository import MessageStore
+from gateway.store.writer import WriteBatch, Writer
 
 log = logging.getLogger(__name__)
+
+INTERRUPTED = {"code": "interrupted", "message": "the gateway stopped mid-answer"}
 
 
 class GenerationTask:
     """Streams one assistant message into a room.
 
     Owned by the chat service, not by any connection: a client that disconnects never
-    stops a generation for the others. Tokens are published as they arrive; the text
-    is checkpointed to the database every ``checkpoint_interval`` seconds (never once
-    per token), so a crash loses about a second of text at most.
+    stops a generation for the others. Tokens are published as they arrive; the chat
+    service checkpoints :attr:`text` periodically (never once per token), and the
+    final state is stored before ``done``/``cancelled``/``error`` is published.
     """
 
     def __init__(
@@ -37,10 +36,9 @@ class GenerationTask:
         message_view: dict[str, Any],
         request: CompletionRequest,
         provider: ChatProvider,
-        db: Database,
+        writer: Writer,
         hub: RoomHub,
         room_lock: asyncio.Lock,
-        checkpoint_interval: float,
         on_exit: Callable[[GenerationTask], None],
     ) -> None:
         self.id = generation_id
@@ -49,13 +47,12 @@ class GenerationTask:
         self.message_view = message_view  # the stored message as it was at start
         self.request = request
         self.seq = 0
+        self.checkpointed_seq = 0
         self._parts: list[str] = []
         self._provider = provider
-        self._db = db
+        self._writer = writer
         self._hub = hub
         self._room_lock = room_lock
-        self._checkpoint_interval = checkpoint_interval
-        self._checkpoint_task: asyncio.Task[None] | None = None
         self._on_exit = on_exit
         self._stop_status = "cancelled"
         self._finishing = False
@@ -97,19 +94,14 @@ class GenerationTask:
         finish_reason: str | None = None
         usage: dict[str, Any] | None = None
         error: GatewayError | None = None
+        room_id, generation_id, publish = self.room_id, self.id, self._hub.publish
         try:
-            next_checkpoint = time.monotonic() + self._checkpoint_interval
             async with contextlib.aclosing(self._provider.stream(self.request)) as chunks:
                 async for chunk in chunks:
                     if chunk.text:
                         self.seq += 1
                         self._parts.append(chunk.text)
-                        self._hub.publish(
-                            self.room_id, protocol.token_frame(self.id, self.seq, chunk.text)
-                        )
-                        if time.monotonic() >= next_checkpoint:
-                            self._checkpoint()
-                            next_checkpoint = time.monotonic() + self._checkpoint_interval
+                        publish(room_id, protocol.token_frame(generation_id, self.seq, chunk.text))
                     if chunk.finish_reason is not None:
                         finish_reason = chunk.finish_reason
                     if chunk.usage is not None:
@@ -134,19 +126,6 @@ class GenerationTask:
         finally:
             self._on_exit(self)
 
-    def _checkpoint(self) -> None:
-        # At most one checkpoint in flight; a slow disk must not queue up writes.
-        if self._checkpoint_task is not None and not self._checkpoint_task.done():
-            return
-        self._checkpoint_task = asyncio.create_task(self._write_checkpoint(self.text))
-
-    async def _write_checkpoint(self, text: str) -> None:
-        try:
-            async with self._db.transaction() as session:
-                await MessageStore(session).checkpoint(self.message_id, text)
-        except Exception:
-            log.exception("checkpoint of %s failed", self.message_id)
-
     async def _finish(
         self,
         status: str,
@@ -154,42 +133,30 @@ class GenerationTask:
         usage: dict[str, Any] | None,
         error: GatewayError | None,
     ) -> None:
-        if self._checkpoint_task is not None:
-            await self._checkpoint_task  # never let a stale checkpoint land last
+        final = {
+            "id": self.message_id,
+            "content": self.text,
+            "status": status,
+            "finish_reason": finish_reason,
+            "usage": usage,
+            "error": error.to_dict() if error else INTERRUPTED if status == "interrupted" else None,
+        }
+        # Store, then publish, under the room lock: a client joining meanwhile sees
+        # either the answer streaming plus this frame, or the stored answer alone.
         async with self._room_lock:
             try:
-                async with self._db.transaction() as session:
-                    store = MessageStore(session)
-                    message = await session.get(Message, self.message_id)
-                    if message is None:  # the room was deleted meanwhile
-                        return
-                    message.content = self.text
-                    message.status = status
-                    message.finish_reason = finish_reason
-                    message.usage = usage
-                    if error is not None:
-                        message.error = error.to_dict()
-                    elif status == "interrupted":
-                        message.error = {
-                            "code": "interrupted",
-                            "message": "the gateway stopped mid-answer",
-                        }
-                    await session.flush()
-                    view = await store.message_view(message)
+                await self._writer.write(WriteBatch(finals=[final]))
             except Exception as exc:
                 log.exception("storing the answer %s failed", self.message_id)
-                self._hub.publish(
-                    self.room_id,
-                    protocol.error_frame(
-                        GatewayError(f"storing the answer failed: {exc!r}"), generation_id=self.id
-                    ),
-                )
+                error = GatewayError(f"storing the answer failed: {exc!r}")
+                self._hub.publish(self.room_id, protocol.error_frame(error, generation_id=self.id))
                 return
+            view = {**self.message_view, **final}
             if status == "complete":
                 frame = protocol.done_frame(self.id, view, finish_reason, usage)
             elif status == "cancelled":
                 frame = protocol.cancelled_frame(self.id, view)
             else:
-                exc = error or GatewayError("the gateway stopped mid-answer", code="interrupted")
+                exc = error or GatewayError(INTERRUPTED["message"], code="interrupted")
                 frame = protocol.error_frame(exc, generation_id=self.id, answer=view)
             self._hub.publish(self.room_id, frame)

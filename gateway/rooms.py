@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import protocol
-from gateway.chat import ChatService, room_not_found
+from gateway.chat import ChatService, load_room
 from gateway.protocol import RoomCreate, RoomUpdate
 from gateway.store.db import Database
 from gateway.store.models import Room, new_id
@@ -35,19 +35,19 @@ class RoomService:
             return room.to_dict()
 
     async def list(self, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-        async with self.db.transaction() as session:
+        async with self.db.read() as session:
             rooms = await MessageStore(session).rooms(limit=limit, offset=offset)
             return [room.to_dict() for room in rooms]
 
     async def get(self, room_id: str) -> dict[str, Any]:
         """The room, with ``members``: clients connected to it on this process."""
-        async with self.db.transaction() as session:
-            view = (await self._room(MessageStore(session), room_id)).to_dict()
+        async with self.db.read() as session:
+            view = (await load_room(MessageStore(session), room_id)).to_dict()
         return {**view, "members": self.chat.hub.members(room_id)}
 
     async def update(self, room_id: str, body: RoomUpdate) -> dict[str, Any]:
         async with self.db.transaction() as session:
-            room = await self._room(MessageStore(session), room_id)
+            room = await load_room(MessageStore(session), room_id)
             if body.name is not None:
                 room.name = body.name
             if body.persona is not None:
@@ -62,9 +62,8 @@ class RoomService:
         return view
 
     async def delete(self, room_id: str) -> None:
-        async with self.db.transaction() as session:
-            store = MessageStore(session)
-            await self._room(store, room_id)
+        async with self.db.read() as session:
+            await load_room(MessageStore(session), room_id)
         await self.chat.close_room(room_id)
         async with self.db.transaction() as session:
             store = MessageStore(session)
@@ -74,13 +73,7 @@ class RoomService:
 
     async def messages(self, room_id: str) -> list[dict[str, Any]]:
         """The active branch, oldest first, with sibling versions of each answer."""
-        async with self.db.transaction() as session:
+        async with self.db.read() as session:
             store = MessageStore(session)
-            room = await self._room(store, room_id)
+            room = await load_room(store, room_id)
             return await store.branch_view(room_id, room.active_leaf_id)
-
-    async def _room(self, store: MessageStore, room_id: str) -> Room:
-        room = await store.room(room_id)
-        if room is None:
-            raise room_not_found(room_id)
-        return room

@@ -39,7 +39,7 @@ def downgrade(database_url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(database_url), revision)
 
 
-def _tune_sqlite(engine: AsyncEngine) -> None:
+def _tune_sqlite(engine: AsyncEngine, begin: str) -> None:
     """Per-connection PRAGMAs and IMMEDIATE write transactions for SQLite.
 
     The pool hands out many connections, so PRAGMAs go on each new one. Transactions
@@ -60,18 +60,27 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql(begin)
 
 
 class Database:
-    """Owns the engine; hands out one AsyncSession per unit of work."""
+    """Owns the engines; hands out one AsyncSession per unit of work.
+
+    ``transaction()`` is for writes; ``read()`` for reads, which on SQLite use their
+    own connections and plain (deferred) transactions, so in WAL mode they never wait
+    for the write lock.
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+        self.read_engine = self.engine
         if self.engine.dialect.name == "sqlite":
-            _tune_sqlite(self.engine)
+            _tune_sqlite(self.engine, "BEGIN IMMEDIATE")
+            self.read_engine = create_async_engine(url)
+            _tune_sqlite(self.read_engine, "BEGIN")
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False)
 
     async def upgrade(self) -> None:
         """Migrate to the newest revision; Alembic runs its own loop, so use a thread."""
@@ -83,5 +92,13 @@ class Database:
         async with self._sessions() as session, session.begin():
             yield session
 
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        """A session for reading (it begins on first use; closing rolls it back)."""
+        async with self._read_sessions() as session:
+            yield session
+
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self.read_engine is not self.engine:
+            await self.read_engine.dispose()

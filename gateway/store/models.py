@@ -147,3 +147,11 @@ class Message(Base):
                 siblings=siblings if siblings is not None else [self.id],
             )
         return data
+
+
+MESSAGE_COLUMNS = tuple(c.key for c in Message.__table__.columns)
+
+
+def message_row(message: Message) -> dict[str, Any]:
+    """A message's column values, for bulk inserts (see :mod:`gateway.store.writer`)."""
+    return {key: getattr(message, key) for key in MESSAGE_COLUMNS}

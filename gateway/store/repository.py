@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
-from sqlalchemy import func, literal, select, update
+from sqlalchemy import literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.store.models import Message, Room
@@ -43,15 +43,6 @@ class MessageStore:
 
     async def by_client_id(self, room_id: str, client_id: str) -> Message | None:
         query = select(Message).where(Message.room_id == room_id, Message.client_id == client_id)
-        return (await self.session.scalars(query)).first()
-
-    async def answer_to(self, message: Message) -> Message | None:
-        """The newest assistant reply to a user message."""
-        query = (
-            select(Message)
-            .where(Message.parent_id == message.id, Message.role == "assistant")
-            .order_by(Message.created_at.desc(), Message.id.desc())
-        )
         return (await self.session.scalars(query)).first()
 
     async def branch(self, leaf_id: str | None) -> list[Message]:
@@ -91,6 +82,17 @@ class MessageStore:
             groups[(parent_id, role)].append(message_id)
         return {m.id: groups[(m.parent_id, m.role)] for m in messages}
 
+    async def sibling_ids(self, room_id: str, parent_id: str | None, role: str) -> list[str]:
+        """Ids of the messages with ``role`` under ``parent_id``, oldest first."""
+        column = Message.parent_id
+        parent = column.is_(None) if parent_id is None else column == parent_id
+        query = (
+            select(Message.id)
+            .where(Message.room_id == room_id, parent, Message.role == role)
+            .order_by(Message.created_at, Message.id)
+        )
+        return list((await self.session.scalars(query)).all())
+
     async def newest_leaf_under(self, message: Message) -> str:
         """Follow the newest child from ``message`` down to a leaf; return its id."""
         current = message.id
@@ -106,13 +108,6 @@ class MessageStore:
                 return current
             current = child
 
-    async def checkpoint(self, message_id: str, content: str) -> None:
-        await self.session.execute(
-            update(Message)
-            .where(Message.id == message_id, Message.status == "streaming")
-            .values(content=content)
-        )
-
     async def interrupt_streaming(self) -> int:
         """Mark answers left ``streaming`` by a crash as ``interrupted``; return how many."""
         result = await self.session.execute(
@@ -124,10 +119,6 @@ class MessageStore:
             )
         )
         return result.rowcount or 0
-
-    async def count_messages(self, room_id: str) -> int:
-        query = select(func.count()).select_from(Message).where(Message.room_id == room_id)
-        return int((await self.session.scalar(query)) or 0)
 
     async def branch_view(self, room_id: str, leaf_id: str | None) -> list[dict]:
         """The active branch as wire dicts, each assistant message with its siblings."""
