@@ -19,6 +19,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from gateway.app import create_app
+from gateway.cli import UVICORN_OPTIONS
 from gateway.settings import Settings
 from gateway.testing.fake_upstream import FakeUpstream, FakeUpstreamServer, Scenario
 from gateway.testing.servers import ThreadedServer
@@ -84,7 +85,7 @@ def start_gateway(make_settings: Any) -> Iterator[Any]:
 
     def start(**overrides: Any) -> Gateway:
         settings = make_settings(**overrides)
-        server = ThreadedServer(create_app(settings), ws_max_size=4 * 1024 * 1024)
+        server = ThreadedServer(create_app(settings), **UVICORN_OPTIONS)
         gateway = Gateway(server.start(), settings)
         started.append(gateway)
         return gateway
