@@ -5,17 +5,18 @@ would then stall every other member of the room (backpressure does not work for
 fan-out). Instead each subscriber gets a bounded queue that :meth:`RoomHub.publish`
 fills without awaiting, and a writer of its own drains it.
 
-Slow-consumer policy: a writer that falls behind sends the queued tokens of one
-generation coalesced into a single ``token`` frame (same text, fewer frames). A
-subscriber whose queue still reaches its limit is dropped — its connection is closed
-with code 1013 ("try again later") and it should reconnect.
+Slow-consumer policy: while a subscriber's writer is busy, consecutive tokens of one
+generation queued for it are coalesced into a single pending ``token`` frame (same
+text, fewer frames), so a burst of tokens takes one queue slot. A subscriber whose
+queue still reaches its limit, or whose single send blocks longer than the send
+timeout, is dropped — its connection is closed with code 1013 ("try again later")
+and it should reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterator
 
 from gateway import protocol
 from gateway.protocol import Frame
@@ -37,6 +38,19 @@ class Event:
         return self._text
 
 
+class TokenRun:
+    """Consecutive tokens of one generation waiting for a busy subscriber."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, first: Frame, second: Frame) -> None:
+        self.frames = [first, second]
+
+    @property
+    def text(self) -> str:
+        return protocol.encode(protocol.merge_tokens(self.frames))
+
+
 class SlowConsumer(Exception):
     """The subscriber's queue overflowed; its connection should be closed with 1013."""
 
@@ -49,14 +63,28 @@ class Subscriber:
         self.limit = limit
         self.overflowed = False
         self.closed_with: Frame | None = None
-        self._queue: deque[Event] = deque()
+        self._queue: deque[Event | TokenRun] = deque()
         self._ready = asyncio.Event()
 
     def push(self, event: Event) -> None:
-        if len(self._queue) >= self.limit:
+        queue = self._queue
+        frame = event.frame
+        if queue and frame["type"] == "token":
+            last = queue[-1]
+            if isinstance(last, TokenRun):
+                if last.frames[0]["generation_id"] == frame["generation_id"]:
+                    last.frames.append(frame)
+                    return
+            elif (
+                last.frame["type"] == "token"
+                and last.frame["generation_id"] == frame["generation_id"]
+            ):
+                queue[-1] = TokenRun(last.frame, frame)
+                return
+        if len(queue) >= self.limit:
             self.overflowed = True
         else:
-            self._queue.append(event)
+            queue.append(event)
         self._ready.set()
 
     def close(self, final: Frame) -> None:
@@ -64,7 +92,7 @@ class Subscriber:
         self.closed_with = final
         self._ready.set()
 
-    async def next_batch(self) -> list[Event]:
+    async def next_batch(self) -> list[Event | TokenRun]:
         """Wait for events and take all that are queued. Raises SlowConsumer."""
         await self._ready.wait()
         self._ready.clear()
@@ -73,26 +101,6 @@ class Subscriber:
         batch = list(self._queue)
         self._queue.clear()
         return batch
-
-
-def coalesce(batch: list[Event]) -> Iterator[str]:
-    """Encoded frames for ``batch``, with each run of one generation's tokens merged."""
-    i = 0
-    while i < len(batch):
-        frame = batch[i].frame
-        j = i + 1
-        if frame["type"] == "token":
-            while (
-                j < len(batch)
-                and batch[j].frame["type"] == "token"
-                and batch[j].frame["generation_id"] == frame["generation_id"]
-            ):
-                j += 1
-        if j - i == 1:
-            yield batch[i].text
-        else:
-            yield protocol.encode(protocol.merge_tokens([e.frame for e in batch[i:j]]))
-        i = j
 
 
 class RoomHub:

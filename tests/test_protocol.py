@@ -7,7 +7,7 @@ import pytest
 
 from gateway import protocol
 from gateway.errors import BadRequest, PayloadTooLarge
-from gateway.hub import Event, coalesce
+from gateway.hub import Event, SlowConsumer, Subscriber
 from gateway.prompt import Turn, build_prompt, estimate_tokens
 
 
@@ -67,7 +67,8 @@ def test_frame_size_counts_utf8_bytes() -> None:
         protocol.parse_client_frame(frame, max_bytes=1024)
 
 
-def test_coalesce_merges_runs_of_one_generations_tokens_only() -> None:
+async def test_tokens_queued_for_a_busy_subscriber_are_coalesced() -> None:
+    subscriber = Subscriber("room", limit=3)
     frames = [
         protocol.token_frame("g1", 1, "a"),
         protocol.token_frame("g1", 2, "b"),
@@ -76,13 +77,20 @@ def test_coalesce_merges_runs_of_one_generations_tokens_only() -> None:
         protocol.token_frame("g1", 4, "d"),
         protocol.token_frame("g2", 1, "x"),
     ]
-    out = [orjson.loads(text) for text in coalesce([Event(f) for f in frames])]
+    for frame in frames[:5]:
+        subscriber.push(Event(frame))
+    assert not subscriber.overflowed  # three tokens took one slot
+    out = [orjson.loads(item.text) for item in await subscriber.next_batch()]
     assert out == [
         {"type": "token", "generation_id": "g1", "seq": 3, "seq_from": 1, "text": "abc"},
         {"type": "pong"},
         protocol.token_frame("g1", 4, "d"),
-        protocol.token_frame("g2", 1, "x"),
     ]
+    for frame in [*frames[3:], {"type": "pong"}]:
+        subscriber.push(Event(frame))
+    assert subscriber.overflowed
+    with pytest.raises(SlowConsumer):
+        await subscriber.next_batch()
 
 
 def test_prompt_keeps_system_prompt_and_trims_oldest_turns_first() -> None:

@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+from gateway.testing.fake_upstream import Scenario
+
 
 async def test_create_room_with_persona(http: Any) -> None:
     response = await http.post(
@@ -117,3 +119,20 @@ async def test_body_over_the_size_limit_is_refused(http: Any) -> None:
     response = await http.post("/api/rooms", content=b"x" * (2 * 1024 * 1024))
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "body_too_large"
+
+
+async def test_deleting_a_room_mid_answer_stops_it_cleanly(
+    http: Any, room: dict, connect: Any, upstream: Any
+) -> None:
+    upstream.script(Scenario(count=500, delay=0.01))
+    other_room = (await http.post("/api/rooms", json={"name": "other"})).json()
+    client = await connect(room["id"])
+    await client.send({"type": "send", "content": "long"})
+    await client.until("token")
+    assert (await http.delete(f"/api/rooms/{room['id']}")).status_code == 204
+    assert (await client.until("error"))["code"] == "room_deleted"
+    upstream.wait_until(lambda: upstream.requests[-1].disconnected_at is not None)
+    # The gateway carries on serving other rooms.
+    bystander = await connect(other_room["id"])
+    await bystander.send({"type": "send", "content": "still there?"})
+    assert (await bystander.until("done"))["message"]["status"] == "complete"

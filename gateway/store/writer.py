@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import bindparam, insert
 
 from gateway.errors import Conflict
 from gateway.store.db import Database
@@ -119,17 +119,40 @@ class Writer:
         async with self._db.transaction() as session:
             if inserts:
                 await session.execute(insert(Message), inserts)
-            # Checkpoints first: a final answer in the same commit must win.
+            # Checkpoints first: a final answer in the same commit must win. Rows
+            # that vanished meanwhile (room deleted) are skipped, not an error.
             if checkpoints:
-                await session.execute(update(Message), checkpoints)
+                await session.execute(_UPDATE_CHECKPOINT, _by_key(checkpoints))
             if finals:
-                await session.execute(update(Message), finals)
+                await session.execute(_UPDATE_FINAL, _by_key(finals))
             if leaves:
                 now = utcnow()
-                await session.execute(
-                    update(Room),
-                    [{"id": k, "active_leaf_id": v, "updated_at": now} for k, v in leaves.items()],
-                )
+                rows = [{"key": k, "leaf": v, "now": now} for k, v in leaves.items()]
+                await session.execute(_UPDATE_LEAF, rows)
+
+
+_messages = Message.__table__
+_rooms = Room.__table__
+_UPDATE_CHECKPOINT = (
+    _messages.update()
+    .where(_messages.c.id == bindparam("key"), _messages.c.status == "streaming")
+    .values(content=bindparam("content"))
+)
+_UPDATE_FINAL = (
+    _messages.update()
+    .where(_messages.c.id == bindparam("key"))
+    .values({name: bindparam(name) for name in FINAL_FIELDS})
+)
+_UPDATE_LEAF = (
+    _rooms.update()
+    .where(_rooms.c.id == bindparam("key"))
+    .values(active_leaf_id=bindparam("leaf"), updated_at=bindparam("now"))
+)
+
+
+def _by_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # "id" is reserved for the column in UPDATE ... SET; bind the key as "key".
+    return [{**{k: v for k, v in row.items() if k != "id"}, "key": row["id"]} for row in rows]
 
 
 def _settle(future: asyncio.Future[None], exc: Exception | None) -> None:

@@ -20,7 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from gateway import protocol
 from gateway.chat import ChatService
 from gateway.errors import BadRequest, GatewayError
-from gateway.hub import Event, SlowConsumer, Subscriber, coalesce
+from gateway.hub import Event, SlowConsumer, Subscriber
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,9 @@ class Connection:
         try:
             while True:
                 batch = await subscriber.next_batch()
-                for text in coalesce(batch):
+                for item in batch:
                     async with asyncio.timeout(send_timeout):
-                        await self.websocket.send_text(text)
+                        await self.websocket.send_text(item.text)
                 if subscriber.closed_with is not None:
                     await self.websocket.send_text(protocol.encode(subscriber.closed_with))
                     await self.websocket.close(CLOSE_ROOM_GONE, "room deleted")
