@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from gateway import protocol
@@ -22,7 +24,7 @@ from gateway.prompt import Turn, build_prompt
 from gateway.providers.base import ChatProvider, CompletionRequest
 from gateway.settings import Settings
 from gateway.store.db import Database
-from gateway.store.models import Message, Room, message_row, new_id, utcnow
+from gateway.store.models import PERSONA_FIELDS, Message, Room, message_row, new_id, utcnow
 from gateway.store.repository import MessageStore
 from gateway.store.writer import WriteBatch, Writer
 
@@ -35,6 +37,39 @@ def room_not_found(room_id: str) -> NotFound:
 
 def message_not_found(message_id: str) -> NotFound:
     return NotFound(f"no message with id {message_id!r} in this room", code="message_not_found")
+
+
+@dataclass
+class RoomState:
+    """What answering in a room needs, kept in memory while the room is in use:
+    the persona and the active branch (oldest first). The database stays the record;
+    this spares a send the reads of the room and its history."""
+
+    room: Room
+    branch: list[Message]
+
+
+class RoomCache:
+    """The most recently used rooms' :class:`RoomState`, up to ``size`` rooms."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._states: OrderedDict[str, RoomState] = OrderedDict()
+
+    def get(self, room_id: str) -> RoomState | None:
+        state = self._states.get(room_id)
+        if state is not None:
+            self._states.move_to_end(room_id)
+        return state
+
+    def put(self, room_id: str, state: RoomState) -> None:
+        self._states[room_id] = state
+        self._states.move_to_end(room_id)
+        while len(self._states) > self.size:
+            self._states.popitem(last=False)
+
+    def drop(self, room_id: str) -> None:
+        self._states.pop(room_id, None)
 
 
 class ChatService:
@@ -58,6 +93,7 @@ class ChatService:
         # generation), so probing many unknown room ids leaves nothing behind.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._running: dict[str, GenerationTask] = {}
+        self._cache = RoomCache()
         self._checkpointer: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -71,6 +107,26 @@ class ChatService:
         if lock is None:
             lock = self._locks[room_id] = asyncio.Lock()
         return lock
+
+    async def _state(self, room_id: str) -> RoomState:
+        """The room's cached state, loaded on first use (caller holds the room lock)."""
+        state = self._cache.get(room_id)
+        if state is None:
+            async with self.db.read() as session:
+                store = MessageStore(session)
+                room = await load_room(store, room_id)
+                state = RoomState(room, await store.branch(room.active_leaf_id))
+            self._cache.put(room_id, state)
+        return state
+
+    def room_changed(self, room: Room) -> None:
+        """The room's name or persona was updated (by the REST API)."""
+        state = self._cache.get(room.id)
+        if state is not None:
+            # Copy the edited fields only: this room object's active_leaf_id may be
+            # older than the cached one.
+            for field in ("name", *PERSONA_FIELDS):
+                setattr(state.room, field, getattr(room, field))
 
     # --- joining -------------------------------------------------------------------
 
@@ -120,16 +176,15 @@ class ChatService:
                 code="message_too_long",
             )
         async with self._lock(room_id):
-            async with self.db.read() as session:
-                store = MessageStore(session)
-                room = await load_room(store, room_id)
-                if client_id is not None:
+            state = await self._state(room_id)
+            if client_id is not None:
+                async with self.db.read() as session:
+                    store = MessageStore(session)
                     existing = await store.by_client_id(room_id, client_id)
                     if existing is not None:
                         return await store.message_view(existing), True
-                self._ensure_idle(room_id)
-                history = await store.branch(room.active_leaf_id)
-                siblings = await store.sibling_ids(room_id, room.active_leaf_id, "user")
+            self._ensure_idle(room_id)
+            room = state.room
             user = Message(
                 id=new_id("msg"),
                 room_id=room_id,
@@ -140,14 +195,17 @@ class ChatService:
                 client_id=client_id,
                 created_at=utcnow(),
             )
-            user_view = user.to_dict([*siblings, user.id])
-            generation, answer = self._plan(room, [*history, user], [], temperature=None)
+            generation = self._plan(room, [*state.branch, user], [], temperature=None)
+            answer = generation.answer
             await self.writer.write(
                 WriteBatch(
                     inserts=[message_row(user), message_row(answer)],
                     leaves={room_id: answer.id},
                 )
             )
+            state.branch += (user, answer)
+            room.active_leaf_id = answer.id
+            user_view = user.to_dict()
             self.hub.publish(room_id, protocol.message_frame(user_view, client_id))
             self._launch(generation)
         return user_view, False
@@ -171,10 +229,13 @@ class ChatService:
                 history = await store.branch(target.parent_id)
                 branch = await store.branch_view(room_id, target.parent_id)
                 siblings = await store.sibling_ids(room_id, target.parent_id, "assistant")
-            generation, answer = self._plan(room, history, siblings, temperature=temperature)
+            generation = self._plan(room, history, siblings, temperature=temperature)
+            answer = generation.answer
             await self.writer.write(
                 WriteBatch(inserts=[message_row(answer)], leaves={room_id: answer.id})
             )
+            room.active_leaf_id = answer.id
+            self._cache.put(room_id, RoomState(room, [*history, answer]))
             branch.append(generation.message_view)
             self.hub.publish(room_id, protocol.branch_frame(branch, answer.id))
             self._launch(generation)
@@ -185,14 +246,17 @@ class ChatService:
         async with self._lock(room_id):
             async with self.db.read() as session:
                 store = MessageStore(session)
-                await load_room(store, room_id)
+                room = await load_room(store, room_id)
                 target = await store.message(room_id, message_id)
                 if target is None:
                     raise message_not_found(message_id)
                 self._ensure_idle(room_id)
                 leaf = await store.newest_leaf_under(target)
+                messages = await store.branch(leaf)
                 branch = await store.branch_view(room_id, leaf)
             await self.writer.write(WriteBatch(leaves={room_id: leaf}))
+            room.active_leaf_id = leaf
+            self._cache.put(room_id, RoomState(room, messages))
             self.hub.publish(room_id, protocol.branch_frame(branch, leaf))
         return branch
 
@@ -220,6 +284,7 @@ class ChatService:
         if generation is not None:
             generation.stop("cancelled")
             await generation.wait()
+        self._cache.drop(room_id)
         self.hub.close_room(
             room_id,
             protocol.error_frame(NotFound("this room was deleted", code="room_deleted")),
@@ -252,8 +317,8 @@ class ChatService:
         siblings: list[str],
         *,
         temperature: float | None,
-    ) -> tuple[GenerationTask, Message]:
-        """A streaming assistant message (not stored yet) and the task to answer it.
+    ) -> GenerationTask:
+        """The task to answer, with its streaming assistant message (not stored yet).
 
         ``history`` is the branch from the first message down to the user message
         being answered; ``siblings`` the ids of earlier answers to it.
@@ -288,9 +353,10 @@ class ChatService:
             created_at=now,
             updated_at=now,
         )
-        generation = GenerationTask(
+        return GenerationTask(
             generation_id=generation_id,
             room_id=room.id,
+            answer=answer,
             message_view=answer.to_dict([*siblings, answer.id]),
             request=CompletionRequest(
                 model=params["model"],
@@ -304,7 +370,6 @@ class ChatService:
             room_lock=self._lock(room.id),
             on_exit=self._on_generation_exit,
         )
-        return generation, answer
 
     def _launch(self, generation: GenerationTask) -> None:
         """Publish ``start`` and run the generation (caller holds the room lock)."""

@@ -12,6 +12,7 @@ from gateway import protocol
 from gateway.errors import GatewayError, UpstreamError
 from gateway.hub import RoomHub
 from gateway.providers.base import ChatProvider, CompletionRequest
+from gateway.store.models import Message
 from gateway.store.writer import WriteBatch, Writer
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class GenerationTask:
         *,
         generation_id: str,
         room_id: str,
+        answer: Message,
         message_view: dict[str, Any],
         request: CompletionRequest,
         provider: ChatProvider,
@@ -43,7 +45,8 @@ class GenerationTask:
     ) -> None:
         self.id = generation_id
         self.room_id = room_id
-        self.message_id: str = message_view["id"]
+        self.answer = answer  # kept current: the chat service caches it in the branch
+        self.message_id = answer.id
         self.message_view = message_view  # the stored message as it was at start
         self.request = request
         self.seq = 0
@@ -151,6 +154,8 @@ class GenerationTask:
                 error = GatewayError(f"storing the answer failed: {exc!r}")
                 self._hub.publish(self.room_id, protocol.error_frame(error, generation_id=self.id))
                 return
+            for field, value in final.items():
+                setattr(self.answer, field, value)
             view = {**self.message_view, **final}
             if status == "complete":
                 frame = protocol.done_frame(self.id, view, finish_reason, usage)

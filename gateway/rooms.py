@@ -58,6 +58,7 @@ class RoomService:
                     )
             await session.flush()
             view = room.to_dict()
+        self.chat.room_changed(room)
         self.chat.hub.publish(room_id, protocol.room_frame(view))
         return view
 

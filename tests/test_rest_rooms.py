@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -63,18 +64,26 @@ async def test_persona_change_applies_to_the_next_answer_and_is_broadcast(
     http: Any, room: dict, connect: Any, upstream: Any
 ) -> None:
     client = await connect(room["id"])
+    await client.send({"type": "send", "content": "before"})
+    await client.until("done")
     await http.patch(
         f"/api/rooms/{room['id']}",
         json={"persona": {"system_prompt": "Be loud.", "model": "other-model"}},
     )
     changed = await client.until("room")
     assert changed["room"]["persona"]["system_prompt"] == "Be loud."
-    await client.send({"type": "send", "content": "hi"})
+    await client.send({"type": "send", "content": "after"})
     done = await client.until("done")
     assert done["message"]["model"] == "other-model"
     body = upstream.requests[-1].body
     assert body["model"] == "other-model"
     assert body["messages"][0] == {"role": "system", "content": "Be loud."}
+    # The conversation goes on from where it was.
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
+    assert [body["messages"][1]["content"], body["messages"][3]["content"]] == ["before", "after"]
+    stored = (await http.get(f"/api/rooms/{room['id']}/messages")).json()["messages"]
+    assert [m["content"] for m in stored][::2] == ["before", "after"]
+    assert all(b["parent_id"] == a["id"] for a, b in itertools.pairwise(stored))
 
 
 async def test_deleting_a_room_disconnects_its_members(http: Any, room: dict, connect: Any) -> None:

@@ -58,6 +58,9 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
+PERSONA_FIELDS = ("system_prompt", "model", "temperature", "max_tokens", "context_tokens")
+
+
 class Room(Base):
     """A chat room and its persona."""
 
@@ -77,13 +80,7 @@ class Room(Base):
     )
 
     def persona(self) -> dict[str, Any]:
-        return {
-            "system_prompt": self.system_prompt,
-            "model": self.model,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-            "context_tokens": self.context_tokens,
-        }
+        return {field: getattr(self, field) for field in PERSONA_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         return {
