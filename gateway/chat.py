@@ -185,6 +185,7 @@ class ChatService:
                         return await store.message_view(existing), True
             self._ensure_idle(room_id)
             room = state.room
+            now = utcnow()
             user = Message(
                 id=new_id("msg"),
                 room_id=room_id,
@@ -193,7 +194,8 @@ class ChatService:
                 content=content,
                 status="complete",
                 client_id=client_id,
-                created_at=utcnow(),
+                created_at=now,
+                updated_at=now,
             )
             generation = self._plan(room, [*state.branch, user], [], temperature=None)
             answer = generation.answer
