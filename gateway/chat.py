@@ -115,8 +115,18 @@ class ChatService:
             async with self.db.read() as session:
                 store = MessageStore(session)
                 room = await load_room(store, room_id)
-                state = RoomState(room, await store.branch(room.active_leaf_id))
-            self._cache.put(room_id, state)
+                branch = await store.branch(room.active_leaf_id)
+            state = self._remember(room, branch)
+        return state
+
+    def _remember(self, room: Room, branch: list[Message]) -> RoomState:
+        """Cache ``room`` with its active ``branch`` (caller holds the room lock)."""
+        generation = self._running.get(room.id)
+        if generation is not None:
+            # The running answer's own object, which its end will bring up to date.
+            branch = [generation.answer if m.id == generation.message_id else m for m in branch]
+        state = RoomState(room, branch)
+        self._cache.put(room.id, state)
         return state
 
     def room_changed(self, room: Room) -> None:
@@ -141,8 +151,13 @@ class ChatService:
             async with self.db.read() as session:
                 store = MessageStore(session)
                 room = await load_room(store, room_id)
-                messages = await store.branch_view(room_id, room.active_leaf_id)
-                room_view = room.to_dict()
+                branch = await store.branch(room.active_leaf_id)
+                siblings = await store.siblings(room_id, branch)
+            messages = [m.to_dict(siblings.get(m.id)) for m in branch]
+            room_view = room.to_dict()
+            if self._cache.get(room_id) is None:
+                # Someone is about to chat here: spare their first send the reads.
+                self._remember(room, branch)
             generation = self._running.get(room_id)
             live = generation.snapshot() if generation is not None else None
             if live is not None:
@@ -237,7 +252,7 @@ class ChatService:
                 WriteBatch(inserts=[message_row(answer)], leaves={room_id: answer.id})
             )
             room.active_leaf_id = answer.id
-            self._cache.put(room_id, RoomState(room, [*history, answer]))
+            self._remember(room, [*history, answer])
             branch.append(generation.message_view)
             self.hub.publish(room_id, protocol.branch_frame(branch, answer.id))
             self._launch(generation)
@@ -258,7 +273,7 @@ class ChatService:
                 branch = await store.branch_view(room_id, leaf)
             await self.writer.write(WriteBatch(leaves={room_id: leaf}))
             room.active_leaf_id = leaf
-            self._cache.put(room_id, RoomState(room, messages))
+            self._remember(room, messages)
             self.hub.publish(room_id, protocol.branch_frame(branch, leaf))
         return branch
 
