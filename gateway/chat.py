@@ -152,8 +152,7 @@ class ChatService:
                 store = MessageStore(session)
                 room = await load_room(store, room_id)
                 branch = await store.branch(room.active_leaf_id)
-                siblings = await store.siblings(room_id, branch)
-            messages = [m.to_dict(siblings.get(m.id)) for m in branch]
+                messages = await store.views(room_id, branch)
             room_view = room.to_dict()
             if self._cache.get(room_id) is None:
                 # Someone is about to chat here: spare their first send the reads.
@@ -234,17 +233,14 @@ class ChatService:
         async with self._lock(room_id):
             async with self.db.read() as session:
                 store = MessageStore(session)
-                room = await load_room(store, room_id)
-                target = await store.message(room_id, message_id)
-                if target is None:
-                    raise message_not_found(message_id)
+                room, target = await load_message(store, room_id, message_id)
                 if target.role != "assistant" or target.parent_id is None:
                     raise BadRequest(
                         "only an assistant message can be regenerated", code="invalid_target"
                     )
                 self._ensure_idle(room_id)
                 history = await store.branch(target.parent_id)
-                branch = await store.branch_view(room_id, target.parent_id)
+                branch = await store.views(room_id, history)
                 siblings = await store.sibling_ids(room_id, target.parent_id, "assistant")
             generation = self._plan(room, history, siblings, temperature=temperature)
             answer = generation.answer
@@ -263,14 +259,11 @@ class ChatService:
         async with self._lock(room_id):
             async with self.db.read() as session:
                 store = MessageStore(session)
-                room = await load_room(store, room_id)
-                target = await store.message(room_id, message_id)
-                if target is None:
-                    raise message_not_found(message_id)
+                room, target = await load_message(store, room_id, message_id)
                 self._ensure_idle(room_id)
                 leaf = await store.newest_leaf_under(target)
                 messages = await store.branch(leaf)
-                branch = await store.branch_view(room_id, leaf)
+                branch = await store.views(room_id, messages)
             await self.writer.write(WriteBatch(leaves={room_id: leaf}))
             room.active_leaf_id = leaf
             self._remember(room, messages)
@@ -414,6 +407,15 @@ class ChatService:
                     await self.writer.write(WriteBatch(checkpoints=rows))
                 except Exception:
                     log.exception("checkpointing %d answers failed", len(rows))
+
+
+async def load_message(store: MessageStore, room_id: str, message_id: str) -> tuple[Room, Message]:
+    """The room and one of its messages, or ``room_not_found``/``message_not_found``."""
+    room = await load_room(store, room_id)
+    message = await store.message(room_id, message_id)
+    if message is None:
+        raise message_not_found(message_id)
+    return room, message
 
 
 async def load_room(store: MessageStore, room_id: str) -> Room:

@@ -77,4 +77,4 @@ class RoomService:
         async with self.db.read() as session:
             store = MessageStore(session)
             room = await load_room(store, room_id)
-            return await store.branch_view(room_id, room.active_leaf_id)
+            return await store.views(room_id, await store.branch(room.active_leaf_id))

@@ -120,11 +120,10 @@ class MessageStore:
         )
         return result.rowcount or 0
 
-    async def branch_view(self, room_id: str, leaf_id: str | None) -> list[dict]:
-        """The active branch as wire dicts, each assistant message with its siblings."""
-        branch = await self.branch(leaf_id)
-        siblings = await self.siblings(room_id, branch)
-        return [m.to_dict(siblings.get(m.id)) for m in branch]
+    async def views(self, room_id: str, messages: list[Message]) -> list[dict]:
+        """``messages`` as wire dicts, each assistant message with its siblings."""
+        siblings = await self.siblings(room_id, messages)
+        return [m.to_dict(siblings.get(m.id)) for m in messages]
 
     async def message_view(self, message: Message) -> dict:
         siblings = await self.siblings(message.room_id, [message])
