@@ -4,11 +4,11 @@ This is the only module that imports ``openai``; its exceptions are translated i
 :class:`gateway.errors.UpstreamError` here. Works with any server that speaks the
 Chat Completions API (OpenAI, vLLM, Ollama, llama.cpp's server, ...).
 
-The SDK builds and sends the request (auth, ``base_url``, retries, HTTP status errors),
-but the streamed body is read here: raw bytes from httpx2, a small SSE parser and
-``orjson``. The SDK's own stream (SSE decoding in Python, a ``ChatCompletionChunk``
-model per token) and an ``asyncio.timeout()`` per chunk cost several times more CPU
-per token than this path; tokens are the gateway's hot path.
+The SDK sends the request through its generic ``post`` (auth, ``base_url``, retries,
+HTTP status errors), but the streamed body is read here: raw bytes from httpx2, a
+small SSE parser and ``orjson``. The SDK's own stream (SSE decoding in Python, a
+``ChatCompletionChunk`` model per token) and an ``asyncio.timeout()`` per chunk cost
+several times more CPU per token than this path; tokens are the gateway's hot path.
 """
 
 from __future__ import annotations
@@ -196,19 +196,23 @@ class OpenAIProvider:
         )
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
-        # Entering sends the request (with the SDK's retries) and raises the SDK's
-        # status errors; leaving closes the response without draining it.
-        opener = self._client.chat.completions.with_streaming_response.create(
-            model=request.model,
-            messages=request.messages,  # type: ignore[arg-type]
-            temperature=request.temperature,
-            max_tokens=request.max_tokens,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
+        body = {
+            "model": request.model,
+            "messages": request.messages,
+            "temperature": request.temperature,
+            "max_tokens": request.max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        # The SDK's generic ``post`` (its documented way to make raw requests) still
+        # adds auth, retries and status errors, but skips the typed-parameter
+        # transform of ``chat.completions.create``, which costs ~6 ms of CPU per
+        # request for a 40-message history (1 ms for the whole request this way).
         try:
             async with asyncio.timeout(self.first_token_timeout):
-                response = await opener.__aenter__()
+                http_response = await self._client.post(
+                    "/chat/completions", body=body, cast_to=httpx2.Response, stream=True
+                )
         except TimeoutError:
             raise UpstreamError(
                 f"no response from the model within {self.first_token_timeout:g} s",
@@ -217,11 +221,10 @@ class OpenAIProvider:
         except Exception as exc:
             raise _translate(exc) from exc
 
-        http_response = response.http_response
         if http_response.headers.get("content-encoding", "identity") == "identity":
-            body = http_response.aiter_raw()  # skips httpx2's decoder and re-chunker
+            chunks = http_response.aiter_raw()  # skips httpx2's decoder and re-chunker
         else:
-            body = http_response.aiter_bytes()
+            chunks = http_response.aiter_bytes()
         deadline = _ReadDeadline(asyncio.get_running_loop())
         feed = SSEParser().feed
         timeout = self.first_token_timeout
@@ -229,7 +232,7 @@ class OpenAIProvider:
             while True:
                 deadline.arm(timeout)
                 try:
-                    data = await anext(body)
+                    data = await anext(chunks)
                 except StopAsyncIteration:
                     return  # no [DONE]; the caller decides whether the answer is complete
                 except (asyncio.CancelledError, Exception) as exc:
@@ -244,7 +247,7 @@ class OpenAIProvider:
                     deadline.disarm()
                 for payload in feed(data):
                     if payload.startswith(b"[DONE]"):
-                        await _drain(body, deadline)
+                        await _drain(chunks, deadline)
                         return
                     chunk = _parse_event(payload)
                     if chunk is None:
@@ -254,11 +257,11 @@ class OpenAIProvider:
                     yield chunk
         finally:
             deadline.close()
-            # Closing the response makes the upstream stop generating.
+            # Closing the response (not draining it) makes the upstream stop generating.
             try:
-                await body.aclose()
+                await chunks.aclose()
             finally:
-                await opener.__aexit__(None, None, None)
+                await http_response.aclose()
 
     async def aclose(self) -> None:
         await self._client.close()
