@@ -20,11 +20,11 @@ from gateway import protocol
 from gateway.errors import BadRequest, Busy, Conflict, NotFound
 from gateway.generation import GenerationTask
 from gateway.hub import RoomHub, Subscriber
-from gateway.prompt import Turn, build_prompt
+from gateway.prompt import Turn, build_prompt, estimate_tokens
 from gateway.providers.base import ChatProvider, CompletionRequest
 from gateway.settings import Settings
 from gateway.store.db import Database
-from gateway.store.models import PERSONA_FIELDS, Message, Room, message_row, new_id, utcnow
+from gateway.store.models import Message, Room, message_row, new_id, utcnow
 from gateway.store.repository import MessageStore
 from gateway.store.writer import WriteBatch, Writer
 
@@ -125,18 +125,26 @@ class ChatService:
         if generation is not None:
             # The running answer's own object, which its end will bring up to date.
             branch = [generation.answer if m.id == generation.message_id else m for m in branch]
-        state = RoomState(room, branch)
+        state = RoomState(room, self._trimmed(room, branch))
         self._cache.put(room.id, state)
         return state
 
+    def _trimmed(self, room: Room, branch: list[Message]) -> list[Message]:
+        """The newest part of ``branch`` that a prompt can use: older messages would be
+        trimmed from every prompt anyway, and keeping them would let a long-lived
+        room's whole history pile up in memory."""
+        budget = room.context_tokens or self.settings.default_context_tokens
+        used = 0
+        for i in range(len(branch) - 1, -1, -1):
+            used += estimate_tokens(branch[i].content)
+            if used > budget and len(branch) - i > 2:
+                return branch[i + 1 :]
+        return branch
+
     def room_changed(self, room: Room) -> None:
-        """The room's name or persona was updated (by the REST API)."""
-        state = self._cache.get(room.id)
-        if state is not None:
-            # Copy the edited fields only: this room object's active_leaf_id may be
-            # older than the cached one.
-            for field in ("name", *PERSONA_FIELDS):
-                setattr(state.room, field, getattr(room, field))
+        """The room's name or persona was updated (by the REST API): reload it on next
+        use (a bigger context budget may need history the cache has trimmed)."""
+        self._cache.drop(room.id)
 
     # --- joining -------------------------------------------------------------------
 
@@ -219,7 +227,7 @@ class ChatService:
                     leaves={room_id: answer.id},
                 )
             )
-            state.branch += (user, answer)
+            state.branch = self._trimmed(room, [*state.branch, user, answer])
             room.active_leaf_id = answer.id
             user_view = user.to_dict()
             self.hub.publish(room_id, protocol.message_frame(user_view, client_id))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.testing.fake_upstream import FakeUpstream, Scenario
-from tests.conftest import covered_seqs
+from tests.conftest import covered_seqs, create_room
 
 
 async def test_ready_is_the_first_frame_with_room_and_history(connect: Any, room: dict) -> None:
@@ -153,3 +153,19 @@ async def test_ping_gets_pong(connect: Any, room: dict) -> None:
     client = await connect(room["id"])
     await client.send({"type": "ping", "id": "p1"})
     assert await client.until("pong") == {"type": "pong", "id": "p1"}
+
+
+async def test_long_conversation_sends_only_what_fits_the_context_budget(
+    gateway: Any, connect: Any, upstream: FakeUpstream
+) -> None:
+    room = await create_room(gateway, context_tokens=300, max_tokens=100)
+    client = await connect(room["id"])
+    for i in range(8):
+        await client.send({"type": "send", "content": f"message {i} " + "x" * 200})
+        await client.until("done")
+    sent = upstream.requests[-1].body["messages"]
+    assert sent[0] == {"role": "system", "content": "You are terse."}
+    assert sent[-1]["content"].startswith("message 7 ")
+    assert sent[1]["role"] == "user"
+    # 300 tokens minus 100 for the answer leave room for the newest turns only.
+    assert 2 <= len(sent) <= 4
