@@ -99,9 +99,6 @@ class ChatService:
     def start(self) -> None:
         self._checkpointer = asyncio.create_task(self._checkpoint_loop(), name="checkpoints")
 
-    def running(self, room_id: str) -> GenerationTask | None:
-        return self._running.get(room_id)
-
     def _lock(self, room_id: str) -> asyncio.Lock:
         lock = self._locks.get(room_id)
         if lock is None:

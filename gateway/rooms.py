@@ -31,7 +31,7 @@ class RoomService:
             context_tokens=persona.context_tokens,
         )
         async with self.db.transaction() as session:
-            await MessageStore(session).add(room)
+            await MessageStore(session).add_room(room)
             return room.to_dict()
 
     async def list(self, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:

@@ -20,8 +20,8 @@ class MessageStore:
 
     # --- rooms ---------------------------------------------------------------------
 
-    async def add(self, obj: Room | Message) -> None:
-        self.session.add(obj)
+    async def add_room(self, room: Room) -> None:
+        self.session.add(room)
         await self.session.flush()
 
     async def room(self, room_id: str) -> Room | None:
