@@ -104,3 +104,11 @@ async def test_final_state_wins_over_a_checkpoint_in_the_same_commit(
 async def test_updates_of_vanished_rows_are_skipped(writer: Writer) -> None:
     await writer.write(WriteBatch(checkpoints=[{"id": "gone", "content": "x"}]))
     await writer.write(WriteBatch(leaves={"gone-room": None}))
+
+
+async def test_writes_fail_instead_of_hanging_once_the_writer_stopped(db: Database) -> None:
+    writer = Writer(db)
+    writer.start()
+    await writer.close()
+    with pytest.raises(RuntimeError):
+        writer.submit(WriteBatch(leaves={"room": None}))

@@ -88,14 +88,21 @@ class Writer:
             await self._task
 
     async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            pending, self._pending = self._pending, []
-            if pending:
-                await self._commit_pending(pending)
-            elif self._closing:
-                return
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                pending, self._pending = self._pending, []
+                if pending:
+                    await self._commit_pending(pending)
+                elif self._closing:
+                    return
+        finally:
+            # However the task ends, nobody may wait forever for a write.
+            self._closing = True
+            for _, future in self._pending:
+                _settle(future, RuntimeError("the store writer has stopped"))
+            self._pending = []
 
     async def _commit_pending(self, pending: list[tuple[WriteBatch, asyncio.Future[None]]]) -> None:
         try:
