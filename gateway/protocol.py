@@ -92,16 +92,18 @@ def parse_client_frame(text: str | bytes, *, max_bytes: int) -> ClientFrame:
     try:
         return _client_frame.validate_python(data)
     except ValidationError as exc:
-        raise BadRequest(_describe(exc), code="invalid_frame") from None
+        # The first loc item is the union member's tag; name fields from there on.
+        raise BadRequest(_describe(exc, skip=1, whole="frame"), code="invalid_frame") from None
 
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, *, skip: int, whole: str) -> str:
+    """One line naming each bad field: ``persona.temperature: Input should be ...``."""
     parts = []
     for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"][1:]) or "frame"
+        loc = ".".join(str(p) for p in err["loc"][skip:]) or whole
         parts.append(f"{loc}: {err['msg']}")
     return "; ".join(parts)
 
@@ -142,11 +144,7 @@ def parse_body(model: type[BodyT], raw: bytes) -> BodyT:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        parts = []
-        for err in exc.errors(include_url=False):
-            loc = ".".join(str(p) for p in err["loc"]) or "body"
-            parts.append(f"{loc}: {err['msg']}")
-        raise BadRequest("; ".join(parts), code="invalid_body") from None
+        raise BadRequest(_describe(exc, skip=0, whole="body"), code="invalid_body") from None
 
 
 # --- server frames ---------------------------------------------------------------

@@ -57,32 +57,32 @@ async def test_upstream_fault_ends_generation_with_error(
     assert (await client.until("done"))["message"]["status"] == "complete"
 
 
-async def test_upstream_hang_mid_stream_times_out(
-    start_gateway: Any, connect: Any, upstream: FakeUpstream
+@pytest.mark.parametrize(
+    ("timeout_setting", "fault_after", "partial"),
+    [
+        ("upstream_token_timeout", 2, "tok0 tok1 "),
+        ("upstream_first_token_timeout", 0, ""),
+    ],
+    ids=["hang-mid-stream", "never-answers"],
+)
+async def test_upstream_that_goes_silent_times_out(
+    start_gateway: Any,
+    connect: Any,
+    upstream: FakeUpstream,
+    timeout_setting: str,
+    fault_after: int,
+    partial: str,
 ) -> None:
-    gateway = start_gateway(upstream_token_timeout=0.3)
-    upstream.script(Scenario(count=10, fault="hang", fault_after=2))
+    gateway = start_gateway(**{timeout_setting: 0.3})
+    upstream.script(Scenario(count=10, fault="hang", fault_after=fault_after))
     room = await create_room(gateway)
     client = await connect(room["id"], gateway_=gateway)
     await client.send({"type": "send", "content": "hello"})
     error = await client.until("error")
     assert error["code"] == "upstream_timeout"
-    assert error["answer"]["content"] == "tok0 tok1 "
+    assert error["answer"]["content"] == partial
     request = upstream.requests[-1]
     upstream.wait_until(lambda: request.disconnected_at is not None)
-
-
-async def test_upstream_that_never_answers_times_out(
-    start_gateway: Any, connect: Any, upstream: FakeUpstream
-) -> None:
-    gateway = start_gateway(upstream_first_token_timeout=0.3)
-    upstream.script(Scenario(count=10, fault="hang", fault_after=0))
-    room = await create_room(gateway)
-    client = await connect(room["id"], gateway_=gateway)
-    await client.send({"type": "send", "content": "hello"})
-    error = await client.until("error")
-    assert error["code"] == "upstream_timeout"
-    assert error["answer"]["content"] == ""
 
 
 async def test_unreachable_upstream(start_gateway: Any, connect: Any) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Table, Update, case, literal
+from sqlalchemy.exc import IntegrityError
 
 from gateway.errors import Conflict
 from gateway.store.db import Database
@@ -175,8 +176,6 @@ def _settle(future: asyncio.Future[None], exc: Exception | None) -> None:
     if exc is None:
         future.set_result(None)
         return
-    from sqlalchemy.exc import IntegrityError
-
     if isinstance(exc, IntegrityError):
         log.info("write refused by the database: %s", exc.orig)
         exc = Conflict("the change conflicts with the stored history; reload and retry")
