@@ -20,7 +20,7 @@ from gateway.chat import ChatService
 from gateway.hub import RoomHub
 from gateway.providers.base import ChatProvider
 from gateway.rooms import RoomService
-from gateway.settings import Settings, load_settings
+from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store.db import Database
 from gateway.store.repository import MessageStore
 from gateway.store.writer import Writer
@@ -50,31 +50,69 @@ def _openai(settings: Settings) -> ChatProvider:
     )
 
 
+def _local(settings: Settings) -> ChatProvider:
+    from gateway.providers.local import LocalProvider, check_available
+
+    return LocalProvider(
+        check_available(settings.local_model),
+        context_tokens=settings.local_context_tokens,
+        threads=settings.local_threads,
+        slots=settings.local_slots,
+        queue_size=settings.local_queue_size,
+    )
+
+
 def _unavailable(settings: Settings) -> ChatProvider:
+    from gateway.providers.local import LocalModelMissing, check_available
     from gateway.providers.unavailable import UnavailableProvider
 
-    return UnavailableProvider()
+    try:
+        check_available(settings.local_model)
+        reason = "the local model is available but GATEWAY_PROVIDER chose none"
+    except LocalModelMissing as exc:
+        reason = str(exc)
+    return UnavailableProvider(reason)
 
 
 # Implementations are imported only when chosen.
 PROVIDERS: dict[str, Callable[[Settings], ChatProvider]] = {
     "openai": _openai,
+    "local": _local,
     "none": _unavailable,
 }
 
 
 def choose_provider(settings: Settings) -> str:
-    """``openai`` when an upstream is configured, else ``none`` (clear errors)."""
-    if settings.openai_api_key or settings.openai_base_url:
+    """The provider ``GATEWAY_PROVIDER`` names; for ``auto``, ``openai`` when an upstream
+    is configured, else ``local`` when it can run, else ``none`` (every generation then
+    fails with ``no_provider``, saying how to configure one).
+
+    Raises :class:`SettingsError` when ``local`` is asked for but cannot run.
+    """
+    from gateway.providers.local import LocalModelMissing, check_available
+
+    if settings.provider == "openai":
         return "openai"
-    return "none"
+    if settings.provider == "auto" and (settings.openai_api_key or settings.openai_base_url):
+        return "openai"
+    try:
+        check_available(settings.local_model)
+    except LocalModelMissing as exc:
+        if settings.provider == "local":
+            raise SettingsError(f"GATEWAY_PROVIDER=local: {exc}") from None
+        return "none"
+    return "local"
 
 
 def create_app(
     settings: Settings | None = None, *, provider: ChatProvider | None = None
 ) -> Starlette:
-    """Build the ASGI app. ``provider`` overrides the one the settings would choose."""
+    """Build the ASGI app. ``provider`` overrides the one the settings would choose.
+
+    Raises :class:`SettingsError` when the chosen provider cannot run.
+    """
     settings = settings or load_settings()
+    make_provider = PROVIDERS[choose_provider(settings)] if provider is None else None
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -84,12 +122,13 @@ def create_app(
             interrupted = await MessageStore(session).interrupt_streaming()
         if interrupted:
             log.warning("marked %d answers left streaming by a crash as interrupted", interrupted)
-        chosen = provider or PROVIDERS[choose_provider(settings)](settings)
+        chosen = provider if make_provider is None else make_provider(settings)
+        where = settings.openai_base_url or "the OpenAI API"
         log.info(
-            "provider %s (%s), default model %s",
+            "provider %s, default model %s%s",
             chosen.name,
-            settings.openai_base_url or "default endpoint",
-            settings.default_model,
+            settings.default_model or chosen.default_model,
+            f" at {where}" if chosen.name == "openai" else "",
         )
         writer = Writer(db)
         writer.start()

@@ -342,7 +342,7 @@ class ChatService:
         if temperature is None:
             temperature = room.temperature
         params = {
-            "model": room.model or settings.default_model,
+            "model": room.model or settings.default_model or self.provider.default_model,
             "temperature": settings.default_temperature if temperature is None else temperature,
             "max_tokens": room.max_tokens or settings.default_max_tokens,
             "context_tokens": room.context_tokens or settings.default_context_tokens,

@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from gateway.app import create_app
 
+    try:
+        app = create_app(settings)
+    except SettingsError as exc:
+        print(f"chat-gateway: {exc}", file=sys.stderr)
+        return 2
     print(f"chat-gateway listening on http://{settings.host}:{settings.port}", flush=True)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with
     # the previous handlers restored. Make those no-ops, so a clean shutdown exits 0
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

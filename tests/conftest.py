@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,16 @@ TIME_SCALE = float(os.environ.get("TEST_TIME_SCALE", "1"))
 
 def scaled(seconds: float) -> float:
     return seconds * TIME_SCALE
+
+
+def console_script(name: str) -> str:
+    """The venv's ``name`` script: next to the running interpreter, else on PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which(name)
+    assert found, f"{name} is not installed (pip install -e '.[test]')"
+    return found
 
 
 @pytest.fixture(scope="session")

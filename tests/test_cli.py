@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -30,7 +29,7 @@ from websockets.sync.client import connect as ws_connect
 
 from gateway.store.db import alembic_config
 from gateway.testing.fake_upstream import FakeUpstream, FakeUpstreamServer, Scenario
-from tests.conftest import scaled
+from tests.conftest import console_script, scaled
 
 pytestmark = pytest.mark.slow
 
@@ -39,16 +38,6 @@ START_TIMEOUT = scaled(30)
 # slow shutdown fails with the measured time instead of a bare timeout.
 SHUTDOWN_WITHIN = scaled(5)
 SHUTDOWN_TIMEOUT = scaled(20)
-
-
-def console_script(name: str) -> str:
-    """The venv's ``name`` script: next to the running interpreter, else on PATH."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    found = shutil.which(name)
-    assert found, f"{name} is not installed (pip install -e '.[test]')"
-    return found
 
 
 def free_port() -> int:

@@ -39,6 +39,8 @@ class ChatProvider(Protocol):
     """Streams chat completions from some model."""
 
     name: str
+    default_model: str
+    """The model asked for when neither the persona nor GATEWAY_DEFAULT_MODEL names one."""
 
     def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
         """Stream the answer to ``request``; see the module docstring for guarantees."""

@@ -172,6 +172,7 @@ class OpenAIProvider:
     """
 
     name = "openai"
+    default_model = "gpt-4o-mini"
 
     def __init__(
         self,
