@@ -61,8 +61,11 @@ def alembic_versions(path: Path) -> list[str]:
         return [v for (v,) in conn.execute("SELECT version_num FROM alembic_version")]
 
 
-def gateway_env(db_path: Path, upstream_server: FakeUpstreamServer, **extra: str) -> dict[str, str]:
-    """The caller's environment without any GATEWAY_/OPENAI_ settings, plus ours."""
+def gateway_env(
+    db_path: Path, upstream_server: FakeUpstreamServer, **extra: str | None
+) -> dict[str, str]:
+    """The caller's environment without any GATEWAY_/OPENAI_ settings, plus ours and
+    ``extra`` (a ``None`` value unsets the variable)."""
     env = {
         key: value
         for key, value in os.environ.items()
@@ -76,7 +79,11 @@ def gateway_env(db_path: Path, upstream_server: FakeUpstreamServer, **extra: str
         GATEWAY_UPSTREAM_MAX_RETRIES="0",
         PYTHONUNBUFFERED="1",
     )
-    env.update(extra)
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return env
 
 
@@ -154,7 +161,7 @@ def serve(tmp_path: Path, upstream: FakeUpstream, upstream_server: FakeUpstreamS
     until ``/healthz`` answers; all processes are killed at teardown."""
     started: list[Served] = []
 
-    def start(command: list[str] | None = None, **extra_env: str) -> Served:
+    def start(command: list[str] | None = None, **extra_env: str | None) -> Served:
         served = Served(
             command or [console_script("chat-gateway"), "serve"],
             gateway_env(tmp_path / "g.db", upstream_server, **extra_env),
@@ -248,6 +255,25 @@ def test_serve_creates_schema_serves_and_chats(serve: Any, tmp_path: Path) -> No
     logs = served.logs()
     assert "provider openai" in logs, logs
     assert f"listening on http://127.0.0.1:{served.port}" in logs
+
+
+def test_serve_without_upstream_logs_the_local_model_it_chose(serve: Any) -> None:
+    pytest.importorskip("llama_cpp", reason="needs the local extra: pip install -e '.[local]'")
+    served = serve(
+        OPENAI_BASE_URL=None,
+        OPENAI_API_KEY=None,
+        GATEWAY_DEFAULT_MODEL=None,
+        GATEWAY_DEFAULT_MAX_TOKENS="40",
+    )
+    room = create_room(served)
+    with websocket(served, room["id"]) as ws:
+        send(ws, {"type": "send", "content": "Say hello."})
+        start = until(ws, "start")
+        done = until(ws, "done")
+    assert start["message"]["model"] == "SmolLM2-135M-Instruct.Q4_1"
+    assert done["message"]["content"]
+    served.assert_stopped_gracefully(served.terminate())
+    assert "provider local, default model SmolLM2-135M-Instruct.Q4_1" in served.logs()
 
 
 def test_python_dash_m_gateway_serves(serve: Any) -> None:
