@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import importlib.resources
+import io
 import logging
 import os
 import random
@@ -84,6 +86,24 @@ def check_available(model_path: Path | None) -> Path:
     return model_path
 
 
+llama_log = logging.getLogger("gateway.providers.local.llama_cpp")
+_log_callback: Any = None  # the ctypes callback must outlive every call into llama.cpp
+
+
+def _route_llama_logs(llama_cpp: Any) -> None:
+    """Send llama.cpp's own log lines to Python logging at DEBUG instead of stderr."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def forward(level: int, text: bytes, user_data: Any) -> None:
+        llama_log.debug("%s", text.decode("utf-8", "replace").rstrip())
+
+    _log_callback = forward
+    llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
+
+
 def default_threads() -> int:
     """All cores but one: the event loop keeps a core to itself for relaying tokens."""
     return max(1, (os.cpu_count() or 2) - 1)
@@ -140,15 +160,24 @@ class LocalProvider:
         self._preload.add_done_callback(self._log_preload)
 
     def _load(self) -> Any:
-        from llama_cpp import Llama
+        import llama_cpp
 
-        return Llama(
-            model_path=str(self.model_path),
-            n_ctx=self.context_tokens,
-            n_threads=self.threads,
-            n_threads_batch=self.threads,
-            verbose=False,
-        )
+        _route_llama_logs(llama_cpp)
+        # Not verbose=False: that silences loading by pointing file descriptors 1 and 2
+        # at /dev/null, for the whole process, losing the server's own logs meanwhile.
+        # Its verbose prints go to sys.stderr, swapped for a buffer while loading (only
+        # the Python object: logging handlers keep their own stream, nothing is lost).
+        with contextlib.redirect_stderr(io.StringIO()) as prints:
+            llm = llama_cpp.Llama(
+                model_path=str(self.model_path),
+                n_ctx=self.context_tokens,
+                n_threads=self.threads,
+                n_threads_batch=self.threads,
+                verbose=True,
+            )
+        llm.verbose = False  # no per-generation prints from here on
+        llama_log.debug("%s", prints.getvalue())
+        return llm
 
     def _log_preload(self, future: Any) -> None:
         if future.cancelled():
