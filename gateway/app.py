@@ -17,6 +17,7 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
 from gateway.chat import ChatService
+from gateway.eventlog import EventLogs
 from gateway.hub import RoomHub
 from gateway.providers.base import ChatProvider
 from gateway.rooms import RoomService
@@ -135,7 +136,10 @@ def create_app(
         chat = ChatService(
             db=db,
             writer=writer,
-            hub=RoomHub(settings.send_queue_size),
+            hub=RoomHub(
+                EventLogs(settings.event_buffer_size, settings.event_buffer_seconds),
+                settings.send_queue_size,
+            ),
             provider=chosen,
             settings=settings,
         )

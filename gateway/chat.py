@@ -30,6 +30,9 @@ from gateway.store.writer import WriteBatch, Writer
 
 log = logging.getLogger(__name__)
 
+PRUNE_INTERVAL = 10.0
+"""Seconds between sweeps of the event logs for expired events and idle rooms."""
+
 
 def room_not_found(room_id: str) -> NotFound:
     return NotFound(f"no room with id {room_id!r}", code="room_not_found")
@@ -145,13 +148,27 @@ class ChatService:
 
     # --- joining -------------------------------------------------------------------
 
-    async def join(self, room_id: str) -> tuple[protocol.Frame, Subscriber]:
-        """Subscribe to a room; returns the ``ready`` frame and the subscription.
+    async def join(
+        self, room_id: str, after: int | None = None
+    ) -> tuple[protocol.Frame, Subscriber]:
+        """Subscribe to a room; returns the first frame for the client and the
+        subscription.
+
+        A new client (``after`` None) gets ``ready``: the active branch, with the text
+        so far of a running answer, as of the newest event id; every later event
+        follows exactly once. A client coming back after event ``after`` gets
+        ``resumed`` and every event it missed, from the room's log, then live ones; or,
+        when the log no longer has them all, ``resync`` (like ``ready``).
 
         The snapshot and the subscription are taken together under the room lock, and
-        the live text of a running answer is read in the same step as subscribing, so
-        the client sees every later token exactly once.
+        the live text of a running answer is read in the same step as subscribing.
         """
+        if after is not None:
+            # All in memory and in one step: no event can slip between replay and live.
+            resumed = self.hub.resume(room_id, after)
+            if resumed is not None:
+                subscriber, replayed = resumed
+                return protocol.resumed_frame(room_id, after, replayed), subscriber
         async with self._lock(room_id):
             async with self.db.read() as session:
                 store = MessageStore(session)
@@ -168,8 +185,11 @@ class ChatService:
                 for message in messages:
                     if message["id"] == live["message_id"]:
                         message["content"] = live["text"]
-            subscriber = self.hub.subscribe(room_id)
-        return protocol.ready_frame(room_view, messages, live), subscriber
+            subscriber, last_event_id = self.hub.subscribe(room_id)
+        ready = protocol.ready_frame(
+            room_view, messages, live, last_event_id, resync=after is not None
+        )
+        return ready, subscriber
 
     def leave(self, subscriber: Subscriber) -> None:
         self.hub.unsubscribe(subscriber)
@@ -399,9 +419,15 @@ class ChatService:
             del self._running[generation.room_id]
 
     async def _checkpoint_loop(self) -> None:
-        """Every interval, save the text of all running answers in one write."""
+        """Every interval, save the text of all running answers in one write (and now
+        and then, let the event logs forget what is too old to replay)."""
+        pruned_at = asyncio.get_running_loop().time()
         while True:
             await asyncio.sleep(self.settings.checkpoint_interval)
+            now = asyncio.get_running_loop().time()
+            if now - pruned_at >= PRUNE_INTERVAL:
+                pruned_at = now
+                self.hub.log.prune()
             rows = []
             for generation in self._running.values():
                 if generation.seq != generation.checkpointed_seq:

@@ -10,7 +10,7 @@ generation queued for it are coalesced into a single pending ``token`` frame (sa
 text, fewer frames), so a burst of tokens takes one queue slot. A subscriber whose
 queue still reaches its limit, or whose single send blocks longer than the send
 timeout, is dropped — its connection is closed with code 1013 ("try again later")
-and it should reconnect.
+and it should reconnect (resuming where it was, see :mod:`gateway.eventlog`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import asyncio
 from collections import deque
 
 from gateway import protocol
+from gateway.eventlog import EventLogs
 from gateway.protocol import Frame
 
 
@@ -39,16 +40,24 @@ class Event:
 
 
 class TokenRun:
-    """Consecutive tokens of one generation waiting for a busy subscriber."""
+    """Consecutive tokens of one generation waiting for a busy subscriber; once taken
+    from the queue, sent as one merged ``token`` frame."""
 
-    __slots__ = ("frames",)
+    __slots__ = ("_merged", "frames")
 
     def __init__(self, first: Frame, second: Frame) -> None:
         self.frames = [first, second]
+        self._merged: Frame | None = None
+
+    @property
+    def frame(self) -> Frame:
+        if self._merged is None:
+            self._merged = protocol.merge_tokens(self.frames)
+        return self._merged
 
     @property
     def text(self) -> str:
-        return protocol.encode(protocol.merge_tokens(self.frames))
+        return protocol.encode(self.frame)
 
 
 class SlowConsumer(Exception):
@@ -104,16 +113,36 @@ class Subscriber:
 
 
 class RoomHub:
-    """Which subscribers are in which room, and publishing to them."""
+    """Which subscribers are in which room, publishing to them, and each room's log
+    of recent events for those who come back."""
 
-    def __init__(self, queue_limit: int = 1024) -> None:
+    def __init__(self, log: EventLogs[Event], queue_limit: int = 1024) -> None:
+        self.log = log
         self.queue_limit = queue_limit
         self._rooms: dict[str, set[Subscriber]] = {}
 
-    def subscribe(self, room_id: str) -> Subscriber:
+    def subscribe(self, room_id: str) -> tuple[Subscriber, int]:
+        """Join the room; returns the subscription and the id of the room's newest
+        event, which the subscriber will not receive (every later one, it will)."""
         subscriber = Subscriber(room_id, self.queue_limit)
         self._rooms.setdefault(room_id, set()).add(subscriber)
-        return subscriber
+        return subscriber, self.log.last_id(room_id)
+
+    def resume(self, room_id: str, after: int) -> tuple[Subscriber, int] | None:
+        """Join the room with every event after ``after`` queued first; returns the
+        subscription and how many events it replays, or None when the log cannot
+        replay them all (too old, or from before a restart): resync instead."""
+        missed = self.log.since(room_id, after)
+        if missed is None:
+            return None
+        # Tokens are merged in the queue; other events each take a slot. A replay that
+        # would overflow the queue at once is better served by a resync.
+        if sum(event.frame["type"] != "token" for event in missed) > self.queue_limit // 2:
+            return None
+        subscriber, _ = self.subscribe(room_id)
+        for event in missed:
+            subscriber.push(event)
+        return subscriber, len(missed)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         members = self._rooms.get(subscriber.room_id)
@@ -123,17 +152,20 @@ class RoomHub:
                 del self._rooms[subscriber.room_id]
 
     def publish(self, room_id: str, frame: Frame) -> None:
-        """Queue ``frame`` for every member of the room; never awaits."""
-        members = self._rooms.get(room_id)
-        if not members:
-            return
+        """Give ``frame`` the room's next ``event_id``, log it, and queue it for every
+        member of the room; never awaits."""
         event = Event(frame)
-        for subscriber in members:
-            subscriber.push(event)
+        frame["event_id"] = self.log.append(room_id, event)  # before anything encodes it
+        members = self._rooms.get(room_id)
+        if members:
+            for subscriber in members:
+                subscriber.push(event)
 
     def close_room(self, room_id: str, final: Frame) -> None:
+        """End every subscription with ``final`` and forget the room's log (deleted)."""
         for subscriber in self._rooms.pop(room_id, set()):
             subscriber.close(final)
+        self.log.drop(room_id)
 
     def members(self, room_id: str) -> int:
         return len(self._rooms.get(room_id, ()))

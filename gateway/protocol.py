@@ -157,8 +157,28 @@ def encode(frame: Frame) -> str:
     return orjson.dumps(frame).decode()
 
 
-def ready_frame(room: Frame, messages: list[Frame], generation: Frame | None) -> Frame:
-    return {"type": "ready", "room": room, "messages": messages, "generation": generation}
+def ready_frame(
+    room: Frame,
+    messages: list[Frame],
+    generation: Frame | None,
+    last_event_id: int,
+    *,
+    resync: bool = False,
+) -> Frame:
+    """The room as it is: its active branch (a running answer's text so far included)
+    as of event ``last_event_id``. ``resync`` when a resume could not replay."""
+    return {
+        "type": "resync" if resync else "ready",
+        "room": room,
+        "messages": messages,
+        "generation": generation,
+        "last_event_id": last_event_id,
+    }
+
+
+def resumed_frame(room_id: str, after: int, replayed: int) -> Frame:
+    """A resume succeeded: the ``replayed`` events after ``after`` follow, then live ones."""
+    return {"type": "resumed", "room_id": room_id, "after": after, "replayed": replayed}
 
 
 def message_frame(message: Frame, client_id: str | None = None) -> Frame:
@@ -238,10 +258,13 @@ def merge_tokens(frames: list[Frame]) -> Frame:
     frames. ``seq`` is the last merged frame's, ``seq_from`` the first's.
     """
     first, last = frames[0], frames[-1]
-    return {
+    merged = {
         "type": "token",
         "generation_id": first["generation_id"],
         "seq": last["seq"],
         "seq_from": first["seq"],
         "text": "".join(f["text"] for f in frames),
     }
+    if "event_id" in last:
+        merged["event_id"] = last["event_id"]
+    return merged

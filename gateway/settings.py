@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     send_timeout: float = Field(10.0, gt=0)
     checkpoint_interval: float = Field(1.0, gt=0)
 
+    # Resume: each room keeps its recent events (up to this many, this old) for
+    # clients that reconnect with the last event id they saw.
+    event_buffer_size: int = Field(1024, ge=16)
+    event_buffer_seconds: float = Field(300.0, gt=0)
+    # SSE comment lines this often, so proxies do not close a quiet stream.
+    sse_heartbeat_interval: float = Field(15.0, gt=0)
+
 
 def load_settings(**overrides: object) -> Settings:
     """Build settings from the environment, applying ``overrides`` on top.
