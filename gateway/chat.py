@@ -42,6 +42,14 @@ def message_not_found(message_id: str) -> NotFound:
     return NotFound(f"no message with id {message_id!r} in this room", code="message_not_found")
 
 
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A generation just launched, and the assistant message it streams into."""
+
+    generation_id: str
+    message_id: str
+
+
 @dataclass
 class RoomState:
     """What answering in a room needs, kept in memory while the room is in use:
@@ -185,11 +193,17 @@ class ChatService:
                 for message in messages:
                     if message["id"] == live["message_id"]:
                         message["content"] = live["text"]
-            subscriber, last_event_id = self.hub.subscribe(room_id)
+            subscriber = self.hub.subscribe(room_id)
+            last_event_id = self.hub.log.last_id(room_id)
         ready = protocol.ready_frame(
             room_view, messages, live, last_event_id, resync=after is not None
         )
         return ready, subscriber
+
+    def watch(self, room_id: str) -> Subscriber:
+        """Subscribe to a room's events from now on, with no first frame: for a client
+        about to start a generation and follow just that one."""
+        return self.hub.subscribe(room_id)
 
     def leave(self, subscriber: Subscriber) -> None:
         self.hub.unsubscribe(subscriber)
@@ -198,11 +212,12 @@ class ChatService:
 
     async def send(
         self, room_id: str, content: str, client_id: str | None = None
-    ) -> tuple[dict[str, Any], bool]:
+    ) -> tuple[dict[str, Any], Started | None]:
         """Store a user message and start answering it.
 
-        Returns the stored message and whether it was a duplicate (a retry with a
-        ``client_id`` already used in this room: nothing new is stored or generated).
+        Returns the stored message and the generation started for it; None for a
+        duplicate (a retry with a ``client_id`` already used in this room: nothing new
+        is stored or generated).
         Raises ``Busy`` while the room is generating: queued messages would reach
         the model out of order with the answers, so the client retries instead.
         """
@@ -221,7 +236,7 @@ class ChatService:
                     store = MessageStore(session)
                     existing = await store.by_client_id(room_id, client_id)
                     if existing is not None:
-                        return await store.message_view(existing), True
+                        return await store.message_view(existing), None
             self._ensure_idle(room_id)
             room = state.room
             now = utcnow()
@@ -248,13 +263,12 @@ class ChatService:
             room.active_leaf_id = answer.id
             user_view = user.to_dict()
             self.hub.publish(room_id, protocol.message_frame(user_view, client_id))
-            self._launch(generation)
-        return user_view, False
+            return user_view, self._launch(generation)
 
     async def regenerate(
         self, room_id: str, message_id: str, temperature: float | None = None
-    ) -> str:
-        """Answer the same user message again as a new sibling; returns the generation id."""
+    ) -> Started:
+        """Answer the same user message again as a new sibling."""
         async with self._lock(room_id):
             async with self.db.read() as session:
                 store = MessageStore(session)
@@ -276,8 +290,7 @@ class ChatService:
             self._remember(room, [*history, answer])
             branch.append(generation.message_view)
             self.hub.publish(room_id, protocol.branch_frame(branch, answer.id))
-            self._launch(generation)
-        return generation.id
+            return self._launch(generation)
 
     async def select(self, room_id: str, message_id: str) -> list[dict[str, Any]]:
         """Make the branch through ``message_id`` (down to its newest leaf) active."""
@@ -305,10 +318,12 @@ class ChatService:
         if generation is not None and generation_id in (None, generation.id):
             if generation.stop("cancelled"):
                 return generation.id
-        if generation_id is None:
-            raise Conflict("nothing is being generated in this room", code="not_running")
         async with self.db.read() as session:
-            known = await MessageStore(session).by_generation_id(room_id, generation_id)
+            store = MessageStore(session)
+            await load_room(store, room_id)
+            if generation_id is None:
+                raise Conflict("nothing is being generated in this room", code="not_running")
+            known = await store.by_generation_id(room_id, generation_id)
         if known is None:
             raise NotFound(f"no generation with id {generation_id!r}", code="generation_not_found")
         raise Conflict(f"generation {generation_id!r} has already ended", code="not_running")
@@ -406,13 +421,14 @@ class ChatService:
             on_exit=self._on_generation_exit,
         )
 
-    def _launch(self, generation: GenerationTask) -> None:
+    def _launch(self, generation: GenerationTask) -> Started:
         """Publish ``start`` and run the generation (caller holds the room lock)."""
         self._running[generation.room_id] = generation
         self.hub.publish(
             generation.room_id, protocol.start_frame(generation.id, generation.message_view)
         )
         generation.start()
+        return Started(generation.id, generation.message_id)
 
     def _on_generation_exit(self, generation: GenerationTask) -> None:
         if self._running.get(generation.room_id) is generation:

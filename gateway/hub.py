@@ -121,12 +121,11 @@ class RoomHub:
         self.queue_limit = queue_limit
         self._rooms: dict[str, set[Subscriber]] = {}
 
-    def subscribe(self, room_id: str) -> tuple[Subscriber, int]:
-        """Join the room; returns the subscription and the id of the room's newest
-        event, which the subscriber will not receive (every later one, it will)."""
+    def subscribe(self, room_id: str) -> Subscriber:
+        """Join the room: every event published from now on is queued for it."""
         subscriber = Subscriber(room_id, self.queue_limit)
         self._rooms.setdefault(room_id, set()).add(subscriber)
-        return subscriber, self.log.last_id(room_id)
+        return subscriber
 
     def resume(self, room_id: str, after: int) -> tuple[Subscriber, int] | None:
         """Join the room with every event after ``after`` queued first; returns the
@@ -139,7 +138,7 @@ class RoomHub:
         # would overflow the queue at once is better served by a resync.
         if sum(event.frame["type"] != "token" for event in missed) > self.queue_limit // 2:
             return None
-        subscriber, _ = self.subscribe(room_id)
+        subscriber = self.subscribe(room_id)
         for event in missed:
             subscriber.push(event)
         return subscriber, len(missed)

@@ -135,8 +135,22 @@ class RoomUpdate(_Body):
     persona: PersonaUpdate | None = None
 
 
-def parse_body(model: type[BodyT], raw: bytes) -> BodyT:
-    """Parse a JSON request body into ``model``, raising :class:`BadRequest`."""
+class MessageCreate(_Body):
+    """``POST /api/rooms/{id}/messages``: the ``send`` frame as a request body."""
+
+    content: str
+    id: Id | None = None
+
+
+class RegenerateBody(_Body):
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+
+
+def parse_body(model: type[BodyT], raw: bytes, *, optional: bool = False) -> BodyT:
+    """Parse a JSON request body into ``model``, raising :class:`BadRequest`.
+    With ``optional``, an empty body means all defaults."""
+    if optional and not raw.strip():
+        return model()
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -145,6 +159,18 @@ def parse_body(model: type[BodyT], raw: bytes) -> BodyT:
         return model.model_validate(data)
     except ValidationError as exc:
         raise BadRequest(_describe(exc, skip=0, whole="body"), code="invalid_body") from None
+
+
+def parse_event_id(raw: str | None) -> int | None:
+    """A client's last seen ``event_id`` (``Last-Event-ID``, ``?last_event_id=``)."""
+    if raw is None or raw == "":
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise BadRequest(
+            f"last event id must be a non-negative integer, got {raw[:40]!r}",
+            code="invalid_last_event_id",
+        )
+    return int(raw)
 
 
 # --- server frames ---------------------------------------------------------------

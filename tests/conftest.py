@@ -6,6 +6,7 @@ Timeouts scale with ``TEST_TIME_SCALE`` (default 1) for slow machines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import sys
@@ -197,3 +198,99 @@ async def connect(gateway: Gateway) -> AsyncIterator[Any]:
     yield open_client
     for ws in opened:
         await ws.close()
+
+
+@dataclass
+class SSEEvent:
+    """One Server-Sent Event: its ``id:`` (if any), ``event:`` and parsed ``data:``."""
+
+    id: int | None
+    type: str
+    data: dict[str, Any]
+
+
+def parse_sse(lines: list[str]) -> list[SSEEvent]:
+    """The events in complete SSE text lines (comments and ``retry:`` skipped)."""
+    events: list[SSEEvent] = []
+    fields: dict[str, str] = {}
+    for line in lines:
+        if not line:
+            if "data" in fields:
+                raw_id = fields.get("id")
+                events.append(
+                    SSEEvent(
+                        int(raw_id) if raw_id else None,
+                        fields.get("event", "message"),
+                        orjson.loads(fields["data"]),
+                    )
+                )
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+    return events
+
+
+class SSEClient:
+    """Reads an SSE response as it arrives, keeping every event (and comment)."""
+
+    def __init__(self, response: httpx2.Response) -> None:
+        self.response = response
+        self.events: list[SSEEvent] = []
+        self.comments: list[str] = []
+        self._lines = response.aiter_lines()
+        self._pending: list[str] = []
+
+    async def next(self, timeout: float = 5.0) -> SSEEvent:
+        """The next event (raises StopAsyncIteration when the stream ends)."""
+        async with asyncio.timeout(scaled(timeout)):
+            while True:
+                line = await anext(self._lines)
+                if line.startswith(":"):
+                    self.comments.append(line)
+                self._pending.append(line)
+                if line == "":
+                    parsed = parse_sse(self._pending)
+                    self._pending = []
+                    if parsed:
+                        self.events.extend(parsed)
+                        return parsed[0]
+
+    async def until(self, *types: str, timeout: float = 5.0) -> SSEEvent:
+        while True:
+            event = await self.next(timeout)
+            if event.type in types:
+                return event
+
+    async def rest(self, timeout: float = 10.0) -> list[SSEEvent]:
+        """Every event until the server ends the stream."""
+        events = []
+        with contextlib.suppress(StopAsyncIteration):
+            while True:
+                events.append(await self.next(timeout))
+        return events
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [e.data for e in self.events if e.type == kind]
+
+
+@pytest.fixture
+async def open_sse(gateway: Gateway) -> AsyncIterator[Any]:
+    """``stream = await open_sse(path, method="GET", headers=..., json=...)`` starts an
+    SSE request on the gateway; the status and headers are checked by the caller."""
+    opened: list[contextlib.AbstractAsyncContextManager[httpx2.Response]] = []
+    async with httpx2.AsyncClient(base_url=gateway.url, timeout=scaled(10)) as client:
+
+        async def open_stream(
+            path: str, method: str = "GET", *, gateway_: Gateway | None = None, **kwargs: Any
+        ) -> SSEClient:
+            headers = {"accept": "text/event-stream", **kwargs.pop("headers", {})}
+            url = (gateway_ or gateway).url + path
+            context = client.stream(method, url, headers=headers, **kwargs)
+            opened.append(context)
+            return SSEClient(await context.__aenter__())
+
+        yield open_stream
+        for context in reversed(opened):
+            with contextlib.suppress(Exception):
+                await context.__aexit__(None, None, None)

@@ -1,10 +1,15 @@
-"""The REST API: rooms and their history, as JSON.
+"""The REST API: rooms, their history, and chatting over plain HTTP.
+
+``POST`` actions on messages answer ``202`` with ids, or, with
+``Accept: text/event-stream``, stream the generation they started (see
+:mod:`gateway.transports.sse`).
 
 Errors are ``{"error": {"code": ..., "message": ...}}`` with a fitting status.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import orjson
@@ -13,9 +18,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.chat import ChatService
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
-from gateway.protocol import RoomCreate, RoomUpdate, parse_body
+from gateway.protocol import MessageCreate, RegenerateBody, RoomCreate, RoomUpdate, parse_body
 from gateway.rooms import RoomService
+from gateway.transports import sse
+from gateway.transports.sse import GenerationFilter, event_stream
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -44,6 +52,10 @@ async def read_body(request: Request) -> bytes:
 
 def _rooms(request: Request) -> RoomService:
     return request.state.rooms
+
+
+def _chat(request: Request) -> ChatService:
+    return request.state.chat
 
 
 def _int_param(request: Request, name: str, default: int, high: int) -> int:
@@ -85,6 +97,67 @@ async def list_messages(request: Request) -> Response:
     return JSON({"messages": messages})
 
 
+def wants_event_stream(request: Request) -> bool:
+    return "text/event-stream" in request.headers.get("accept", "")
+
+
+async def post_message(request: Request) -> Response:
+    """Store a user message and answer it: as an event stream of that one generation
+    with ``Accept: text/event-stream``, else 202 with the ids."""
+    chat = _chat(request)
+    room_id = request.path_params["room_id"]
+    body = parse_body(MessageCreate, await read_body(request))
+    if not wants_event_stream(request):
+        message, started = await chat.send(room_id, body.content, body.id)
+        if started is None:
+            return JSON({"message": message, "duplicate": True})
+        return JSON({"message": message, **asdict(started)}, status_code=202)
+    # Subscribe first: the message and the answer's first tokens are published while
+    # send() runs.
+    subscriber = chat.watch(room_id)
+    try:
+        message, started = await chat.send(room_id, body.content, body.id)
+    except BaseException:
+        chat.leave(subscriber)
+        raise
+    if started is None:
+        chat.leave(subscriber)
+        return JSON({"message": message, "duplicate": True})
+    only = GenerationFilter(started.generation_id, message["id"])
+    return event_stream(chat, subscriber, only=only)
+
+
+async def regenerate(request: Request) -> Response:
+    """Answer the user message before ``message_id`` again; streamed or 202."""
+    chat = _chat(request)
+    room_id, message_id = request.path_params["room_id"], request.path_params["message_id"]
+    body = parse_body(RegenerateBody, await read_body(request), optional=True)
+    subscriber = chat.watch(room_id) if wants_event_stream(request) else None
+    try:
+        started = await chat.regenerate(room_id, message_id, body.temperature)
+    except BaseException:
+        if subscriber is not None:
+            chat.leave(subscriber)
+        raise
+    if subscriber is None:
+        return JSON(asdict(started), status_code=202)
+    return event_stream(chat, subscriber, only=GenerationFilter(started.generation_id))
+
+
+async def cancel(request: Request) -> Response:
+    """Stop a running generation; its partial answer is stored as ``cancelled``."""
+    room_id, generation_id = request.path_params["room_id"], request.path_params["generation_id"]
+    await _chat(request).cancel(room_id, generation_id)
+    return JSON({"generation_id": generation_id, "status": "cancelling"}, status_code=202)
+
+
+async def select(request: Request) -> Response:
+    """Make the branch through ``message_id`` (down to its newest leaf) active."""
+    room_id, message_id = request.path_params["room_id"], request.path_params["message_id"]
+    branch = await _chat(request).select(room_id, message_id)
+    return JSON({"active_leaf_id": branch[-1]["id"] if branch else None, "messages": branch})
+
+
 async def healthz(request: Request) -> Response:
     return JSON({"status": "ok"})
 
@@ -109,6 +182,11 @@ routes = [
     Route("/api/rooms/{room_id}", update_room, methods=["PATCH"]),
     Route("/api/rooms/{room_id}", delete_room, methods=["DELETE"]),
     Route("/api/rooms/{room_id}/messages", list_messages, methods=["GET"]),
+    Route("/api/rooms/{room_id}/messages", post_message, methods=["POST"]),
+    Route("/api/rooms/{room_id}/messages/{message_id}/regenerate", regenerate, methods=["POST"]),
+    Route("/api/rooms/{room_id}/messages/{message_id}/select", select, methods=["POST"]),
+    Route("/api/rooms/{room_id}/generations/{generation_id}/cancel", cancel, methods=["POST"]),
+    *sse.routes,
 ]
 
 exception_handlers = {

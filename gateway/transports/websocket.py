@@ -4,8 +4,12 @@ Each connection runs a reader and a writer; whichever ends first ends the other.
 Only the writer sends, draining the connection's bounded queue (see
 :mod:`gateway.hub`), so a client that stops reading stalls nobody else.
 
-Close codes: 4404 unknown or deleted room; 1013 the client fell too far behind
-(reconnect); 1009 a frame over the server's hard size limit (closed by uvicorn).
+``?last_event_id=N`` resumes: the events missed after N are replayed, then live
+ones follow (or ``resync`` when N is too old; see :mod:`gateway.eventlog`).
+
+Close codes: 4404 unknown or deleted room; 4400 a bad ``last_event_id``; 1013 the
+client fell too far behind (reconnect, resuming); 1009 a frame over the server's
+hard size limit (closed by uvicorn).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
+CLOSE_BAD_REQUEST = 4400
 CLOSE_ROOM_GONE = 4404
 CLOSE_TRY_AGAIN_LATER = 1013
 
@@ -43,10 +48,12 @@ class Connection:
     async def serve(self) -> None:
         await self.websocket.accept()
         try:
-            ready, subscriber = await self.chat.join(self.room_id)
+            after = protocol.parse_event_id(self.websocket.query_params.get("last_event_id"))
+            ready, subscriber = await self.chat.join(self.room_id, after)
         except GatewayError as exc:
             await self.websocket.send_text(protocol.encode(protocol.error_frame(exc)))
-            await self.websocket.close(CLOSE_ROOM_GONE, exc.code)
+            code = CLOSE_BAD_REQUEST if exc.status == 400 else CLOSE_ROOM_GONE
+            await self.websocket.close(code, exc.code)
             return
         try:
             await self.websocket.send_text(protocol.encode(ready))
@@ -116,8 +123,8 @@ class Connection:
         """Run one client frame; returns a frame for this client only, if any."""
         match frame:
             case protocol.Send(content=content, id=client_id):
-                message, duplicate = await self.chat.send(self.room_id, content, client_id)
-                if duplicate:
+                message, started = await self.chat.send(self.room_id, content, client_id)
+                if started is None:
                     return {**protocol.message_frame(message, client_id), "duplicate": True}
             case protocol.Cancel(generation_id=generation_id):
                 await self.chat.cancel(self.room_id, generation_id)

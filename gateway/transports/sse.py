@@ -1,0 +1,193 @@
+"""Server-Sent Events: the same room events as the WebSocket, for HTTP-only clients.
+
+Each event is ``id:`` (the room's ``event_id``, for logged events), ``event:`` (the
+frame's ``type``) and ``data:`` (the same JSON as the WebSocket frame, one line).
+A browser's ``EventSource`` reconnects by itself and sends ``Last-Event-ID``; the
+gateway then replays what was missed (see :mod:`gateway.eventlog`).
+
+Why a response class of its own rather than Starlette's ``StreamingResponse``: the
+stream must end the moment the client goes away (its subscription and queue freed at
+once, not at the next failed write), it must send heartbeats while the room is
+quiet, and a client that cannot keep up must be cut off like a slow WebSocket one.
+So it runs two tasks, a writer draining the subscription and a listener waiting for
+``http.disconnect``; whichever ends first ends the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from gateway import protocol
+from gateway.chat import ChatService
+from gateway.hub import Event, SlowConsumer, Subscriber, TokenRun
+from gateway.protocol import Frame
+
+log = logging.getLogger(__name__)
+
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    # nginx buffers responses by default, which would hold tokens back.
+    (b"x-accel-buffering", b"no"),
+]
+RETRY_MS = 1000
+"""How soon an ``EventSource`` reconnects after the stream drops."""
+
+HEARTBEAT = b": keepalive\n\n"
+
+
+def format_event(kind: str, data: str, event_id: int | None = None) -> bytes:
+    """One SSE event. ``data`` is a frame's JSON, which never contains a newline."""
+    head = f"id: {event_id}\nevent: {kind}\n" if event_id is not None else f"event: {kind}\n"
+    return f"{head}data: {data}\n\n".encode()
+
+
+def format_frame(frame: Frame) -> bytes:
+    """A frame that is not a logged room event (``ready``, ``resumed``, ``error``...).
+    ``ready``/``resync`` carry the id they are current as of, so a client that drops
+    right after them resumes from there."""
+    event_id = frame.get("last_event_id") if frame["type"] in ("ready", "resync") else None
+    return format_event(frame["type"], protocol.encode(frame), event_id)
+
+
+def format_item(item: Event | TokenRun) -> bytes:
+    frame = item.frame
+    return format_event(frame["type"], item.text, frame.get("event_id"))
+
+
+class GenerationFilter:
+    """Keeps one generation's events (and its user message); says when it ended."""
+
+    TERMINAL = ("done", "cancelled", "error")
+
+    def __init__(self, generation_id: str, message_id: str | None = None) -> None:
+        self.generation_id = generation_id
+        self.message_id = message_id
+        self.ended = False
+
+    def __call__(self, frame: Frame) -> bool:
+        if frame.get("generation_id") == self.generation_id:
+            if frame["type"] in self.TERMINAL:
+                self.ended = True
+            return True
+        if frame["type"] == "message" and self.message_id is not None:
+            return frame["message"]["id"] == self.message_id
+        return False
+
+
+class EventStream(Response):
+    """An SSE response that drains a room subscription until the client leaves.
+
+    ``first`` frames go out before any event. With ``only``, events it rejects are
+    skipped and the stream ends once ``only.ended`` (one generation's stream).
+    """
+
+    def __init__(
+        self,
+        chat: ChatService,
+        subscriber: Subscriber,
+        *,
+        first: Iterable[Frame] = (),
+        only: GenerationFilter | None = None,
+        heartbeat: float = 15.0,
+        send_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(status_code=200, media_type="text/event-stream")
+        self.chat = chat
+        self.subscriber = subscriber
+        self.first = list(first)
+        self.only = only
+        self.heartbeat = heartbeat
+        self.send_timeout = send_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            preamble = f"retry: {RETRY_MS}\n\n".encode()
+            await self._send(send, preamble + b"".join(map(format_frame, self.first)))
+            writer = asyncio.create_task(self._write(send))
+            listener = asyncio.create_task(self._wait_disconnect(receive))
+            done, pending = await asyncio.wait(
+                {writer, listener}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            if writer in done and writer.exception() is None:
+                with contextlib.suppress(Exception):
+                    await self._send(send, b"", more=False)
+            for task in done:
+                task.result()
+        finally:
+            self.chat.leave(self.subscriber)
+
+    async def _send(self, send: Send, body: bytes, *, more: bool = True) -> None:
+        async with asyncio.timeout(self.send_timeout):
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+
+    async def _write(self, send: Send) -> None:
+        subscriber, only = self.subscriber, self.only
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.heartbeat):
+                        batch = await subscriber.next_batch()
+                except TimeoutError:
+                    await self._send(send, HEARTBEAT)
+                    continue
+                chunks: list[bytes] = []
+                for item in batch:
+                    if only is None or only(item.frame):
+                        chunks.append(format_item(item))
+                        if only is not None and only.ended:
+                            break
+                if subscriber.closed_with is not None:
+                    chunks.append(format_frame(subscriber.closed_with))
+                if chunks:
+                    await self._send(send, b"".join(chunks))
+                if subscriber.closed_with is not None or (only is not None and only.ended):
+                    return
+        except (SlowConsumer, TimeoutError):
+            # The client reconnects with Last-Event-ID and gets what it missed.
+            log.info("ending the event stream of a slow client of room %s", subscriber.room_id)
+
+    @staticmethod
+    async def _wait_disconnect(receive: Receive) -> None:
+        while True:
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+
+def event_stream(chat: ChatService, subscriber: Subscriber, **options: Any) -> EventStream:
+    """An :class:`EventStream` with the chat service's heartbeat and send timeout."""
+    settings = chat.settings
+    return EventStream(
+        chat,
+        subscriber,
+        heartbeat=settings.sse_heartbeat_interval,
+        send_timeout=settings.send_timeout,
+        **options,
+    )
+
+
+async def room_events(request: Request) -> Response:
+    """``GET /api/rooms/{id}/events``: the room's live stream; with ``Last-Event-ID``
+    (or ``?last_event_id=``), first what was missed after it."""
+    chat: ChatService = request.state.chat
+    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    after = protocol.parse_event_id(raw)
+    first, subscriber = await chat.join(request.path_params["room_id"], after)
+    return event_stream(chat, subscriber, first=[first])
+
+
+routes = [Route("/api/rooms/{room_id}/events", room_events, methods=["GET"])]
