@@ -192,7 +192,7 @@ async def connect(gateway: Gateway) -> AsyncIterator[Any]:
         opened.append(ws)
         client = Client(ws)
         ready = await client.recv()
-        assert ready["type"] in ("ready", "error"), ready
+        assert ready["type"] in ("ready", "resumed", "resync", "error"), ready
         return client
 
     yield open_client
