@@ -19,7 +19,7 @@ script (the load generator) share core 1, so the gateway's figures are per core.
     .venv/bin/python bench/relay.py --streams 500 --json > results.json
 
 Extending: a relay transport is a :class:`StreamClient` class registered in
-:data:`TRANSPORTS` (an SSE transport goes beside :class:`WsClient`); a direct client
+:data:`TRANSPORTS` (``ws``, ``sse`` and ``sse-post``); a direct client
 is registered in :data:`DIRECT_CLIENTS`; the gateway is started by
 :func:`launch_gateway` (core list, worker count, env and extra CLI args are
 parameters), and its CPU/RSS are summed over its whole process tree.
@@ -446,16 +446,20 @@ class _SSEProtocol(asyncio.Protocol):
         buffer = self.buffer + body
         events = buffer.split(b"\n\n")
         self.buffer = events.pop()
-        result = self.result
         for event in events:
-            if not event.startswith(b"data: ") or event == b"data: [DONE]":
-                continue
-            choices = orjson.loads(event[6:])["choices"]
-            if choices and choices[0]["delta"].get("content"):
-                if result.t_first is None:
-                    result.t_first = t
-                result.tokens += 1
-                result.frame_times.append(t)
+            self.on_event(event, t)
+
+    def on_event(self, event: bytes, t: float) -> None:
+        """One upstream chunk: count its content token."""
+        if not event.startswith(b"data: ") or event == b"data: [DONE]":
+            return
+        result = self.result
+        choices = orjson.loads(event[6:])["choices"]
+        if choices and choices[0]["delta"].get("content"):
+            if result.t_first is None:
+                result.t_first = t
+            result.tokens += 1
+            result.frame_times.append(t)
 
     def on_message_complete(self) -> None:
         if not self.finished.done():
@@ -652,8 +656,144 @@ class WsClient:
                 await asyncio.wait_for(self.ws.close(), 5)
 
 
+# ---- relay: SSE ---------------------------------------------------------------------
+
+
+class _GatewaySSEProtocol(_SSEProtocol):
+    """The gateway's event stream: ``id:``/``event:``/``data:`` events, same frames as
+    over WebSocket. ``ready`` resolves :attr:`joined`; ``done`` ends the measurement."""
+
+    def __init__(self, result: StreamResult) -> None:
+        super().__init__(result)
+        self.joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_event(self, event: bytes, t: float) -> None:
+        _, found, payload = event.rpartition(b"data: ")
+        if not found:
+            return  # a heartbeat comment or the retry: line
+        result = self.result
+        data = orjson.loads(payload)
+        kind = data["type"]
+        if kind == "ready":
+            if not self.joined.done():
+                self.joined.set_result(None)
+        elif kind == "done":
+            if not self.finished.done():
+                result.t_end = t
+                self.finished.set_result(None)
+        elif kind == "token":
+            seq_from = data.get("seq_from")
+            if seq_from is None:
+                result.tokens += 1
+            else:
+                result.tokens += data["seq"] - seq_from + 1
+                result.coalesced += 1
+            if result.t_first is None:
+                result.t_first = t
+            result.frame_times.append(t)
+        elif kind == "start":
+            result.t_start = t
+        elif kind in ("error", "cancelled"):
+            self._fail(f"{kind} event: {data.get('code')}: {data.get('message')}")
+
+
+class SsePostClient:
+    """The ``curl -N`` way: per answer, ``POST /api/rooms/{id}/messages`` with
+    ``Accept: text/event-stream`` on one HTTP/1.1 connection, the response streaming
+    that generation, read by httptools + orjson (the lean client of the direct phase).
+    ``prepare`` only opens the connection, so the room is cold in the gateway's cache,
+    unlike the other transports whose clients joined first. TTFT: request written →
+    first ``token`` event. Coalesced events count ``seq - seq_from + 1`` tokens."""
+
+    label = "raw asyncio + httptools + orjson, POST .../messages as text/event-stream"
+
+    def __init__(self, target: RelayTarget, room_id: str, spec: StreamSpec) -> None:
+        host_port = target.base_url.removeprefix("http://")
+        self.host, port = host_port.rsplit(":", 1)
+        self.port = int(port)
+        self.spec = spec
+        self.result = StreamResult()
+        self.protocol: _GatewaySSEProtocol | None = None
+        self.request = self._request(host_port, room_id, "text/event-stream")
+
+    def _request(self, host_port: str, room_id: str, accept: str) -> bytes:
+        body = orjson.dumps({"content": self.spec.content})
+        return (
+            f"POST /api/rooms/{room_id}/messages HTTP/1.1\r\nHost: {host_port}\r\n"
+            f"Content-Type: application/json\r\nAccept: {accept}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+
+    async def _connect(self, request: bytes | None = None) -> _GatewaySSEProtocol:
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_connection(
+            lambda: _GatewaySSEProtocol(self.result), self.host, self.port
+        )
+        if request is not None:
+            protocol.transport.write(request)
+        return protocol
+
+    async def prepare(self) -> None:
+        self.protocol = await self._connect()
+
+    async def run(self) -> StreamResult:
+        protocol = self.protocol
+        assert protocol is not None and protocol.transport is not None
+        self.result.t_send = now()
+        protocol.transport.write(self.request)
+        return await self._wait(protocol)
+
+    async def _wait(self, protocol: _GatewaySSEProtocol) -> StreamResult:
+        try:
+            async with asyncio.timeout(self.spec.timeout):
+                await asyncio.shield(protocol.finished)
+        except TimeoutError:
+            self.result.error = f"timeout after {self.spec.timeout:g} s"
+        return self.result
+
+    async def close(self) -> None:
+        if self.protocol is not None and self.protocol.transport is not None:
+            self.protocol.transport.close()
+
+
+class SseClient(SsePostClient):
+    """The ``EventSource`` way, like a browser without WebSockets: ``prepare`` opens
+    ``GET /api/rooms/{id}/events`` and waits for ``ready`` (joining the room, as the
+    WebSocket client does); ``run`` posts the message (202) on a second connection and
+    reads the answer from the event stream. TTFT: POST written → first ``token``."""
+
+    label = "raw asyncio + httptools + orjson, GET .../events + POST .../messages (202)"
+
+    def __init__(self, target: RelayTarget, room_id: str, spec: StreamSpec) -> None:
+        super().__init__(target, room_id, spec)
+        host_port = f"{self.host}:{self.port}"
+        self.events_request = (
+            f"GET /api/rooms/{room_id}/events HTTP/1.1\r\nHost: {host_port}\r\n"
+            "Accept: text/event-stream\r\n\r\n"
+        ).encode()
+        self.request = self._request(host_port, room_id, "application/json")
+        self.poster: asyncio.Transport | None = None
+
+    async def prepare(self) -> None:
+        self.protocol = await self._connect(self.events_request)
+        await asyncio.wait_for(self.protocol.joined, 30)
+        loop = asyncio.get_running_loop()
+        self.poster, _ = await loop.create_connection(asyncio.Protocol, self.host, self.port)
+
+    async def run(self) -> StreamResult:
+        assert self.protocol is not None and self.poster is not None
+        self.result.t_send = now()
+        self.poster.write(self.request)  # its 202 response is not read
+        return await self._wait(self.protocol)
+
+    async def close(self) -> None:
+        await super().close()
+        if self.poster is not None:
+            self.poster.close()
+
+
 # Relay transports: name -> client class taking (RelayTarget, room_id, StreamSpec).
-TRANSPORTS: dict[str, type] = {"ws": WsClient}
+TRANSPORTS: dict[str, type] = {"ws": WsClient, "sse": SseClient, "sse-post": SsePostClient}
 
 
 # --------------------------------------------------------------------------- phases

@@ -157,7 +157,8 @@ async def test_regenerate_and_select_over_http(
         json={"temperature": 1.5},
     )
     events = await stream.rest()
-    assert events[0].type == "start"
+    assert [e.type for e in events[:2]] == ["branch", "start"]
+    assert events[0].data["active_leaf_id"] == events[1].data["message_id"]
     assert events[-1].type == "done"
     second = events[-1].data["message"]
     assert second["temperature"] == 1.5

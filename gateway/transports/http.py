@@ -123,7 +123,7 @@ async def post_message(request: Request) -> Response:
     if started is None:
         chat.leave(subscriber)
         return JSON({"message": message, "duplicate": True})
-    only = GenerationFilter(started.generation_id, message["id"])
+    only = GenerationFilter(started, message["id"])
     return event_stream(chat, subscriber, only=only)
 
 
@@ -141,7 +141,7 @@ async def regenerate(request: Request) -> Response:
         raise
     if subscriber is None:
         return JSON(asdict(started), status_code=202)
-    return event_stream(chat, subscriber, only=GenerationFilter(started.generation_id))
+    return event_stream(chat, subscriber, only=GenerationFilter(started))
 
 
 async def cancel(request: Request) -> Response:

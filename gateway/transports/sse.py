@@ -27,7 +27,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gateway import protocol
-from gateway.chat import ChatService
+from gateway.chat import ChatService, Started
 from gateway.hub import Event, SlowConsumer, Subscriber, TokenRun
 from gateway.protocol import Frame
 
@@ -65,13 +65,15 @@ def format_item(item: Event | TokenRun) -> bytes:
 
 
 class GenerationFilter:
-    """Keeps one generation's events (and its user message); says when it ended."""
+    """Keeps the events of one generation — the user message it answers, the branch
+    it made active, its tokens and its end — and says when it ended."""
 
     TERMINAL = ("done", "cancelled", "error")
 
-    def __init__(self, generation_id: str, message_id: str | None = None) -> None:
-        self.generation_id = generation_id
-        self.message_id = message_id
+    def __init__(self, started: Started, user_message_id: str | None = None) -> None:
+        self.generation_id = started.generation_id
+        self.answer_id = started.message_id
+        self.user_message_id = user_message_id
         self.ended = False
 
     def __call__(self, frame: Frame) -> bool:
@@ -79,8 +81,10 @@ class GenerationFilter:
             if frame["type"] in self.TERMINAL:
                 self.ended = True
             return True
-        if frame["type"] == "message" and self.message_id is not None:
-            return frame["message"]["id"] == self.message_id
+        if frame["type"] == "message":
+            return frame["message"]["id"] == self.user_message_id
+        if frame["type"] == "branch":
+            return frame["active_leaf_id"] == self.answer_id
         return False
 
 
