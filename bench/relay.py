@@ -350,6 +350,19 @@ class StreamResult:
     coalesced: int = 0  # frames that carried more than one token
     error: str | None = None
 
+    def count_token_frame(self, frame: dict[str, Any], t: float) -> None:
+        """A gateway ``token`` frame received at ``t``; a merged one (``seq_from``)
+        counts ``seq - seq_from + 1`` tokens."""
+        seq_from = frame.get("seq_from")
+        if seq_from is None:
+            self.tokens += 1
+        else:
+            self.tokens += frame["seq"] - seq_from + 1
+            self.coalesced += 1
+        if self.t_first is None:
+            self.t_first = t
+        self.frame_times.append(t)
+
 
 @dataclass
 class StreamSpec:
@@ -624,15 +637,7 @@ class WsClient:
                     if kind == "token":
                         if generation_id is not None and data["generation_id"] != generation_id:
                             continue
-                        seq_from = data.get("seq_from")
-                        if seq_from is None:
-                            result.tokens += 1
-                        else:
-                            result.tokens += data["seq"] - seq_from + 1
-                            result.coalesced += 1
-                        if result.t_first is None:
-                            result.t_first = t
-                        result.frame_times.append(t)
+                        result.count_token_frame(data, t)
                     elif kind == "start":
                         generation_id = data["generation_id"]
                         result.t_start = t
@@ -682,15 +687,7 @@ class _GatewaySSEProtocol(_SSEProtocol):
                 result.t_end = t
                 self.finished.set_result(None)
         elif kind == "token":
-            seq_from = data.get("seq_from")
-            if seq_from is None:
-                result.tokens += 1
-            else:
-                result.tokens += data["seq"] - seq_from + 1
-                result.coalesced += 1
-            if result.t_first is None:
-                result.t_first = t
-            result.frame_times.append(t)
+            result.count_token_frame(data, t)
         elif kind == "start":
             result.t_start = t
         elif kind in ("error", "cancelled"):

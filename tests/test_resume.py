@@ -86,13 +86,19 @@ async def test_websocket_resume_with_the_newest_id_replays_nothing(
     assert (await back.until("done"))["event_id"] > newest
 
 
-async def test_websocket_resume_older_than_the_buffer_gets_resync(
-    start_gateway: Any, connect: Any, upstream: FakeUpstream
-) -> None:
+@pytest.fixture
+async def small_buffer(start_gateway: Any, connect: Any) -> tuple[Gateway, dict, Client]:
+    """A gateway keeping only 16 events per room, a room, and a client in it."""
     gateway = start_gateway(event_buffer_size=16)
     room = await create_room(gateway)
+    return gateway, room, await connect(room["id"], gateway_=gateway)
+
+
+async def test_websocket_resume_older_than_the_buffer_gets_resync(
+    small_buffer: tuple[Gateway, dict, Client], connect: Any, upstream: FakeUpstream
+) -> None:
+    gateway, room, client = small_buffer
     upstream.script(Scenario(count=60, delay=0.002))
-    client = await connect(room["id"], gateway_=gateway)
     seen = client.frames[0]["last_event_id"]
     await client.send({"type": "send", "content": "story"})
     done = await client.until("done")
@@ -109,12 +115,10 @@ async def test_websocket_resume_older_than_the_buffer_gets_resync(
 
 
 async def test_resync_mid_answer_carries_the_partial_text_then_the_rest(
-    start_gateway: Any, connect: Any, upstream: FakeUpstream
+    small_buffer: tuple[Gateway, dict, Client], connect: Any, upstream: FakeUpstream
 ) -> None:
-    gateway = start_gateway(event_buffer_size=16)
-    room = await create_room(gateway)
+    gateway, room, client = small_buffer
     upstream.script(Scenario(count=80, delay=0.01))
-    client = await connect(room["id"], gateway_=gateway)
     seen = client.frames[0]["last_event_id"]
     await client.send({"type": "send", "content": "story"})
     for _ in range(30):

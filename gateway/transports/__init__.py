@@ -1,1 +1,19 @@
 """Thin adapters from the network to the use cases: parse, call, encode."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+
+async def until_first_done(*tasks: asyncio.Task[Any]) -> set[asyncio.Task[Any]]:
+    """Wait for the first of ``tasks`` to end, cancel the others and wait for them.
+
+    A connection's reader and writer (or a stream's writer and disconnect listener)
+    each end the connection; returns the tasks that ended, their results unread.
+    """
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return done

@@ -30,6 +30,7 @@ from gateway import protocol
 from gateway.chat import ChatService, Started
 from gateway.hub import Event, SlowConsumer, Subscriber, TokenRun
 from gateway.protocol import Frame
+from gateway.transports import until_first_done
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +120,9 @@ class EventStream(Response):
             preamble = f"retry: {RETRY_MS}\n\n".encode()
             await self._send(send, preamble + b"".join(map(format_frame, self.first)))
             writer = asyncio.create_task(self._write(send))
-            listener = asyncio.create_task(self._wait_disconnect(receive))
-            done, pending = await asyncio.wait(
-                {writer, listener}, return_when=asyncio.FIRST_COMPLETED
+            done = await until_first_done(
+                writer, asyncio.create_task(self._wait_disconnect(receive))
             )
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
             if writer in done and writer.exception() is None:
                 with contextlib.suppress(Exception):
                     await self._send(send, b"", more=False)

@@ -26,6 +26,7 @@ from gateway.chat import ChatService
 from gateway.errors import BadRequest, GatewayError
 from gateway.hub import Event, SlowConsumer, Subscriber
 from gateway.settings import Settings
+from gateway.transports import until_first_done
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,10 @@ class Connection:
             return
         try:
             await self.websocket.send_text(protocol.encode(ready))
-            reader = asyncio.create_task(self._read(subscriber))
-            writer = asyncio.create_task(self._write(subscriber))
-            done, pending = await asyncio.wait(
-                {reader, writer}, return_when=asyncio.FIRST_COMPLETED
+            done = await until_first_done(
+                asyncio.create_task(self._read(subscriber)),
+                asyncio.create_task(self._write(subscriber)),
             )
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
             for task in done:
                 task.result()
         except WebSocketDisconnect:
