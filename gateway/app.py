@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Mount
-from starlette.staticfiles import StaticFiles
 
 from gateway.chat import ChatService
 from gateway.eventlog import EventLogs
@@ -26,6 +26,7 @@ from gateway.store.db import Database
 from gateway.store.repository import MessageStore
 from gateway.store.writer import Writer
 from gateway.transports import http, websocket
+from gateway.transports.web import SecurityHeaders, UIFiles
 
 log = logging.getLogger("gateway")
 
@@ -154,5 +155,10 @@ def create_app(
 
     routes: list[Any] = [*http.routes, *websocket.routes]
     if STATIC.is_dir():
-        routes.append(Mount("/", StaticFiles(directory=STATIC, html=True), name="static"))
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=http.exception_handlers)
+        routes.append(Mount("/", UIFiles(directory=STATIC, html=True), name="static"))
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers=http.exception_handlers,
+        middleware=[Middleware(SecurityHeaders)],
+    )

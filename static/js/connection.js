@@ -1,0 +1,171 @@
+// A live connection to one room: WebSocket when possible, else Server-Sent Events
+// (EventSource for the events, POST requests for the actions). Either way the page
+// gets the same frames (docs/protocol.md), and after a drop it reconnects with
+// back-off and resumes from the last event id it saw, so no text is lost or doubled.
+
+import { api } from "./api.js";
+
+const CLOSE_ROOM_GONE = 4404;
+const CLOSE_BAD_REQUEST = 4400;
+const MAX_DELAY_MS = 10_000;
+// WebSocket attempts that fail before ever opening, in a row, before we decide
+// WebSocket is blocked on this network and use SSE instead.
+const WS_FAILURES_BEFORE_SSE = 2;
+
+export class RoomConnection {
+  /**
+   * @param {string} roomId
+   * @param {{onFrame: (frame: object) => void, onStatus: (status: object) => void}} handlers
+   */
+  constructor(roomId, { onFrame, onStatus }) {
+    this.roomId = roomId;
+    this.onFrame = onFrame;
+    this.onStatus = onStatus;
+    this.lastEventId = null;
+    this.transport = typeof WebSocket === "function" ? "websocket" : "sse";
+    this.failures = 0;
+    this.wsFailuresBeforeOpen = 0;
+    this.closed = false;
+    this.ws = null;
+    this.source = null;
+    this.retryTimer = null;
+  }
+
+  open() {
+    this.closed = false;
+    if (this.transport === "websocket") this.openWebSocket();
+    else this.openEventSource();
+  }
+
+  close() {
+    this.closed = true;
+    clearTimeout(this.retryTimer);
+    this.ws?.close(1000);
+    this.source?.close();
+    this.ws = this.source = null;
+  }
+
+  /** Remember the newest event id seen, to resume from after a drop. */
+  track(frame) {
+    const id = frame.event_id ?? (frame.type === "ready" || frame.type === "resync" ? frame.last_event_id : null);
+    if (id != null && (this.lastEventId == null || id > this.lastEventId)) this.lastEventId = id;
+  }
+
+  deliver(frame) {
+    this.track(frame);
+    this.onFrame(frame);
+  }
+
+  // --- WebSocket ------------------------------------------------------------------
+
+  openWebSocket() {
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    const query = this.lastEventId != null ? `?last_event_id=${this.lastEventId}` : "";
+    const ws = new WebSocket(`${scheme}://${location.host}/ws/rooms/${encodeURIComponent(this.roomId)}${query}`);
+    this.ws = ws;
+    let opened = false;
+    this.onStatus({ state: "connecting", transport: "websocket" });
+    ws.addEventListener("open", () => {
+      opened = true;
+      this.failures = 0;
+      this.wsFailuresBeforeOpen = 0;
+      this.onStatus({ state: "connected", transport: "websocket" });
+    });
+    ws.addEventListener("message", (event) => {
+      let frame;
+      try {
+        frame = JSON.parse(event.data);
+      } catch {
+        return;
+      }
+      this.deliver(frame);
+    });
+    ws.addEventListener("close", (event) => {
+      if (this.ws !== ws) return;
+      this.ws = null;
+      if (this.closed) return;
+      if (event.code === CLOSE_ROOM_GONE || event.code === CLOSE_BAD_REQUEST) {
+        this.onStatus({ state: "closed", transport: "websocket", reason: event.reason || "room not found" });
+        return;
+      }
+      if (!opened && ++this.wsFailuresBeforeOpen >= WS_FAILURES_BEFORE_SSE) {
+        this.transport = "sse"; // WebSocket seems blocked here: plain HTTP instead
+        this.failures = 0;
+        this.openEventSource();
+        return;
+      }
+      this.retryLater();
+    });
+  }
+
+  // --- SSE ------------------------------------------------------------------------
+
+  openEventSource() {
+    // EventSource reconnects by itself with Last-Event-ID; a fresh one (after we
+    // closed it) passes the id in the query instead.
+    const query = this.lastEventId != null ? `?last_event_id=${this.lastEventId}` : "";
+    const source = new EventSource(`/api/rooms/${encodeURIComponent(this.roomId)}/events${query}`);
+    this.source = source;
+    this.onStatus({ state: "connecting", transport: "sse" });
+    const types = ["ready", "resumed", "resync", "message", "start", "token", "done", "cancelled", "error", "branch", "room"];
+    for (const type of types) {
+      source.addEventListener(type, (event) => {
+        if (this.source !== source) return;
+        this.failures = 0;
+        this.onStatus({ state: "connected", transport: "sse" });
+        this.deliver(JSON.parse(event.data));
+      });
+    }
+    source.addEventListener("error", () => {
+      if (this.source !== source || this.closed) return;
+      if (source.readyState === EventSource.CLOSED) {
+        // Closed for good (e.g. a 404): try again ourselves, with back-off.
+        this.source = null;
+        this.retryLater();
+      } else {
+        this.onStatus({ state: "reconnecting", transport: "sse" });
+      }
+    });
+  }
+
+  retryLater() {
+    const delay = Math.min(MAX_DELAY_MS, 500 * 2 ** this.failures) * (0.75 + Math.random() / 2);
+    this.failures += 1;
+    this.onStatus({ state: "reconnecting", transport: this.transport, inMs: Math.round(delay) });
+    clearTimeout(this.retryTimer);
+    this.retryTimer = setTimeout(() => this.open(), delay);
+  }
+
+  // --- actions --------------------------------------------------------------------
+
+  /** Send a frame over the WebSocket, or do the same with a POST. Errors of a POST
+   * are delivered as `error` frames, as the WebSocket would. */
+  async act(frame) {
+    if (this.transport === "websocket" && this.ws?.readyState === WebSocket.OPEN) {
+      this.ws.send(JSON.stringify(frame));
+      return;
+    }
+    const room = encodeURIComponent(this.roomId);
+    try {
+      switch (frame.type) {
+        case "send":
+          await api.post(`/api/rooms/${room}/messages`, { content: frame.content, id: frame.id });
+          break;
+        case "cancel":
+          await api.post(`/api/rooms/${room}/generations/${encodeURIComponent(frame.generation_id)}/cancel`);
+          break;
+        case "regenerate":
+          await api.post(
+            `/api/rooms/${room}/messages/${encodeURIComponent(frame.message_id)}/regenerate`,
+            frame.temperature != null ? { temperature: frame.temperature } : undefined,
+          );
+          break;
+        case "select":
+          await api.post(`/api/rooms/${room}/messages/${encodeURIComponent(frame.message_id)}/select`);
+          break;
+      }
+    } catch (error) {
+      this.onFrame({ type: "error", code: error.code ?? "network_error", message: error.message, id: frame.id, retryable: true });
+    }
+  }
+}
