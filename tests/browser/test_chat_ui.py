@@ -118,7 +118,9 @@ async def test_markdown_is_rendered_with_code_copy_lists_and_tables(
     open_page: Any, gateway: Gateway, upstream: FakeUpstream
 ) -> None:
     room = await create_room(gateway)
-    page = await open_page(f"/#/rooms/{room['id']}")
+    page = await open_page(
+        f"/#/rooms/{room['id']}", permissions=["clipboard-read", "clipboard-write"]
+    )
     markdown = (
         "Here:\n\n- one\n- **two**\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
         "```python\nprint('hi')\n```\n"
@@ -132,8 +134,31 @@ async def test_markdown_is_rendered_with_code_copy_lists_and_tables(
     await expect(answer.locator("strong")).to_have_text("two")
     await expect(answer.locator("table td")).to_have_text(["1", "2"])
     await expect(answer.locator("pre code")).to_have_text("print('hi')\n")
-    await expect(answer.locator("pre button.copy")).to_be_visible()
+    await answer.locator("pre button.copy").click()
+    await expect(answer.locator("pre button.copy")).to_have_text("Copied")
+    assert await page.evaluate("navigator.clipboard.readText()") == "print('hi')\n"
     await screenshot(page, "04-markdown")
+
+
+async def test_the_view_follows_the_stream_unless_scrolled_up(
+    open_page: Any, gateway: Gateway, upstream: FakeUpstream
+) -> None:
+    room = await create_room(gateway)
+    page = await open_page(f"/#/rooms/{room['id']}", viewport={"width": 900, "height": 500})
+    lines = [f"line {i}\n\n" for i in range(120)]
+    upstream.script(Scenario(tokens=lines, delay=0.03))
+    await send(page, "Many lines")
+    await expect(answers(page).last.locator(".content")).to_contain_text("line 30")
+    gap = "el => el.scrollHeight - el.scrollTop - el.clientHeight"
+    assert await page.locator("#messages").evaluate(gap) < 80  # following
+
+    await page.locator("#messages").evaluate("el => el.scrollTo(0, 0)")  # reading above
+    await expect(answers(page).last.locator(".content")).to_contain_text("line 60")
+    assert await page.locator("#messages").evaluate("el => el.scrollTop") == 0
+
+    await page.locator("#messages").evaluate("el => el.scrollTo(0, el.scrollHeight)")
+    await expect(answers(page).last).to_have_class(re.compile("status-complete"))
+    assert await page.locator("#messages").evaluate(gap) < 80  # following again
 
 
 async def test_hostile_markup_is_shown_as_inert_text(
@@ -182,6 +207,10 @@ async def test_page_is_served_with_a_csp_that_forbids_inline_script(
     csp = response.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp
     assert response.headers["cache-control"] == "no-cache"
+    async with httpx2.AsyncClient(base_url=gateway.url) as http:
+        vendored = await http.get("/vendor/marked-18.2.1/marked.esm.js")
+    assert vendored.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert vendored.headers["content-type"].startswith("text/javascript")
     page = await open_page()
     assert await page.locator("script:not([src])").count() == 0
     # The CSP is in force: an inline script added now does not run.
