@@ -14,8 +14,10 @@ from typing import Any, TypedDict
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 
+from gateway.access import AccessControl, parse_keys, read_keys_file
 from gateway.chat import ChatService
 from gateway.eventlog import EventLogs
 from gateway.hub import RoomHub
@@ -26,6 +28,7 @@ from gateway.store.db import Database
 from gateway.store.repository import MessageStore
 from gateway.store.writer import Writer
 from gateway.transports import http, websocket
+from gateway.transports.guard import AccessGuard, redact_tokens_in_logs
 from gateway.transports.web import SecurityHeaders, UIFiles
 
 log = logging.getLogger("gateway")
@@ -35,8 +38,21 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 
 class State(TypedDict):
     settings: Settings
+    access: AccessControl
     chat: ChatService
     rooms: RoomService
+
+
+def access_control(settings: Settings) -> AccessControl:
+    """The keys from GATEWAY_API_KEYS and GATEWAY_API_KEYS_FILE; raises SettingsError."""
+    entries = list(settings.api_keys)
+    try:
+        if settings.api_keys_file is not None:
+            entries += read_keys_file(settings.api_keys_file)
+        keys = parse_keys(entries)
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"GATEWAY_API_KEYS / GATEWAY_API_KEYS_FILE: {exc}") from None
+    return AccessControl(keys, token_secret=settings.token_secret, token_ttl=settings.token_ttl)
 
 
 def _openai(settings: Settings) -> ChatProvider:
@@ -115,6 +131,8 @@ def create_app(
     """
     settings = settings or load_settings()
     make_provider = PROVIDERS[choose_provider(settings)] if provider is None else None
+    access = access_control(settings)
+    redact_tokens_in_logs()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -146,7 +164,12 @@ def create_app(
         )
         chat.start()
         try:
-            yield {"settings": settings, "chat": chat, "rooms": RoomService(db, chat)}
+            yield {
+                "settings": settings,
+                "access": access,
+                "chat": chat,
+                "rooms": RoomService(db, chat),
+            }
         finally:
             await chat.shutdown()
             await writer.close()
@@ -160,5 +183,25 @@ def create_app(
         routes=routes,
         lifespan=lifespan,
         exception_handlers=http.exception_handlers,
-        middleware=[Middleware(SecurityHeaders)],
+        middleware=[
+            Middleware(SecurityHeaders),
+            # Outside the guard: a CORS preflight carries no credentials.
+            *cors(settings.allowed_origins),
+            Middleware(AccessGuard, access=access, allowed_origins=settings.allowed_origins),
+        ],
     )
+
+
+def cors(origins: list[str]) -> list[Middleware]:
+    """Cross-origin REST/SSE for the configured origins only (none: same origin)."""
+    if not origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["authorization", "content-type", "last-event-id", "accept"],
+            max_age=600,
+        )
+    ]

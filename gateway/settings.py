@@ -6,13 +6,18 @@ instead of surfacing later as a confusing runtime error.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+CommaList = Annotated[list[str], NoDecode]
+"""A list given as ``a,b,c`` in the environment."""
+
+ORIGIN = re.compile(r"^https?://[^/\s*]+$")
 
 
 class Settings(BaseSettings):
@@ -78,6 +83,37 @@ class Settings(BaseSettings):
     event_buffer_seconds: float = Field(300.0, gt=0)
     # SSE comment lines this often, so proxies do not close a quiet stream.
     sse_heartbeat_interval: float = Field(15.0, gt=0)
+
+    # Access. With no key configured the gateway is open (fine on localhost only).
+    # Keys are "name=secret" (or a bare secret), comma-separated, or one per line in
+    # the file.
+    api_keys: CommaList = []
+    api_keys_file: Path | None = None
+    # Signs the short-lived tokens for WebSocket/EventSource URLs. Unset: a random
+    # secret per process (tokens then only work on the process that minted them).
+    token_secret: str | None = None
+    token_ttl: float = Field(60.0, gt=0, le=3600)
+    # Origins (scheme://host[:port]) allowed to open WebSockets and to call the API
+    # cross-site (CORS). Empty: same origin only. Exact matches; no wildcards.
+    allowed_origins: CommaList = []
+
+    @field_validator("api_keys", "allowed_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _exact_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if not ORIGIN.match(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin like https://chat.example.com (no path, "
+                    "no wildcard)"
+                )
+        return [origin.rstrip("/") for origin in origins]
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.access import AccessControl, Client
 from gateway.chat import ChatService
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
 from gateway.protocol import MessageCreate, RegenerateBody, RoomCreate, RoomUpdate, parse_body
@@ -158,6 +159,14 @@ async def select(request: Request) -> Response:
     return JSON({"active_leaf_id": branch[-1]["id"] if branch else None, "messages": branch})
 
 
+async def create_token(request: Request) -> Response:
+    """A short-lived token for URLs (WebSocket, EventSource), for the key used here."""
+    access: AccessControl = request.state.access
+    client = getattr(request.state, "client", None) or Client("anonymous")
+    token = access.mint_token(client)
+    return JSON({"token": token, "expires_in": access.token_ttl}, status_code=201)
+
+
 async def healthz(request: Request) -> Response:
     return JSON({"status": "ok"})
 
@@ -176,6 +185,7 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
 
 routes = [
     Route("/healthz", healthz),
+    Route("/api/tokens", create_token, methods=["POST"]),
     Route("/api/rooms", list_rooms, methods=["GET"]),
     Route("/api/rooms", create_room, methods=["POST"]),
     Route("/api/rooms/{room_id}", get_room, methods=["GET"]),

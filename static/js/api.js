@@ -9,12 +9,27 @@ export class ApiError extends Error {
   }
 }
 
+// The API key, when the gateway asks for one (GATEWAY_API_KEYS). Kept for this tab
+// only; never put in a URL — URLs get short-lived tokens from POST /api/tokens.
+const KEY_STORAGE = "chat-gateway.api-key";
+export const credentials = {
+  get key() {
+    return sessionStorage.getItem(KEY_STORAGE);
+  },
+  set key(value) {
+    if (value) sessionStorage.setItem(KEY_STORAGE, value);
+    else sessionStorage.removeItem(KEY_STORAGE);
+  },
+};
+
 async function request(method, path, body) {
+  const headers = body === undefined ? {} : { "content-type": "application/json" };
+  if (credentials.key) headers.authorization = `Bearer ${credentials.key}`;
   let response;
   try {
     response = await fetch(path, {
       method,
-      headers: body === undefined ? {} : { "content-type": "application/json" },
+      headers,
       body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch (error) {
@@ -27,6 +42,11 @@ async function request(method, path, body) {
     throw new ApiError(response.status, error.code ?? "http_error", error.message ?? `HTTP ${response.status}`);
   }
   return data;
+}
+
+/** A token for a WebSocket or EventSource URL (query parameter `token`). */
+export async function urlToken() {
+  return (await request("POST", "/api/tokens")).token;
 }
 
 export const api = {

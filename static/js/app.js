@@ -1,6 +1,6 @@
 // The page: room list, persona editor, and the open room (#/rooms/{id}).
 
-import { api } from "./api.js";
+import { api, credentials } from "./api.js";
 import { RoomConnection } from "./connection.js";
 import { Conversation } from "./conversation.js";
 
@@ -30,6 +30,9 @@ const ui = {
   formTitle: $("room-dialog-title"),
   formError: $("room-form-error"),
   formCancel: $("room-cancel"),
+  keyDialog: $("key-dialog"),
+  keyForm: $("key-form"),
+  keyError: $("key-form-error"),
 };
 
 const PERSONA_FIELDS = ["system_prompt", "model", "temperature", "max_tokens"];
@@ -52,7 +55,8 @@ async function loadRooms() {
   try {
     rooms = (await api.get("/api/rooms?limit=1000")).rooms;
   } catch (error) {
-    showNotice(`Could not load the rooms: ${error.message}`, { retry: loadRooms });
+    if (error.status === 401) askForKey(error.message);
+    else showNotice(`Could not load the rooms: ${error.message}`, { retry: loadRooms });
     return;
   }
   ui.roomList.replaceChildren(
@@ -197,7 +201,28 @@ function onError(frame) {
   showNotice(`${frame.message} (${frame.code})`, { retry });
 }
 
-function onStatus({ state, transport, inMs, reason }) {
+function askForKey(message) {
+  if (ui.keyDialog.open) return;
+  ui.keyError.textContent = credentials.key ? message : "";
+  ui.keyError.hidden = !credentials.key;
+  ui.keyForm.elements.key.value = "";
+  ui.keyDialog.showModal();
+}
+
+async function saveKey(event) {
+  event.preventDefault();
+  credentials.key = ui.keyForm.elements.key.value.trim();
+  ui.keyDialog.close();
+  await loadRooms();
+  if (roomId) {
+    const id = roomId;
+    roomId = null;
+    openRoom(id);
+  }
+}
+
+function onStatus({ state, transport, inMs, reason, unauthorized }) {
+  if (unauthorized) askForKey("That key was not accepted.");
   const via = transport === "sse" ? "SSE" : "WebSocket";
   const text = {
     connecting: `Connecting (${via})…`,
@@ -276,6 +301,7 @@ ui.newRoom.addEventListener("click", () => openDialog(null));
 ui.editRoom.addEventListener("click", () => openDialog(conversation.room));
 ui.deleteRoom.addEventListener("click", deleteRoom);
 ui.form.addEventListener("submit", saveRoom);
+ui.keyForm.addEventListener("submit", saveKey);
 ui.formCancel.addEventListener("click", () => ui.dialog.close());
 ui.noticeClose.addEventListener("click", hideNotice);
 ui.noticeRetry.addEventListener("click", () => {

@@ -3,10 +3,11 @@
 // gets the same frames (docs/protocol.md), and after a drop it reconnects with
 // back-off and resumes from the last event id it saw, so no text is lost or doubled.
 
-import { api } from "./api.js";
+import { api, urlToken } from "./api.js";
 
 const CLOSE_ROOM_GONE = 4404;
 const CLOSE_BAD_REQUEST = 4400;
+const CLOSE_POLICY = 1008; // refused: bad token or foreign origin
 const MAX_DELAY_MS = 10_000;
 // WebSocket attempts that fail before ever opening, in a row, before we decide
 // WebSocket is blocked on this network and use SSE instead.
@@ -31,10 +32,29 @@ export class RoomConnection {
     this.retryTimer = null;
   }
 
-  open() {
+  async open() {
     this.closed = false;
-    if (this.transport === "websocket") this.openWebSocket();
-    else this.openEventSource();
+    let token;
+    try {
+      token = await urlToken();
+    } catch (error) {
+      if (error.status === 401) {
+        this.onStatus({ state: "closed", transport: this.transport, reason: "an API key is needed", unauthorized: true });
+      } else {
+        this.retryLater();
+      }
+      return;
+    }
+    if (this.closed) return;
+    if (this.transport === "websocket") this.openWebSocket(token);
+    else this.openEventSource(token);
+  }
+
+  /** The query string of a (re)connection: the URL token and where to resume. */
+  query(token) {
+    const params = new URLSearchParams({ token });
+    if (this.lastEventId != null) params.set("last_event_id", String(this.lastEventId));
+    return `?${params}`;
   }
 
   close() {
@@ -58,10 +78,9 @@ export class RoomConnection {
 
   // --- WebSocket ------------------------------------------------------------------
 
-  openWebSocket() {
+  openWebSocket(token) {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const query = this.lastEventId != null ? `?last_event_id=${this.lastEventId}` : "";
-    const ws = new WebSocket(`${scheme}://${location.host}/ws/rooms/${encodeURIComponent(this.roomId)}${query}`);
+    const ws = new WebSocket(`${scheme}://${location.host}/ws/rooms/${encodeURIComponent(this.roomId)}${this.query(token)}`);
     this.ws = ws;
     let opened = false;
     this.onStatus({ state: "connecting", transport: "websocket" });
@@ -84,14 +103,14 @@ export class RoomConnection {
       if (this.ws !== ws) return;
       this.ws = null;
       if (this.closed) return;
-      if (event.code === CLOSE_ROOM_GONE || event.code === CLOSE_BAD_REQUEST) {
+      if (event.code === CLOSE_ROOM_GONE || event.code === CLOSE_BAD_REQUEST || event.code === CLOSE_POLICY) {
         this.onStatus({ state: "closed", transport: "websocket", reason: event.reason || "room not found" });
         return;
       }
       if (!opened && ++this.wsFailuresBeforeOpen >= WS_FAILURES_BEFORE_SSE) {
         this.transport = "sse"; // WebSocket seems blocked here: plain HTTP instead
         this.failures = 0;
-        this.openEventSource();
+        this.open();
         return;
       }
       this.retryLater();
@@ -100,11 +119,10 @@ export class RoomConnection {
 
   // --- SSE ------------------------------------------------------------------------
 
-  openEventSource() {
-    // EventSource reconnects by itself with Last-Event-ID; a fresh one (after we
-    // closed it) passes the id in the query instead.
-    const query = this.lastEventId != null ? `?last_event_id=${this.lastEventId}` : "";
-    const source = new EventSource(`/api/rooms/${encodeURIComponent(this.roomId)}/events${query}`);
+  openEventSource(token) {
+    // EventSource reconnects by itself, with Last-Event-ID, but with the same URL: its
+    // token may have expired by then, so on an error we reconnect ourselves instead.
+    const source = new EventSource(`/api/rooms/${encodeURIComponent(this.roomId)}/events${this.query(token)}`);
     this.source = source;
     this.onStatus({ state: "connecting", transport: "sse" });
     const types = ["ready", "resumed", "resync", "message", "start", "token", "done", "cancelled", "error", "branch", "room"];
@@ -118,13 +136,9 @@ export class RoomConnection {
     }
     source.addEventListener("error", () => {
       if (this.source !== source || this.closed) return;
-      if (source.readyState === EventSource.CLOSED) {
-        // Closed for good (e.g. a 404): try again ourselves, with back-off.
-        this.source = null;
-        this.retryLater();
-      } else {
-        this.onStatus({ state: "reconnecting", transport: "sse" });
-      }
+      source.close();
+      this.source = null;
+      this.retryLater();
     });
   }
 

@@ -74,13 +74,13 @@ def page_errors() -> PageErrors:
 
 @pytest.fixture
 async def open_page(browser: Browser, gateway: Gateway, page_errors: PageErrors) -> Any:
-    """``page = await open_page(path="/", **context_options)``: a new page on the
-    gateway, its errors collected in ``page_errors``."""
+    """``page = await open_page(path="/", gateway_=None, **context_options)``: a new
+    page on the gateway (or ``gateway_``), its errors collected in ``page_errors``."""
     contexts = []
 
-    async def open_(path: str = "/", **options: Any) -> Page:
+    async def open_(path: str = "/", *, gateway_: Gateway | None = None, **options: Any) -> Page:
         options.setdefault("viewport", {"width": 1100, "height": 760})
-        context = await browser.new_context(base_url=gateway.url, **options)
+        context = await browser.new_context(base_url=(gateway_ or gateway).url, **options)
         context.set_default_timeout(scaled(10) * 1000)
         contexts.append(context)
         page = await context.new_page()

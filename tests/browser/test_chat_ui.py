@@ -430,3 +430,24 @@ async def test_phone_screen_and_dark_mode(
     await screenshot(page, "12-phone-rooms")
     background = await page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert background == "rgb(21, 22, 26)"  # the dark palette
+
+
+async def test_with_api_keys_the_page_asks_for_one_and_then_works(
+    open_page: Any, start_gateway: Any, upstream: FakeUpstream, page_errors: PageErrors
+) -> None:
+    locked = start_gateway(api_keys=["alice=sk-alice-secret"])
+    page = await open_page("/", gateway_=locked)
+    dialog = page.locator("#key-dialog")
+    await expect(dialog).to_be_visible()
+    await screenshot(page, "13-api-key")
+    await page.fill("#key-form input[name=key]", "sk-alice-secret")
+    await page.click("#key-save")
+    await expect(dialog).to_be_hidden()
+    await create_room_in_page(page, "Locked room")
+    upstream.script(Scenario(tokens=["Only", " for", " keys"]))
+    await send(page, "Hi")
+    await expect(answers(page).last.locator(".content")).to_have_text("Only for keys")
+    # The WebSocket carried a short-lived token, never the key itself.
+    urls = await page.evaluate("performance.getEntries().map(e => e.name).join(' ')")
+    assert "sk-alice-secret" not in urls
+    assert [e for e in page_errors if "401" not in e] == []

@@ -1,0 +1,142 @@
+"""Access checks in front of every route: API keys, URL tokens, WebSocket Origin.
+
+Runs before any route, so a refused request never reaches room data: HTTP gets a 401
+JSON error, a WebSocket is accepted only to be closed at once with 1008 (policy
+violation) and a reason — a browser shows nothing useful for a refused handshake.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+from urllib.parse import parse_qs
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway import protocol
+from gateway.access import AccessControl, Client, Unauthorized
+from gateway.errors import GatewayError
+
+CLOSE_POLICY_VIOLATION = 1008
+
+OPEN_PATHS = ("/healthz",)
+"""HTTP paths outside ``/api`` (the UI's files, health checks) need no key."""
+
+# Paths a browser opens without being able to set headers: they take ?token=.
+TOKEN_PATHS = re.compile(r"^/api/rooms/[^/]+/events$")
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "origin_not_allowed"
+
+
+def own_origin(scope: Scope) -> str | None:
+    """The origin the request was addressed to (``http[s]://host[:port]``)."""
+    host = dict(scope["headers"]).get(b"host")
+    if host is None:
+        return None
+    secure = scope.get("scheme") in ("https", "wss")
+    return f"{'https' if secure else 'http'}://{host.decode('latin-1')}"
+
+
+class AccessGuard:
+    """ASGI middleware enforcing :class:`AccessControl` and the Origin allow-list."""
+
+    def __init__(self, app: ASGIApp, access: AccessControl, allowed_origins: list[str]) -> None:
+        self.app = app
+        self.access = access
+        self.allowed_origins = set(allowed_origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        try:
+            client = self.authenticate(scope)
+        except GatewayError as exc:
+            if scope["type"] == "websocket":
+                await refuse_websocket(receive, send, exc)
+            else:
+                await refuse_http(send, exc)
+            return
+        if client is not None:
+            scope.setdefault("state", {})["client"] = client
+        await self.app(scope, receive, send)
+
+    def authenticate(self, scope: Scope) -> Client | None:
+        """The caller, None where no check applies; raises Unauthorized/Forbidden."""
+        path: str = scope["path"]
+        if scope["type"] == "websocket":
+            self.check_origin(scope)
+            if self.access.enabled:
+                return self.access.check_token(query_param(scope, "token"))
+            return None
+        if not path.startswith("/api/") or path in OPEN_PATHS or not self.access.enabled:
+            return None
+        key = bearer(scope)
+        if key is None and TOKEN_PATHS.match(path) and scope["method"] == "GET":
+            return self.access.check_token(query_param(scope, "token"))
+        return self.access.check_key(key)
+
+    def check_origin(self, scope: Scope) -> None:
+        """Stop cross-site WebSocket hijacking: a page on another site must not open
+        a socket with this user's credentials. Exact matches only."""
+        origin = dict(scope["headers"]).get(b"origin")
+        if origin is None:
+            return  # not a browser (wscat, scripts): nothing to hijack
+        value = origin.decode("latin-1")
+        if value in self.allowed_origins or (
+            not self.allowed_origins and value == own_origin(scope)
+        ):
+            return
+        raise Forbidden(f"origin {value[:100]!r} is not allowed (GATEWAY_ALLOWED_ORIGINS)")
+
+
+def bearer(scope: Scope) -> str | None:
+    header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+    scheme, _, value = header.partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
+
+
+def query_param(scope: Scope, name: str) -> str | None:
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
+    return values[0] if values else None
+
+
+async def refuse_http(send: Send, exc: GatewayError) -> None:
+    body = protocol.encode({"error": exc.to_dict()}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if isinstance(exc, Unauthorized):
+        headers.append((b"www-authenticate", b'Bearer realm="chat-gateway"'))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def refuse_websocket(receive: Receive, send: Send, exc: GatewayError) -> None:
+    message: dict[str, Any] = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.close", "code": CLOSE_POLICY_VIOLATION, "reason": exc.code})
+
+
+class RedactTokens(logging.Filter):
+    """Keeps URL tokens out of logs (uvicorn logs each request's path and query)."""
+
+    PATTERN = re.compile(r"(token=)[^&\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message:
+            record.msg, record.args = self.PATTERN.sub(r"\1[redacted]", message), ()
+        return True
+
+
+def redact_tokens_in_logs() -> None:
+    """Install :class:`RedactTokens` on uvicorn's loggers (once)."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())
