@@ -276,6 +276,26 @@ def test_serve_without_upstream_logs_the_local_model_it_chose(serve: Any) -> Non
     assert "provider local, default model SmolLM2-135M-Instruct.Q4_1" in served.logs()
 
 
+def test_keys_and_tokens_never_appear_in_the_logs(serve: Any) -> None:
+    key = "sk-never-log-me-123456"
+    served = serve(GATEWAY_API_KEYS=f"alice={key}", GATEWAY_LOG_LEVEL="debug")
+    auth = {"authorization": f"Bearer {key}"}
+    room = httpx2.post(f"{served.url}/api/rooms", json={"name": "r"}, headers=auth).json()
+    token = httpx2.post(f"{served.url}/api/tokens", headers=auth).json()["token"]
+    url = f"ws://127.0.0.1:{served.port}/ws/rooms/{room['id']}?token={token}"
+    with ws_connect(url, open_timeout=scaled(10)) as ws:
+        assert recv(ws)["type"] == "ready"
+    events = f"{served.url}/api/rooms/{room['id']}/events"
+    with httpx2.stream("GET", events, params={"token": token}, timeout=scaled(10)) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())
+    served.assert_stopped_gracefully(served.terminate())
+    logs = served.logs()
+    assert "token=[redacted]" in logs, logs
+    assert token not in logs
+    assert key not in logs
+
+
 def test_python_dash_m_gateway_serves(serve: Any) -> None:
     served = serve([sys.executable, "-m", "gateway", "serve"])
     code = served.terminate()

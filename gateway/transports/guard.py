@@ -128,10 +128,17 @@ class RedactTokens(logging.Filter):
     PATTERN = re.compile(r"(token=)[^&\s\"']+")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "token=" in message:
-            record.msg, record.args = self.PATTERN.sub(r"\1[redacted]", message), ()
+        # Redact inside the arguments, keeping their shape: uvicorn's access
+        # formatter unpacks them.
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._redact(arg) for arg in record.args)
+        record.msg = self._redact(record.msg)
         return True
+
+    def _redact(self, value: Any) -> Any:
+        if isinstance(value, str) and "token=" in value:
+            return self.PATTERN.sub(r"\1[redacted]", value)
+        return value
 
 
 def redact_tokens_in_logs() -> None:
