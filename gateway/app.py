@@ -22,6 +22,7 @@ from gateway.chat import ChatService
 from gateway.eventlog import EventLogs
 from gateway.hub import RoomHub
 from gateway.providers.base import ChatProvider
+from gateway.quotas import Quotas
 from gateway.rooms import RoomService
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store.db import Database
@@ -161,6 +162,13 @@ def create_app(
             ),
             provider=chosen,
             settings=settings,
+            quotas=Quotas(
+                messages=settings.rate_limit_messages,
+                room_messages=settings.rate_limit_room_messages,
+                max_generations=settings.max_concurrent_generations,
+                max_connections=settings.max_connections_per_client,
+                storage=settings.rate_limit_storage,
+            ),
         )
         chat.start()
         try:

@@ -10,9 +10,11 @@ the group-committing :class:`~gateway.store.writer.Writer`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,7 @@ from gateway.generation import GenerationTask
 from gateway.hub import RoomHub, Subscriber
 from gateway.prompt import Turn, build_prompt, estimate_tokens
 from gateway.providers.base import ChatProvider, CompletionRequest
+from gateway.quotas import Quotas
 from gateway.settings import Settings
 from gateway.store.db import Database
 from gateway.store.models import Message, Room, message_row, new_id, utcnow
@@ -94,8 +97,11 @@ class ChatService:
         hub: RoomHub,
         provider: ChatProvider,
         settings: Settings,
+        quotas: Quotas | None = None,
     ) -> None:
         self.db = db
+        self.quotas = quotas or Quotas()
+        self._senders: dict[str, str] = {}  # generation id -> who started it
         self.writer = writer
         self.hub = hub
         self.provider = provider
@@ -211,7 +217,11 @@ class ChatService:
     # --- sending -------------------------------------------------------------------
 
     async def send(
-        self, room_id: str, content: str, client_id: str | None = None
+        self,
+        room_id: str,
+        content: str,
+        client_id: str | None = None,
+        sender: str = "anonymous",
     ) -> tuple[dict[str, Any], Started | None]:
         """Store a user message and start answering it.
 
@@ -219,7 +229,9 @@ class ChatService:
         duplicate (a retry with a ``client_id`` already used in this room: nothing new
         is stored or generated).
         Raises ``Busy`` while the room is generating: queued messages would reach
-        the model out of order with the answers, so the client retries instead.
+        the model out of order with the answers, so the client retries instead; and
+        ``RateLimited`` when ``sender`` (or the room) is over a quota. Either way
+        nothing is stored.
         """
         if not content.strip():
             raise BadRequest("message content is empty", code="empty_message")
@@ -238,6 +250,7 @@ class ChatService:
                     if existing is not None:
                         return await store.message_view(existing), None
             self._ensure_idle(room_id)
+            await self._admit(sender, room_id)
             room = state.room
             now = utcnow()
             user = Message(
@@ -251,22 +264,27 @@ class ChatService:
                 created_at=now,
                 updated_at=now,
             )
-            generation = self._plan(room, [*state.branch, user], [], temperature=None)
-            answer = generation.answer
-            await self.writer.write(
-                WriteBatch(
-                    inserts=[message_row(user), message_row(answer)],
-                    leaves={room_id: answer.id},
+            async with self._releasing_on_error(sender):
+                generation = self._plan(room, [*state.branch, user], [], temperature=None)
+                answer = generation.answer
+                await self.writer.write(
+                    WriteBatch(
+                        inserts=[message_row(user), message_row(answer)],
+                        leaves={room_id: answer.id},
+                    )
                 )
-            )
             state.branch = self._trimmed(room, [*state.branch, user, answer])
             room.active_leaf_id = answer.id
             user_view = user.to_dict()
             self.hub.publish(room_id, protocol.message_frame(user_view, client_id))
-            return user_view, self._launch(generation)
+            return user_view, self._launch(generation, sender)
 
     async def regenerate(
-        self, room_id: str, message_id: str, temperature: float | None = None
+        self,
+        room_id: str,
+        message_id: str,
+        temperature: float | None = None,
+        sender: str = "anonymous",
     ) -> Started:
         """Answer the same user message again as a new sibling."""
         async with self._lock(room_id):
@@ -278,19 +296,21 @@ class ChatService:
                         "only an assistant message can be regenerated", code="invalid_target"
                     )
                 self._ensure_idle(room_id)
+                await self._admit(sender, room_id)
                 history = await store.branch(target.parent_id)
                 branch = await store.views(room_id, history)
                 siblings = await store.sibling_ids(room_id, target.parent_id, "assistant")
-            generation = self._plan(room, history, siblings, temperature=temperature)
-            answer = generation.answer
-            await self.writer.write(
-                WriteBatch(inserts=[message_row(answer)], leaves={room_id: answer.id})
-            )
+            async with self._releasing_on_error(sender):
+                generation = self._plan(room, history, siblings, temperature=temperature)
+                answer = generation.answer
+                await self.writer.write(
+                    WriteBatch(inserts=[message_row(answer)], leaves={room_id: answer.id})
+                )
             room.active_leaf_id = answer.id
             self._remember(room, [*history, answer])
             branch.append(generation.message_view)
             self.hub.publish(room_id, protocol.branch_frame(branch, answer.id))
-            return self._launch(generation)
+            return self._launch(generation, sender)
 
     async def select(self, room_id: str, message_id: str) -> list[dict[str, Any]]:
         """Make the branch through ``message_id`` (down to its newest leaf) active."""
@@ -421,8 +441,24 @@ class ChatService:
             on_exit=self._on_generation_exit,
         )
 
-    def _launch(self, generation: GenerationTask) -> Started:
+    async def _admit(self, sender: str, room_id: str) -> None:
+        """Count a message of ``sender`` and hold one of its concurrent generations
+        (released when the generation ends, or by :meth:`_releasing_on_error`)."""
+        await self.quotas.admit_message(sender, room_id)
+        self.quotas.start_generation(sender)
+
+    @contextlib.asynccontextmanager
+    async def _releasing_on_error(self, sender: str) -> AsyncIterator[None]:
+        """Give back the generation :meth:`_admit` held if it never starts."""
+        try:
+            yield
+        except BaseException:
+            self.quotas.end_generation(sender)
+            raise
+
+    def _launch(self, generation: GenerationTask, sender: str) -> Started:
         """Publish ``start`` and run the generation (caller holds the room lock)."""
+        self._senders[generation.id] = sender
         self._running[generation.room_id] = generation
         self.hub.publish(
             generation.room_id, protocol.start_frame(generation.id, generation.message_view)
@@ -433,6 +469,9 @@ class ChatService:
     def _on_generation_exit(self, generation: GenerationTask) -> None:
         if self._running.get(generation.room_id) is generation:
             del self._running[generation.room_id]
+        sender = self._senders.pop(generation.id, None)
+        if sender is not None:
+            self.quotas.end_generation(sender)
 
     async def _checkpoint_loop(self) -> None:
         """Every interval, save the text of all running answers in one write (and now

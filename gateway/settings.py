@@ -97,6 +97,24 @@ class Settings(BaseSettings):
     # cross-site (CORS). Empty: same origin only. Exact matches; no wildcards.
     allowed_origins: CommaList = []
 
+    # Rate limits, in the `limits` notation ("10/minute", "100/hour;1000/day"), per
+    # client (API key, else IP) and per room; counted in memory, or in Redis for
+    # several processes ("redis://host:6379"). Unset: no limit.
+    rate_limit_messages: str | None = None
+    rate_limit_room_messages: str | None = None
+    rate_limit_storage: str = "memory://"
+    max_concurrent_generations: int | None = Field(None, ge=1)
+    max_connections_per_client: int | None = Field(None, ge=1)
+
+    @field_validator("rate_limit_messages", "rate_limit_room_messages")
+    @classmethod
+    def _limits_notation(cls, value: str | None) -> str | None:
+        if value:
+            import limits
+
+            limits.parse_many(value)  # raises ValueError naming the bad part
+        return value
+
     @field_validator("api_keys", "allowed_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

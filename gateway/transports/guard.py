@@ -94,6 +94,15 @@ class AccessGuard:
         raise Forbidden(f"origin {value[:100]!r} is not allowed (GATEWAY_ALLOWED_ORIGINS)")
 
 
+def sender_of(scope: Scope) -> str:
+    """Who is asking, for quotas: the API key's name, else the IP address."""
+    client: Client | None = scope.get("state", {}).get("client")
+    if client is not None:
+        return f"key:{client.key_name}"
+    address = scope.get("client")
+    return f"ip:{address[0]}" if address else "ip:unknown"
+
+
 def bearer(scope: Scope) -> str | None:
     header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
     scheme, _, value = header.partition(" ")

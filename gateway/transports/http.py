@@ -22,8 +22,10 @@ from gateway.access import AccessControl, Client
 from gateway.chat import ChatService
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
 from gateway.protocol import MessageCreate, RegenerateBody, RoomCreate, RoomUpdate, parse_body
+from gateway.quotas import RateLimited
 from gateway.rooms import RoomService
 from gateway.transports import sse
+from gateway.transports.guard import sender_of
 from gateway.transports.sse import GenerationFilter, event_stream
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -35,7 +37,10 @@ class JSON(JSONResponse):
 
 
 def error_response(exc: GatewayError) -> JSON:
-    return JSON({"error": exc.to_dict()}, status_code=exc.status)
+    response = JSON({"error": exc.to_dict()}, status_code=exc.status)
+    if isinstance(exc, RateLimited):
+        response.headers["retry-after"] = str(exc.retry_after)
+    return response
 
 
 async def read_body(request: Request) -> bytes:
@@ -109,7 +114,7 @@ async def post_message(request: Request) -> Response:
     room_id = request.path_params["room_id"]
     body = parse_body(MessageCreate, await read_body(request))
     if not wants_event_stream(request):
-        message, started = await chat.send(room_id, body.content, body.id)
+        message, started = await chat.send(room_id, body.content, body.id, sender_of(request.scope))
         if started is None:
             return JSON({"message": message, "duplicate": True})
         return JSON({"message": message, **asdict(started)}, status_code=202)
@@ -117,7 +122,7 @@ async def post_message(request: Request) -> Response:
     # send() runs.
     subscriber = chat.watch(room_id)
     try:
-        message, started = await chat.send(room_id, body.content, body.id)
+        message, started = await chat.send(room_id, body.content, body.id, sender_of(request.scope))
     except BaseException:
         chat.leave(subscriber)
         raise
@@ -135,7 +140,9 @@ async def regenerate(request: Request) -> Response:
     body = parse_body(RegenerateBody, await read_body(request), optional=True)
     subscriber = chat.watch(room_id) if wants_event_stream(request) else None
     try:
-        started = await chat.regenerate(room_id, message_id, body.temperature)
+        started = await chat.regenerate(
+            room_id, message_id, body.temperature, sender_of(request.scope)
+        )
     except BaseException:
         if subscriber is not None:
             chat.leave(subscriber)

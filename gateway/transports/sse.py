@@ -31,6 +31,7 @@ from gateway.chat import ChatService, Started
 from gateway.hub import Event, SlowConsumer, Subscriber, TokenRun
 from gateway.protocol import Frame
 from gateway.transports import until_first_done
+from gateway.transports.guard import sender_of
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class EventStream(Response):
         only: GenerationFilter | None = None,
         heartbeat: float = 15.0,
         send_timeout: float = 10.0,
+        cleanup: contextlib.ExitStack | None = None,
     ) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
         self.chat = chat
@@ -113,6 +115,7 @@ class EventStream(Response):
         self.only = only
         self.heartbeat = heartbeat
         self.send_timeout = send_timeout
+        self.cleanup = cleanup or contextlib.ExitStack()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -130,6 +133,7 @@ class EventStream(Response):
                 task.result()
         finally:
             self.chat.leave(self.subscriber)
+            self.cleanup.close()
 
     async def _send(self, send: Send, body: bytes, *, more: bool = True) -> None:
         async with asyncio.timeout(self.send_timeout):
@@ -187,8 +191,14 @@ async def room_events(request: Request) -> Response:
     chat: ChatService = request.state.chat
     raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     after = protocol.parse_event_id(raw)
-    first, subscriber = await chat.join(request.path_params["room_id"], after)
-    return event_stream(chat, subscriber, first=[first])
+    held = contextlib.ExitStack()  # this client's connection quota, while streaming
+    held.enter_context(chat.quotas.connection(sender_of(request.scope)))
+    try:
+        first, subscriber = await chat.join(request.path_params["room_id"], after)
+    except BaseException:
+        held.close()
+        raise
+    return event_stream(chat, subscriber, first=[first], cleanup=held)
 
 
 routes = [Route("/api/rooms/{room_id}/events", room_events, methods=["GET"])]

@@ -25,8 +25,10 @@ from gateway import protocol
 from gateway.chat import ChatService
 from gateway.errors import BadRequest, GatewayError
 from gateway.hub import Event, SlowConsumer, Subscriber
+from gateway.quotas import RateLimited
 from gateway.settings import Settings
 from gateway.transports import until_first_done
+from gateway.transports.guard import sender_of
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,18 @@ class Connection:
         self.chat = chat
         self.settings = settings
         self.room_id = room_id
+        self.sender = sender_of(websocket.scope)
 
     async def serve(self) -> None:
         await self.websocket.accept()
+        try:
+            with self.chat.quotas.connection(self.sender):
+                await self._serve()
+        except RateLimited as exc:
+            await self.websocket.send_text(protocol.encode(protocol.error_frame(exc)))
+            await self.websocket.close(CLOSE_TRY_AGAIN_LATER, exc.code)
+
+    async def _serve(self) -> None:
         try:
             after = protocol.parse_event_id(self.websocket.query_params.get("last_event_id"))
             ready, subscriber = await self.chat.join(self.room_id, after)
@@ -120,13 +131,15 @@ class Connection:
         """Run one client frame; returns a frame for this client only, if any."""
         match frame:
             case protocol.Send(content=content, id=client_id):
-                message, started = await self.chat.send(self.room_id, content, client_id)
+                message, started = await self.chat.send(
+                    self.room_id, content, client_id, self.sender
+                )
                 if started is None:
                     return {**protocol.message_frame(message, client_id), "duplicate": True}
             case protocol.Cancel(generation_id=generation_id):
                 await self.chat.cancel(self.room_id, generation_id)
             case protocol.Regenerate(message_id=message_id, temperature=temperature):
-                await self.chat.regenerate(self.room_id, message_id, temperature)
+                await self.chat.regenerate(self.room_id, message_id, temperature, self.sender)
             case protocol.Select(message_id=message_id):
                 await self.chat.select(self.room_id, message_id)
             case protocol.Ping(id=client_id):
