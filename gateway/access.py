@@ -21,6 +21,7 @@ from pathlib import Path
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from gateway.errors import GatewayError
+from gateway.store.models import Room
 
 
 class Unauthorized(GatewayError):
@@ -35,6 +36,32 @@ class Client:
     """An authenticated caller: the name of its key."""
 
     key_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Viewer:
+    """Who is looking at rooms. ``enforced`` is False when the gateway has no keys:
+    then there are no identities, and every room is open to everyone."""
+
+    key_name: str | None = None
+    enforced: bool = False
+
+    def can_see(self, room: Room) -> bool:
+        """Private rooms: the owner and granted keys only. Others are told the room
+        does not exist (404), so room ids cannot be probed."""
+        if not self.enforced or not room.private:
+            return True
+        return self.key_name is not None and (
+            self.key_name == room.owner or self.key_name in room.granted
+        )
+
+    def owns(self, room: Room) -> bool:
+        """May change or delete the room, and read a secret system prompt."""
+        return not self.enforced or room.owner is None or self.key_name == room.owner
+
+
+OPEN = Viewer()
+"""The viewer when access control is off."""
 
 
 def parse_keys(entries: list[str]) -> dict[str, str]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import protocol
+from gateway.access import OPEN, Viewer
 from gateway.errors import BadRequest, Busy, Conflict, NotFound
 from gateway.generation import GenerationTask
 from gateway.hub import RoomHub, Subscriber
@@ -162,8 +163,22 @@ class ChatService:
 
     # --- joining -------------------------------------------------------------------
 
+    async def authorize(self, room_id: str, viewer: Viewer) -> None:
+        """Raise ``room_not_found`` unless ``viewer`` may see the room (a private room
+        must look like no room at all to others)."""
+        if not viewer.enforced:
+            return
+        state = self._cache.get(room_id)
+        if state is not None:
+            room = state.room
+        else:
+            async with self.db.read() as session:
+                room = await load_room(MessageStore(session), room_id)
+        if not viewer.can_see(room):
+            raise room_not_found(room_id)
+
     async def join(
-        self, room_id: str, after: int | None = None
+        self, room_id: str, after: int | None = None, viewer: Viewer = OPEN
     ) -> tuple[protocol.Frame, Subscriber]:
         """Subscribe to a room; returns the first frame for the client and the
         subscription.
@@ -177,6 +192,7 @@ class ChatService:
         The snapshot and the subscription are taken together under the room lock, and
         the live text of a running answer is read in the same step as subscribing.
         """
+        await self.authorize(room_id, viewer)
         if after is not None:
             # All in memory and in one step: no event can slip between replay and live.
             resumed = self.hub.resume(room_id, after)

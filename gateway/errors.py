@@ -6,6 +6,7 @@ and SSE, and whether retrying the same request later may succeed::
     GatewayError
     ├── BadRequest                 400  invalid_json, invalid_frame, unknown_type,
     │                                   binary_not_supported, message_too_long, ...
+    ├── Forbidden                  403  not_room_owner, origin_not_allowed
     ├── NotFound                   404  room_not_found, message_not_found,
     │                                   generation_not_found, not_found
     ├── Conflict                   409  busy, not_running, invalid_target
@@ -52,6 +53,11 @@ class BadRequest(GatewayError):
 class NotFound(GatewayError):
     status = 404
     code = "not_found"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "forbidden"
 
 
 class Conflict(GatewayError):

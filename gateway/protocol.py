@@ -125,14 +125,25 @@ class PersonaUpdate(_Body):
     context_tokens: Annotated[int, Field(ge=256, le=10_000_000)] | None = None
 
 
+KeyName = Annotated[str, Field(min_length=1, max_length=64)]
+
+
 class RoomCreate(_Body):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     persona: PersonaUpdate = PersonaUpdate()
+    # Access (applies when the gateway has API keys): only the owner and granted keys
+    # see a private room; only the owner reads a secret system prompt.
+    private: bool = False
+    secret_prompt: bool = False
+    grants: Annotated[list[KeyName], Field(max_length=1000)] = []
 
 
 class RoomUpdate(_Body):
     name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     persona: PersonaUpdate | None = None
+    private: bool | None = None
+    secret_prompt: bool | None = None
+    grants: Annotated[list[KeyName], Field(max_length=1000)] | None = None
 
 
 class MessageCreate(_Body):

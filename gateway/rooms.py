@@ -5,21 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import protocol
-from gateway.chat import ChatService, load_room
+from gateway.access import OPEN, Viewer
+from gateway.chat import ChatService, load_room, room_not_found
+from gateway.errors import Forbidden
 from gateway.protocol import RoomCreate, RoomUpdate
 from gateway.store.db import Database
-from gateway.store.models import Room, new_id
+from gateway.store.models import Room, RoomGrant, new_id
 from gateway.store.repository import MessageStore
 
 
 class RoomService:
-    """Rooms and their personas. Persona changes apply from the next generation on."""
+    """Rooms and their personas. Persona changes apply from the next generation on.
+
+    Every method takes the :class:`Viewer`: a private room is ``room_not_found`` to
+    those who may not see it, and only its owner may change or delete it.
+    """
 
     def __init__(self, db: Database, chat: ChatService) -> None:
         self.db = db
         self.chat = chat
 
-    async def create(self, body: RoomCreate) -> dict[str, Any]:
+    async def create(self, body: RoomCreate, viewer: Viewer = OPEN) -> dict[str, Any]:
         persona = body.persona
         room = Room(
             id=new_id("room"),
@@ -29,25 +35,34 @@ class RoomService:
             temperature=persona.temperature,
             max_tokens=persona.max_tokens,
             context_tokens=persona.context_tokens,
+            owner=viewer.key_name,
+            private=body.private,
+            secret_prompt=body.secret_prompt,
+            grants=[RoomGrant(key_name=name) for name in sorted(set(body.grants))],
         )
         async with self.db.transaction() as session:
             await MessageStore(session).add_room(room)
-            return room.to_dict()
+            return room.to_dict(owner_view=True)
 
-    async def list(self, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    async def list(
+        self, *, limit: int = 100, offset: int = 0, viewer: Viewer = OPEN
+    ) -> list[dict[str, Any]]:
         async with self.db.read() as session:
-            rooms = await MessageStore(session).rooms(limit=limit, offset=offset)
-            return [room.to_dict() for room in rooms]
+            rooms = await MessageStore(session).rooms(
+                limit=limit, offset=offset, visible_to=viewer.key_name if viewer.enforced else None
+            )
+            return [room.to_dict(owner_view=viewer.owns(room)) for room in rooms]
 
-    async def get(self, room_id: str) -> dict[str, Any]:
+    async def get(self, room_id: str, viewer: Viewer = OPEN) -> dict[str, Any]:
         """The room, with ``members``: clients connected to it on this process."""
         async with self.db.read() as session:
-            view = (await load_room(MessageStore(session), room_id)).to_dict()
+            room = await self._visible(MessageStore(session), room_id, viewer)
+            view = room.to_dict(owner_view=viewer.owns(room))
         return {**view, "members": self.chat.hub.members(room_id)}
 
-    async def update(self, room_id: str, body: RoomUpdate) -> dict[str, Any]:
+    async def update(self, room_id: str, body: RoomUpdate, viewer: Viewer = OPEN) -> dict[str, Any]:
         async with self.db.transaction() as session:
-            room = await load_room(MessageStore(session), room_id)
+            room = await self._owned(MessageStore(session), room_id, viewer)
             if body.name is not None:
                 room.name = body.name
             if body.persona is not None:
@@ -56,15 +71,21 @@ class RoomService:
                     setattr(
                         room, field, "" if field == "system_prompt" and value is None else value
                     )
+            for flag in ("private", "secret_prompt"):
+                if getattr(body, flag) is not None:
+                    setattr(room, flag, getattr(body, flag))
+            if body.grants is not None:
+                room.grants = [RoomGrant(key_name=name) for name in sorted(set(body.grants))]
             await session.flush()
             view = room.to_dict()
+            owner_view = room.to_dict(owner_view=True)
         self.chat.room_changed(room)
         self.chat.hub.publish(room_id, protocol.room_frame(view))
-        return view
+        return owner_view
 
-    async def delete(self, room_id: str) -> None:
+    async def delete(self, room_id: str, viewer: Viewer = OPEN) -> None:
         async with self.db.read() as session:
-            await load_room(MessageStore(session), room_id)
+            await self._owned(MessageStore(session), room_id, viewer)
         await self.chat.close_room(room_id)
         async with self.db.transaction() as session:
             store = MessageStore(session)
@@ -72,9 +93,22 @@ class RoomService:
             if room is not None:
                 await store.delete_room(room)
 
-    async def messages(self, room_id: str) -> list[dict[str, Any]]:
+    async def messages(self, room_id: str, viewer: Viewer = OPEN) -> list[dict[str, Any]]:
         """The active branch, oldest first, with sibling versions of each answer."""
         async with self.db.read() as session:
             store = MessageStore(session)
-            room = await load_room(store, room_id)
+            room = await self._visible(store, room_id, viewer)
             return await store.views(room_id, await store.branch(room.active_leaf_id))
+
+    @staticmethod
+    async def _visible(store: MessageStore, room_id: str, viewer: Viewer) -> Room:
+        room = await load_room(store, room_id)
+        if not viewer.can_see(room):
+            raise room_not_found(room_id)
+        return room
+
+    async def _owned(self, store: MessageStore, room_id: str, viewer: Viewer) -> Room:
+        room = await self._visible(store, room_id, viewer)
+        if not viewer.owns(room):
+            raise Forbidden("only the room's owner may change or delete it", code="not_room_owner")
+        return room

@@ -27,7 +27,7 @@ from tests.conftest import scaled
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-TABLES = {"rooms", "messages"}
+TABLES = {"rooms", "messages", "room_grants"}
 
 
 def alembic_command() -> str:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -22,7 +23,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 Role = Literal["user", "assistant"]
 # streaming: being generated; complete: finished normally; cancelled: stopped by a
@@ -78,19 +79,53 @@ class Room(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
+    # Access (enforced only when the gateway has API keys): the key that created the
+    # room; a private room is visible to its owner and granted keys only; a secret
+    # system prompt is shown to the owner only.
+    owner: Mapped[str | None] = mapped_column(String(64))
+    private: Mapped[bool] = mapped_column(Boolean, default=False)
+    secret_prompt: Mapped[bool] = mapped_column(Boolean, default=False)
+    grants: Mapped[list[RoomGrant]] = relationship(
+        lazy="selectin", cascade="all, delete-orphan", passive_deletes=True
+    )
 
-    def persona(self) -> dict[str, Any]:
-        return {field: getattr(self, field) for field in PERSONA_FIELDS}
+    @property
+    def granted(self) -> list[str]:
+        return sorted(grant.key_name for grant in self.grants)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def persona(self, *, reveal_prompt: bool = True) -> dict[str, Any]:
+        persona = {field: getattr(self, field) for field in PERSONA_FIELDS}
+        if self.secret_prompt and not reveal_prompt:
+            persona["system_prompt"] = None
+        return persona
+
+    def to_dict(self, *, owner_view: bool = False) -> dict[str, Any]:
+        """The room as clients see it; a secret system prompt only in ``owner_view``."""
+        view: dict[str, Any] = {
             "id": self.id,
             "name": self.name,
-            "persona": self.persona(),
+            "persona": self.persona(reveal_prompt=owner_view),
             "active_leaf_id": self.active_leaf_id,
+            "owner": self.owner,
+            "private": self.private,
+            "secret_prompt": self.secret_prompt,
             "created_at": isoformat(self.created_at),
             "updated_at": isoformat(self.updated_at),
         }
+        if owner_view:
+            view["grants"] = self.granted
+        return view
+
+
+class RoomGrant(Base):
+    """A key allowed into a private room."""
+
+    __tablename__ = "room_grants"
+
+    room_id: Mapped[str] = mapped_column(
+        ForeignKey("rooms.id", ondelete="CASCADE"), primary_key=True
+    )
+    key_name: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
 
 
 class Message(Base):

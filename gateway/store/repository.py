@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from sqlalchemy import literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from gateway.store.models import Message, Room
+from gateway.store.models import Message, Room, RoomGrant
 
 
 class MessageStore:
@@ -27,8 +27,17 @@ class MessageStore:
     async def room(self, room_id: str) -> Room | None:
         return await self.session.get(Room, room_id)
 
-    async def rooms(self, *, limit: int, offset: int) -> Sequence[Room]:
+    async def rooms(
+        self, *, limit: int, offset: int, visible_to: str | None = None
+    ) -> Sequence[Room]:
+        """Rooms, oldest first. With ``visible_to`` (a key name, access enforced),
+        only public rooms and the private ones that key owns or was granted."""
         query = select(Room).order_by(Room.created_at, Room.id).limit(limit).offset(offset)
+        if visible_to is not None:
+            granted = select(RoomGrant.room_id).where(RoomGrant.key_name == visible_to)
+            query = query.where(
+                Room.private.is_(False) | (Room.owner == visible_to) | Room.id.in_(granted)
+            )
         return (await self.session.scalars(query)).all()
 
     async def delete_room(self, room: Room) -> None:

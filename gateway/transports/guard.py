@@ -15,8 +15,8 @@ from urllib.parse import parse_qs
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import protocol
-from gateway.access import AccessControl, Client, Unauthorized
-from gateway.errors import GatewayError
+from gateway.access import OPEN, AccessControl, Client, Unauthorized, Viewer
+from gateway.errors import Forbidden, GatewayError
 
 CLOSE_POLICY_VIOLATION = 1008
 
@@ -25,11 +25,6 @@ OPEN_PATHS = ("/healthz",)
 
 # Paths a browser opens without being able to set headers: they take ?token=.
 TOKEN_PATHS = re.compile(r"^/api/rooms/[^/]+/events$")
-
-
-class Forbidden(GatewayError):
-    status = 403
-    code = "origin_not_allowed"
 
 
 def own_origin(scope: Scope) -> str | None:
@@ -61,8 +56,10 @@ class AccessGuard:
             else:
                 await refuse_http(send, exc)
             return
+        state = scope.setdefault("state", {})
         if client is not None:
-            scope.setdefault("state", {})["client"] = client
+            state["client"] = client
+        state["viewer"] = Viewer(client.key_name if client else None, self.access.enabled)
         await self.app(scope, receive, send)
 
     def authenticate(self, scope: Scope) -> Client | None:
@@ -91,7 +88,10 @@ class AccessGuard:
             not self.allowed_origins and value == own_origin(scope)
         ):
             return
-        raise Forbidden(f"origin {value[:100]!r} is not allowed (GATEWAY_ALLOWED_ORIGINS)")
+        raise Forbidden(
+            f"origin {value[:100]!r} is not allowed (GATEWAY_ALLOWED_ORIGINS)",
+            code="origin_not_allowed",
+        )
 
 
 def sender_of(scope: Scope) -> str:
@@ -101,6 +101,11 @@ def sender_of(scope: Scope) -> str:
         return f"key:{client.key_name}"
     address = scope.get("client")
     return f"ip:{address[0]}" if address else "ip:unknown"
+
+
+def viewer_of(scope: Scope) -> Viewer:
+    """Who is asking, for room access (set by :class:`AccessGuard`)."""
+    return scope.get("state", {}).get("viewer", OPEN)
 
 
 def bearer(scope: Scope) -> str | None:

@@ -18,14 +18,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.access import AccessControl, Client
+from gateway.access import AccessControl, Client, Viewer
 from gateway.chat import ChatService
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
 from gateway.protocol import MessageCreate, RegenerateBody, RoomCreate, RoomUpdate, parse_body
 from gateway.quotas import RateLimited
 from gateway.rooms import RoomService
 from gateway.transports import sse
-from gateway.transports.guard import sender_of
+from gateway.transports.guard import sender_of, viewer_of
 from gateway.transports.sse import GenerationFilter, event_stream
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -64,6 +64,17 @@ def _chat(request: Request) -> ChatService:
     return request.state.chat
 
 
+async def _room_chat(request: Request) -> ChatService:
+    """The chat service, once the caller is known to be allowed into the room."""
+    chat: ChatService = request.state.chat
+    await chat.authorize(request.path_params["room_id"], _viewer(request))
+    return chat
+
+
+def _viewer(request: Request) -> Viewer:
+    return viewer_of(request.scope)
+
+
 def _int_param(request: Request, name: str, default: int, high: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
@@ -76,30 +87,34 @@ def _int_param(request: Request, name: str, default: int, high: int) -> int:
 async def list_rooms(request: Request) -> Response:
     limit = _int_param(request, "limit", 100, 1000)
     offset = _int_param(request, "offset", 0, 10**9)
-    return JSON({"rooms": await _rooms(request).list(limit=limit, offset=offset)})
+    return JSON(
+        {"rooms": await _rooms(request).list(limit=limit, offset=offset, viewer=_viewer(request))}
+    )
 
 
 async def create_room(request: Request) -> Response:
     body = parse_body(RoomCreate, await read_body(request))
-    return JSON(await _rooms(request).create(body), status_code=201)
+    return JSON(await _rooms(request).create(body, _viewer(request)), status_code=201)
 
 
 async def get_room(request: Request) -> Response:
-    return JSON(await _rooms(request).get(request.path_params["room_id"]))
+    return JSON(await _rooms(request).get(request.path_params["room_id"], _viewer(request)))
 
 
 async def update_room(request: Request) -> Response:
     body = parse_body(RoomUpdate, await read_body(request))
-    return JSON(await _rooms(request).update(request.path_params["room_id"], body))
+    return JSON(
+        await _rooms(request).update(request.path_params["room_id"], body, _viewer(request))
+    )
 
 
 async def delete_room(request: Request) -> Response:
-    await _rooms(request).delete(request.path_params["room_id"])
+    await _rooms(request).delete(request.path_params["room_id"], _viewer(request))
     return Response(status_code=204)
 
 
 async def list_messages(request: Request) -> Response:
-    messages = await _rooms(request).messages(request.path_params["room_id"])
+    messages = await _rooms(request).messages(request.path_params["room_id"], _viewer(request))
     return JSON({"messages": messages})
 
 
@@ -110,7 +125,7 @@ def wants_event_stream(request: Request) -> bool:
 async def post_message(request: Request) -> Response:
     """Store a user message and answer it: as an event stream of that one generation
     with ``Accept: text/event-stream``, else 202 with the ids."""
-    chat = _chat(request)
+    chat = await _room_chat(request)
     room_id = request.path_params["room_id"]
     body = parse_body(MessageCreate, await read_body(request))
     if not wants_event_stream(request):
@@ -135,7 +150,7 @@ async def post_message(request: Request) -> Response:
 
 async def regenerate(request: Request) -> Response:
     """Answer the user message before ``message_id`` again; streamed or 202."""
-    chat = _chat(request)
+    chat = await _room_chat(request)
     room_id, message_id = request.path_params["room_id"], request.path_params["message_id"]
     body = parse_body(RegenerateBody, await read_body(request), optional=True)
     subscriber = chat.watch(room_id) if wants_event_stream(request) else None
@@ -155,14 +170,14 @@ async def regenerate(request: Request) -> Response:
 async def cancel(request: Request) -> Response:
     """Stop a running generation; its partial answer is stored as ``cancelled``."""
     room_id, generation_id = request.path_params["room_id"], request.path_params["generation_id"]
-    await _chat(request).cancel(room_id, generation_id)
+    await (await _room_chat(request)).cancel(room_id, generation_id)
     return JSON({"generation_id": generation_id, "status": "cancelling"}, status_code=202)
 
 
 async def select(request: Request) -> Response:
     """Make the branch through ``message_id`` (down to its newest leaf) active."""
     room_id, message_id = request.path_params["room_id"], request.path_params["message_id"]
-    branch = await _chat(request).select(room_id, message_id)
+    branch = await (await _room_chat(request)).select(room_id, message_id)
     return JSON({"active_leaf_id": branch[-1]["id"] if branch else None, "messages": branch})
 
 

@@ -31,7 +31,7 @@ from gateway.chat import ChatService, Started
 from gateway.hub import Event, SlowConsumer, Subscriber, TokenRun
 from gateway.protocol import Frame
 from gateway.transports import until_first_done
-from gateway.transports.guard import sender_of
+from gateway.transports.guard import sender_of, viewer_of
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,9 @@ async def room_events(request: Request) -> Response:
     held = contextlib.ExitStack()  # this client's connection quota, while streaming
     held.enter_context(chat.quotas.connection(sender_of(request.scope)))
     try:
-        first, subscriber = await chat.join(request.path_params["room_id"], after)
+        first, subscriber = await chat.join(
+            request.path_params["room_id"], after, viewer_of(request.scope)
+        )
     except BaseException:
         held.close()
         raise

@@ -28,7 +28,7 @@ from gateway.hub import Event, SlowConsumer, Subscriber
 from gateway.quotas import RateLimited
 from gateway.settings import Settings
 from gateway.transports import until_first_done
-from gateway.transports.guard import sender_of
+from gateway.transports.guard import sender_of, viewer_of
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ class Connection:
     async def _serve(self) -> None:
         try:
             after = protocol.parse_event_id(self.websocket.query_params.get("last_event_id"))
-            ready, subscriber = await self.chat.join(self.room_id, after)
+            ready, subscriber = await self.chat.join(
+                self.room_id, after, viewer_of(self.websocket.scope)
+            )
         except GatewayError as exc:
             await self.websocket.send_text(protocol.encode(protocol.error_frame(exc)))
             code = CLOSE_BAD_REQUEST if exc.status == 400 else CLOSE_ROOM_GONE
