@@ -94,6 +94,9 @@ function openDialog(room) {
   const form = ui.form.elements;
   form.name.value = room?.name ?? "";
   for (const field of PERSONA_FIELDS) form[field].value = room?.persona[field] ?? "";
+  form.private.checked = room?.private ?? false;
+  form.secret_prompt.checked = room?.secret_prompt ?? false;
+  form.grants.value = (room?.grants ?? []).join(", ");
   ui.formError.hidden = true;
   ui.dialog.showModal();
   form.name.focus();
@@ -109,10 +112,17 @@ async function saveRoom(event) {
   }
   if (persona.system_prompt === null) persona.system_prompt = "";
   const id = ui.form.dataset.roomId;
+  const body = {
+    name: form.name.value.trim(),
+    persona,
+    private: form.private.checked,
+    secret_prompt: form.secret_prompt.checked,
+    grants: form.grants.value.split(",").map((name) => name.trim()).filter(Boolean),
+  };
   try {
     const room = id
-      ? await api.patch(`/api/rooms/${encodeURIComponent(id)}`, { name: form.name.value.trim(), persona })
-      : await api.post("/api/rooms", { name: form.name.value.trim(), persona });
+      ? await api.patch(`/api/rooms/${encodeURIComponent(id)}`, body)
+      : await api.post("/api/rooms", body);
     ui.dialog.close();
     await loadRooms();
     if (id) showRoomHeader(room);
@@ -298,7 +308,14 @@ ui.stop.addEventListener("click", () => {
   if (conversation.live) act({ type: "cancel", generation_id: conversation.live.generation_id });
 });
 ui.newRoom.addEventListener("click", () => openDialog(null));
-ui.editRoom.addEventListener("click", () => openDialog(conversation.room));
+ui.editRoom.addEventListener("click", async () => {
+  // Fetched afresh: the owner's view has the grants and a secret system prompt.
+  try {
+    openDialog(await api.get(`/api/rooms/${encodeURIComponent(roomId)}`));
+  } catch (error) {
+    showNotice(`Could not load the room: ${error.message}`);
+  }
+});
 ui.deleteRoom.addEventListener("click", deleteRoom);
 ui.form.addEventListener("submit", saveRoom);
 ui.keyForm.addEventListener("submit", saveKey);
