@@ -20,7 +20,8 @@ from typing import Any
 
 from gateway import protocol
 from gateway.access import OPEN, Viewer
-from gateway.errors import BadRequest, Busy, Conflict, NotFound
+from gateway.checks import CheckPipeline, SecretLeak, build_pipeline
+from gateway.errors import BadRequest, Busy, CheckFailed, Conflict, NotFound
 from gateway.generation import GenerationTask
 from gateway.hub import RoomHub, Subscriber
 from gateway.prompt import Turn, build_prompt, estimate_tokens
@@ -33,6 +34,27 @@ from gateway.store.repository import MessageStore
 from gateway.store.writer import WriteBatch, Writer
 
 log = logging.getLogger(__name__)
+
+SECRET_FRAGMENT_CHARS = 32
+"""A secret system prompt counts as leaked from a copied run of about twice this."""
+
+LONG_INPUT_CHARS = 4000
+"""Inputs longer than this are checked in a thread: the heuristics cost ~3 µs/char."""
+
+
+async def check_input(checks: CheckPipeline, content: str) -> None:
+    """Raise ``input_rejected`` (with the rule's name) when ``content`` fails a check."""
+    if len(content) > LONG_INPUT_CHARS:
+        verdict = await asyncio.to_thread(checks.check_input, content)
+    else:
+        verdict = checks.check_input(content)
+    if not verdict.allowed:
+        raise CheckFailed(
+            f"the message was rejected by the {verdict.rule} check: {verdict.reason}",
+            code="input_rejected",
+            rule=verdict.rule or "unknown",
+        )
+
 
 PRUNE_INTERVAL = 10.0
 """Seconds between sweeps of the event logs for expired events and idle rooms."""
@@ -266,8 +288,11 @@ class ChatService:
                     if existing is not None:
                         return await store.message_view(existing), None
             self._ensure_idle(room_id)
-            await self._admit(sender, room_id)
             room = state.room
+            checks = self._checks(room)
+            if checks is not None:
+                await check_input(checks, content)
+            await self._admit(sender, room_id)
             now = utcnow()
             user = Message(
                 id=new_id("msg"),
@@ -396,6 +421,21 @@ class ChatService:
                 "or cancel it",
             )
 
+    def _checks(self, room: Room) -> CheckPipeline | None:
+        """The room's input/output checks (its own list, else the gateway's), plus a
+        secret-leak rule when its system prompt is secret; None when there are none."""
+        names = room.checks if room.checks is not None else self.settings.checks
+        pipeline = build_pipeline(
+            [name for name in names if name != "secret_leak"],
+            max_chars=self.settings.max_message_chars,
+        )
+        checks = list(pipeline.checks)
+        if room.secret_prompt and room.system_prompt.strip():
+            # Also blocks a copied run of the prompt, not only the whole of it: by the
+            # time all of it has streamed, it has leaked.
+            checks.append(SecretLeak(room.system_prompt, fragment_chars=SECRET_FRAGMENT_CHARS))
+        return CheckPipeline(checks) if checks else None
+
     def _plan(
         self,
         room: Room,
@@ -451,6 +491,7 @@ class ChatService:
                 max_tokens=params["max_tokens"],
             ),
             provider=self.provider,
+            checks=self._checks(room),
             writer=self.writer,
             hub=self.hub,
             room_lock=self._lock(room.id),

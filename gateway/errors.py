@@ -4,6 +4,7 @@ Every error a client can see carries a stable wire ``code``, an HTTP status for 
 and SSE, and whether retrying the same request later may succeed::
 
     GatewayError
+    ├── CheckFailed                400  input_rejected, output_blocked (with its rule)
     ├── BadRequest                 400  invalid_json, invalid_frame, unknown_type,
     │                                   binary_not_supported, message_too_long, ...
     ├── Forbidden                  403  not_room_owner, origin_not_allowed
@@ -53,6 +54,19 @@ class BadRequest(GatewayError):
 class NotFound(GatewayError):
     status = 404
     code = "not_found"
+
+
+class CheckFailed(GatewayError):
+    """A message failed an input or output check (``gateway.checks``); ``rule`` names it."""
+
+    status = 400
+
+    def __init__(self, message: str, *, code: str, rule: str) -> None:
+        super().__init__(message, code=code)
+        self.rule = rule
+
+    def to_dict(self) -> dict[str, object]:
+        return {**super().to_dict(), "rule": self.rule}
 
 
 class Forbidden(GatewayError):

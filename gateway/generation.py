@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway import protocol
-from gateway.errors import GatewayError, UpstreamError
+from gateway.checks import CheckPipeline
+from gateway.errors import CheckFailed, GatewayError, UpstreamError
 from gateway.hub import RoomHub
 from gateway.providers.base import ChatProvider, CompletionRequest
 from gateway.store.models import Message
@@ -18,6 +19,10 @@ from gateway.store.writer import WriteBatch, Writer
 log = logging.getLogger(__name__)
 
 INTERRUPTED = {"code": "interrupted", "message": "the gateway stopped mid-answer"}
+
+CHECK_EVERY = 32
+"""Characters of new text between two runs of the output checks (joining the text
+for every token would cost more than the checks themselves)."""
 
 
 class GenerationTask:
@@ -38,6 +43,7 @@ class GenerationTask:
         message_view: dict[str, Any],
         request: CompletionRequest,
         provider: ChatProvider,
+        checks: CheckPipeline | None,
         writer: Writer,
         hub: RoomHub,
         room_lock: asyncio.Lock,
@@ -53,6 +59,8 @@ class GenerationTask:
         self.checkpointed_seq = 0
         self._parts: list[str] = []
         self._provider = provider
+        self._checks = checks.output_stream() if checks is not None else None
+        self._checked_chars = 0
         self._writer = writer
         self._hub = hub
         self._room_lock = room_lock
@@ -105,6 +113,8 @@ class GenerationTask:
                         self.seq += 1
                         self._parts.append(chunk.text)
                         publish(room_id, protocol.token_frame(generation_id, self.seq, chunk.text))
+                        if self._checks is not None:
+                            self._check_output(len(chunk.text))
                     if chunk.finish_reason is not None:
                         finish_reason = chunk.finish_reason
                     if chunk.usage is not None:
@@ -115,9 +125,13 @@ class GenerationTask:
                     "the model's stream ended before the answer was finished",
                     code="upstream_truncated",
                 )
+            if self._checks is not None:
+                self._check_output(0, final=True)
             status = "complete"
         except asyncio.CancelledError:
             status = self._stop_status
+        except CheckFailed as exc:
+            status, error = "blocked", exc
         except GatewayError as exc:
             status, error = "error", exc
         except Exception as exc:
@@ -128,6 +142,22 @@ class GenerationTask:
             await self._finish(status, finish_reason, usage, error)
         finally:
             self._on_exit(self)
+
+    def _check_output(self, added: int, *, final: bool = False) -> None:
+        """Run the output checks on the answer so far (every ``CHECK_EVERY`` new
+        characters, and at the end); raise ``output_blocked`` when one fails."""
+        assert self._checks is not None
+        self._checked_chars += added
+        if not final and self._checked_chars < CHECK_EVERY:
+            return
+        self._checked_chars = 0
+        verdict = self._checks.check(self.text, final)
+        if not verdict.allowed:
+            raise CheckFailed(
+                f"the answer was stopped by the {verdict.rule} check: {verdict.reason}",
+                code="output_blocked",
+                rule=verdict.rule or "unknown",
+            )
 
     async def _finish(
         self,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
 
@@ -128,6 +128,16 @@ class PersonaUpdate(_Body):
 KeyName = Annotated[str, Field(min_length=1, max_length=64)]
 
 
+def _known_checks(names: list[str]) -> list[str]:
+    from gateway.checks import build_pipeline
+
+    build_pipeline([n for n in names if n != "secret_leak"], max_chars=1)  # ValueError
+    return names
+
+
+CheckNames = Annotated[list[str], Field(max_length=10), AfterValidator(_known_checks)]
+
+
 class RoomCreate(_Body):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     persona: PersonaUpdate = PersonaUpdate()
@@ -136,6 +146,7 @@ class RoomCreate(_Body):
     private: bool = False
     secret_prompt: bool = False
     grants: Annotated[list[KeyName], Field(max_length=1000)] = []
+    checks: CheckNames | None = None  # None: the gateway's default checks
 
 
 class RoomUpdate(_Body):
@@ -144,6 +155,7 @@ class RoomUpdate(_Body):
     private: bool | None = None
     secret_prompt: bool | None = None
     grants: Annotated[list[KeyName], Field(max_length=1000)] | None = None
+    checks: CheckNames | None = None
 
 
 class MessageCreate(_Body):

@@ -39,6 +39,7 @@ class RoomService:
             private=body.private,
             secret_prompt=body.secret_prompt,
             grants=[RoomGrant(key_name=name) for name in sorted(set(body.grants))],
+            checks=body.checks,
         )
         async with self.db.transaction() as session:
             await MessageStore(session).add_room(room)
@@ -74,6 +75,8 @@ class RoomService:
             for flag in ("private", "secret_prompt"):
                 if getattr(body, flag) is not None:
                     setattr(room, flag, getattr(body, flag))
+            if "checks" in body.model_fields_set:
+                room.checks = body.checks  # null: back to the gateway's default
             if body.grants is not None:
                 room.grants = [RoomGrant(key_name=name) for name in sorted(set(body.grants))]
             await session.flush()

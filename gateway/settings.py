@@ -106,6 +106,19 @@ class Settings(BaseSettings):
     max_concurrent_generations: int | None = Field(None, ge=1)
     max_connections_per_client: int | None = Field(None, ge=1)
 
+    # Input/output checks every room runs unless it names its own (gateway.checks):
+    # length, charset, prompt_injection. Empty: none. Rooms with a secret system
+    # prompt also get secret_leak.
+    checks: CommaList = []
+
+    @field_validator("checks")
+    @classmethod
+    def _known_checks(cls, names: list[str]) -> list[str]:
+        from gateway.checks import build_pipeline
+
+        build_pipeline(names, max_chars=1)  # raises ValueError naming an unknown check
+        return names
+
     @field_validator("rate_limit_messages", "rate_limit_room_messages")
     @classmethod
     def _limits_notation(cls, value: str | None) -> str | None:
@@ -115,7 +128,7 @@ class Settings(BaseSettings):
             limits.parse_many(value)  # raises ValueError naming the bad part
         return value
 
-    @field_validator("api_keys", "allowed_origins", mode="before")
+    @field_validator("api_keys", "allowed_origins", "checks", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

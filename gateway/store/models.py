@@ -28,7 +28,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 Role = Literal["user", "assistant"]
 # streaming: being generated; complete: finished normally; cancelled: stopped by a
 # client; error: the upstream failed; interrupted: the process stopped mid-answer.
-Status = Literal["streaming", "complete", "cancelled", "error", "interrupted"]
+# blocked: an output check stopped it.
+Status = Literal["streaming", "complete", "cancelled", "error", "interrupted", "blocked"]
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -85,6 +86,8 @@ class Room(Base):
     owner: Mapped[str | None] = mapped_column(String(64))
     private: Mapped[bool] = mapped_column(Boolean, default=False)
     secret_prompt: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The input/output checks this room runs (gateway.checks names); None: the default.
+    checks: Mapped[list[str] | None] = mapped_column(JSON)
     grants: Mapped[list[RoomGrant]] = relationship(
         lazy="selectin", cascade="all, delete-orphan", passive_deletes=True
     )
@@ -109,6 +112,7 @@ class Room(Base):
             "owner": self.owner,
             "private": self.private,
             "secret_prompt": self.secret_prompt,
+            "checks": self.checks,
             "created_at": isoformat(self.created_at),
             "updated_at": isoformat(self.updated_at),
         }

@@ -4,7 +4,13 @@
 
 import { renderMarkdown } from "./markdown.js";
 
-const STATUS_LABELS = { cancelled: "stopped", error: "failed", interrupted: "interrupted", streaming: "writing…" };
+const STATUS_LABELS = {
+  cancelled: "stopped",
+  error: "failed",
+  interrupted: "interrupted",
+  blocked: "blocked",
+  streaming: "writing…",
+};
 
 export class Conversation {
   /**
