@@ -22,6 +22,7 @@ from gateway.chat import ChatService
 from gateway.eventlog import EventLogs
 from gateway.hub import RoomHub
 from gateway.providers.base import ChatProvider
+from gateway.providers.moderation import Moderator
 from gateway.quotas import Quotas
 from gateway.rooms import RoomService
 from gateway.settings import Settings, SettingsError, load_settings
@@ -151,6 +152,15 @@ def create_app(
             settings.default_model or chosen.default_model,
             f" at {where}" if chosen.name == "openai" else "",
         )
+        moderator = (
+            Moderator(
+                model=settings.moderation_model,
+                api_key=settings.openai_api_key,
+                base_url=settings.moderation_base_url or settings.openai_base_url,
+            )
+            if settings.moderation_model
+            else None
+        )
         writer = Writer(db)
         writer.start()
         chat = ChatService(
@@ -169,6 +179,7 @@ def create_app(
                 max_connections=settings.max_connections_per_client,
                 storage=settings.rate_limit_storage,
             ),
+            moderator=moderator,
         )
         chat.start()
         try:
@@ -182,6 +193,8 @@ def create_app(
             await chat.shutdown()
             await writer.close()
             await chosen.aclose()
+            if moderator is not None:
+                await moderator.aclose()
             await db.dispose()
 
     routes: list[Any] = [*http.routes, *websocket.routes]

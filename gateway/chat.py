@@ -20,12 +20,13 @@ from typing import Any
 
 from gateway import protocol
 from gateway.access import OPEN, Viewer
-from gateway.checks import CheckPipeline, SecretLeak, build_pipeline
+from gateway.checks import CheckPipeline, SecretLeak, Verdict, build_pipeline
 from gateway.errors import BadRequest, Busy, CheckFailed, Conflict, NotFound
 from gateway.generation import GenerationTask
 from gateway.hub import RoomHub, Subscriber
 from gateway.prompt import Turn, build_prompt, estimate_tokens
 from gateway.providers.base import ChatProvider, CompletionRequest
+from gateway.providers.moderation import Moderator
 from gateway.quotas import Quotas
 from gateway.settings import Settings
 from gateway.store.db import Database
@@ -48,10 +49,15 @@ async def check_input(checks: CheckPipeline, content: str) -> None:
         verdict = await asyncio.to_thread(checks.check_input, content)
     else:
         verdict = checks.check_input(content)
+    rejected(verdict, "input_rejected", "message")
+
+
+def rejected(verdict: Verdict, code: str, what: str) -> None:
+    """Raise ``code`` (with the rule's name) unless ``verdict`` allows."""
     if not verdict.allowed:
         raise CheckFailed(
-            f"the message was rejected by the {verdict.rule} check: {verdict.reason}",
-            code="input_rejected",
+            f"the {what} was stopped by the {verdict.rule} check: {verdict.reason}",
+            code=code,
             rule=verdict.rule or "unknown",
         )
 
@@ -121,9 +127,11 @@ class ChatService:
         provider: ChatProvider,
         settings: Settings,
         quotas: Quotas | None = None,
+        moderator: Moderator | None = None,
     ) -> None:
         self.db = db
         self.quotas = quotas or Quotas()
+        self.moderator = moderator
         self._senders: dict[str, str] = {}  # generation id -> who started it
         self.writer = writer
         self.hub = hub
@@ -292,6 +300,9 @@ class ChatService:
             checks = self._checks(room)
             if checks is not None:
                 await check_input(checks, content)
+            moderator = self._moderator(room)
+            if moderator is not None:
+                rejected(await moderator.check(content), "input_rejected", "message")
             await self._admit(sender, room_id)
             now = utcnow()
             user = Message(
@@ -421,12 +432,22 @@ class ChatService:
                 "or cancel it",
             )
 
+    def _check_names(self, room: Room) -> list[str]:
+        return room.checks if room.checks is not None else self.settings.checks
+
+    def _moderator(self, room: Room) -> Moderator | None:
+        """The moderation endpoint, when the room's checks include ``moderation``."""
+        if "moderation" not in self._check_names(room):
+            return None
+        if self.moderator is None:
+            log.warning("room %s asks for moderation, but none is configured", room.id)
+        return self.moderator
+
     def _checks(self, room: Room) -> CheckPipeline | None:
         """The room's input/output checks (its own list, else the gateway's), plus a
         secret-leak rule when its system prompt is secret; None when there are none."""
-        names = room.checks if room.checks is not None else self.settings.checks
         pipeline = build_pipeline(
-            [name for name in names if name != "secret_leak"],
+            [name for name in self._check_names(room) if name not in ("secret_leak", "moderation")],
             max_chars=self.settings.max_message_chars,
         )
         checks = list(pipeline.checks)
@@ -492,6 +513,7 @@ class ChatService:
             ),
             provider=self.provider,
             checks=self._checks(room),
+            moderator=self._moderator(room),
             writer=self.writer,
             hub=self.hub,
             room_lock=self._lock(room.id),

@@ -13,6 +13,7 @@ from gateway.checks import CheckPipeline
 from gateway.errors import CheckFailed, GatewayError, UpstreamError
 from gateway.hub import RoomHub
 from gateway.providers.base import ChatProvider, CompletionRequest
+from gateway.providers.moderation import Moderator
 from gateway.store.models import Message
 from gateway.store.writer import WriteBatch, Writer
 
@@ -44,6 +45,7 @@ class GenerationTask:
         request: CompletionRequest,
         provider: ChatProvider,
         checks: CheckPipeline | None,
+        moderator: Moderator | None,
         writer: Writer,
         hub: RoomHub,
         room_lock: asyncio.Lock,
@@ -61,6 +63,7 @@ class GenerationTask:
         self._provider = provider
         self._checks = checks.output_stream() if checks is not None else None
         self._checked_chars = 0
+        self._moderator = moderator
         self._writer = writer
         self._hub = hub
         self._room_lock = room_lock
@@ -127,6 +130,14 @@ class GenerationTask:
                 )
             if self._checks is not None:
                 self._check_output(0, final=True)
+            if self._moderator is not None:  # a network call: once, on the whole answer
+                verdict = await self._moderator.check(self.text)
+                if not verdict.allowed:
+                    raise CheckFailed(
+                        f"the answer was stopped by the moderation check: {verdict.reason}",
+                        code="output_blocked",
+                        rule="moderation",
+                    )
             status = "complete"
         except asyncio.CancelledError:
             status = self._stop_status

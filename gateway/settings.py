@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
@@ -110,14 +110,25 @@ class Settings(BaseSettings):
     # length, charset, prompt_injection. Empty: none. Rooms with a secret system
     # prompt also get secret_leak.
     checks: CommaList = []
+    # The "moderation" check: a model on an OpenAI-compatible /v1/moderations endpoint
+    # (e.g. omni-moderation-latest), at GATEWAY_MODERATION_BASE_URL or OPENAI_BASE_URL.
+    moderation_model: str | None = None
+    moderation_base_url: str | None = None
 
     @field_validator("checks")
     @classmethod
     def _known_checks(cls, names: list[str]) -> list[str]:
         from gateway.checks import build_pipeline
 
-        build_pipeline(names, max_chars=1)  # raises ValueError naming an unknown check
+        # Raises ValueError naming an unknown check.
+        build_pipeline([n for n in names if n != "moderation"], max_chars=1)
         return names
+
+    @model_validator(mode="after")
+    def _moderation_configured(self) -> Settings:
+        if "moderation" in self.checks and not self.moderation_model:
+            raise ValueError("the moderation check needs GATEWAY_MODERATION_MODEL")
+        return self
 
     @field_validator("rate_limit_messages", "rate_limit_room_messages")
     @classmethod
@@ -157,6 +168,9 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
+            if not err["loc"]:  # a rule between several settings: the message names them
+                lines.append(err["msg"])
+                continue
             name = "GATEWAY_" + "_".join(str(p) for p in err["loc"]).upper()
             if name.startswith("GATEWAY_OPENAI_"):
                 name = name.removeprefix("GATEWAY_")

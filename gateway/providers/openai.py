@@ -1,8 +1,8 @@
 """The OpenAI-compatible provider, on the official ``openai`` SDK.
 
-This is the only module that imports ``openai``; its exceptions are translated into
-:class:`gateway.errors.UpstreamError` here. Works with any server that speaks the
-Chat Completions API (OpenAI, vLLM, Ollama, llama.cpp's server, ...).
+This module (and :mod:`gateway.providers.moderation`) imports ``openai``; its
+exceptions are translated into :class:`gateway.errors.UpstreamError` here. Works with
+any server that speaks the Chat Completions API (OpenAI, vLLM, Ollama, llama.cpp's server, ...).
 
 The SDK sends the request through its generic ``post`` (auth, ``base_url``, retries,
 HTTP status errors), but the streamed body is read here: raw bytes from httpx2, a

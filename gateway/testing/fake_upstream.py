@@ -2,9 +2,9 @@
 
 Tests and benchmarks point the real ``openai`` SDK (or the gateway) at this
 server; it speaks real HTTP/1.1 and Server-Sent Events exactly like OpenAI's
-``POST /v1/chat/completions`` (``stream=true`` and ``stream=false``) and
-``GET /v1/models``. It is a raw ASGI app (no framework) so one core can keep
-~1000 streams ticking every 20 ms: every SSE chunk is assembled from
+``POST /v1/chat/completions`` (``stream=true`` and ``stream=false``),
+``GET /v1/models`` and ``POST /v1/moderations``. It is a raw ASGI app (no
+framework) so one core can keep ~1000 streams ticking every 20 ms: every SSE chunk is assembled from
 pre-encoded byte templates, and only the token text goes through ``orjson``.
 
 Scenario rules
@@ -123,6 +123,12 @@ class Scenario:
         if self.tokens is not None:
             return list(self.tokens)
         return [f"tok{i} " for i in range(self.count)]
+
+
+FLAG_WORD = "FLAGME"
+"""The fake moderation endpoint flags any input containing this word."""
+FAIL_WORD = "MODERATIONDOWN"
+"""... and fails (HTTP 500) for one containing this."""
 
 
 @dataclass
@@ -370,6 +376,8 @@ class FakeUpstream:
         self.record = record
         self.requests: list[RecordedRequest] = []
         """Recorded chat-completion requests, in arrival order."""
+        self.moderations: list[list[str]] = []
+        """The inputs of each ``/v1/moderations`` request, in arrival order."""
         self._script: collections.deque[Scenario] = collections.deque()
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
@@ -410,6 +418,7 @@ class FakeUpstream:
         """Forget recorded requests and scripted scenarios (the default is kept)."""
         with self._cond:
             self.requests.clear()
+            self.moderations.clear()
             self._script.clear()
 
     # ---------------------------------------------------------------- ASGI entry
@@ -438,6 +447,8 @@ class FakeUpstream:
             await self._chat(scope, receive, send)
         elif path == "/v1/models" and method == "GET":
             await self._send_json(send, 200, _MODELS_BODY)
+        elif path == "/v1/moderations" and method == "POST":
+            await self._moderate(receive, send)
         else:
             body = _error_body(
                 f"Unknown request URL: {method} {path}", "invalid_request_error", "unknown_url"
@@ -450,6 +461,41 @@ class FakeUpstream:
     ) -> None:
         await send(_json_response_start(status, body, extra))
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    # ---------------------------------------------------------------- moderations
+
+    async def _moderate(self, receive: Receive, send: Send) -> None:
+        """``POST /v1/moderations``: flags an input containing :data:`FLAG_WORD`
+        (category ``violence``); answers 500 for one containing :data:`FAIL_WORD`."""
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = orjson.loads(b"".join(chunks))
+        inputs = body.get("input", "")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        self.moderations.append(texts)
+        if any(FAIL_WORD in text for text in texts):
+            error = _error_body("moderation is down", "server_error", None)
+            await self._send_json(send, 500, error)
+            return
+        results = []
+        for text in texts:
+            flagged = FLAG_WORD in text
+            results.append(
+                {
+                    "flagged": flagged,
+                    "categories": {"violence": flagged, "harassment": False},
+                    "category_scores": {"violence": 0.97 if flagged else 0.01, "harassment": 0.0},
+                }
+            )
+        model = body.get("model", "fake-moderation")
+        response = {"id": "modr-fake", "model": model, "results": results}
+        await self._send_json(send, 200, orjson.dumps(response))
 
     # ---------------------------------------------------------------- chat completions
 
