@@ -485,6 +485,7 @@ class ChatService:
             [Turn(m.role, m.content) for m in history],
             context_tokens=params["context_tokens"],
             max_tokens=params["max_tokens"],
+            max_turns=self.settings.max_history_messages,
         )
         generation_id = new_id("gen")
         now = utcnow()

@@ -24,10 +24,16 @@ class Turn:
 
 
 def build_prompt(
-    system_prompt: str, history: Sequence[Turn], *, context_tokens: int, max_tokens: int
+    system_prompt: str,
+    history: Sequence[Turn],
+    *,
+    context_tokens: int,
+    max_tokens: int,
+    max_turns: int | None = None,
 ) -> list[dict[str, str]]:
     """The messages for the upstream: the system prompt (always kept) and as many of
-    the newest turns as fit in ``context_tokens`` minus room for the answer.
+    the newest turns as fit in ``context_tokens`` minus room for the answer, and at
+    most ``max_turns`` of them.
 
     Turns without text (an answer cancelled before its first token) are skipped. The
     newest turn is always kept, even when it alone exceeds the budget: the upstream
@@ -42,7 +48,7 @@ def build_prompt(
         if not turn.content:
             continue
         cost = estimate_tokens(turn.content)
-        if kept and cost > budget:
+        if kept and (cost > budget or len(kept) == max_turns):
             break
         budget -= cost
         kept.append({"role": turn.role, "content": turn.content})

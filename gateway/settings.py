@@ -72,6 +72,9 @@ class Settings(BaseSettings):
 
     # Limits and flow control.
     max_message_chars: int = Field(32_000, ge=1)
+    # History depth: at most this many earlier messages go upstream with a new one
+    # (on top of the token budget), however short they are.
+    max_history_messages: int = Field(200, ge=1)
     max_frame_bytes: int = Field(64 * 1024, ge=1024)
     send_queue_size: int = Field(1024, ge=8)
     send_timeout: float = Field(10.0, gt=0)

@@ -169,3 +169,20 @@ async def test_long_conversation_sends_only_what_fits_the_context_budget(
     assert sent[1]["role"] == "user"
     # 300 tokens minus 100 for the answer leave room for the newest turns only.
     assert 2 <= len(sent) <= 4
+
+
+async def test_no_more_than_max_history_messages_go_upstream(
+    start_gateway: Any, connect: Any, upstream: FakeUpstream
+) -> None:
+    gateway = start_gateway(max_history_messages=5)
+    room = await create_room(gateway)
+    client = await connect(room["id"], gateway_=gateway)
+    for i in range(6):
+        await client.send({"type": "send", "content": f"short {i} [[fake count=1]]"})
+        await client.until("done")
+    sent = upstream.requests[-1].body["messages"]
+    assert sent[0]["role"] == "system"
+    turns = sent[1:]
+    # Five at most, starting with a user turn: user 3, answer, user 4, answer, user 5.
+    assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant", "user"]
+    assert turns[-1]["content"].startswith("short 5")
