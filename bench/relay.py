@@ -480,6 +480,18 @@ class _SSEProtocol(asyncio.Protocol):
             self.finished.set_result(None)
 
 
+async def wait_finished(
+    protocol: _SSEProtocol, spec: StreamSpec, result: StreamResult
+) -> StreamResult:
+    """Wait until ``protocol`` has the whole answer (or failed), at most the timeout."""
+    try:
+        async with asyncio.timeout(spec.timeout):
+            await asyncio.shield(protocol.finished)
+    except TimeoutError:
+        result.error = f"timeout after {spec.timeout:g} s"
+    return result
+
+
 class RawDirectClient:
     """A stream straight from the upstream. The connection is opened in ``prepare``,
     so TTFT runs from writing the request to the first content token."""
@@ -503,12 +515,7 @@ class RawDirectClient:
         request = _direct_request(self.host, self.port, self.spec)
         self.result.t_send = now()
         protocol.transport.write(request)
-        try:
-            async with asyncio.timeout(self.spec.timeout):
-                await asyncio.shield(protocol.finished)
-        except TimeoutError:
-            self.result.error = f"timeout after {self.spec.timeout:g} s"
-        return self.result
+        return await wait_finished(protocol, self.spec, self.result)
 
     async def close(self) -> None:
         if self.protocol is not None and self.protocol.transport is not None:
@@ -738,19 +745,9 @@ class SsePostClient:
         assert protocol is not None and protocol.transport is not None
         self.result.t_send = now()
         protocol.transport.write(self.request)
-        return await self._wait(protocol)
+        return await wait_finished(protocol, self.spec, self.result)
 
-    async def _wait(self, protocol: _GatewaySSEProtocol) -> StreamResult:
-        try:
-            async with asyncio.timeout(self.spec.timeout):
-                await asyncio.shield(protocol.finished)
-        except TimeoutError:
-            self.result.error = f"timeout after {self.spec.timeout:g} s"
-        return self.result
-
-    async def close(self) -> None:
-        if self.protocol is not None and self.protocol.transport is not None:
-            self.protocol.transport.close()
+    close = RawDirectClient.close
 
 
 class SseClient(SsePostClient):
@@ -781,7 +778,7 @@ class SseClient(SsePostClient):
         assert self.protocol is not None and self.poster is not None
         self.result.t_send = now()
         self.poster.write(self.request)  # its 202 response is not read
-        return await self._wait(self.protocol)
+        return await wait_finished(self.protocol, self.spec, self.result)
 
     async def close(self) -> None:
         await super().close()

@@ -264,6 +264,18 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
     )
 
 
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body; None when the client went away first."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
 def _json_response_start(
     status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
 ) -> Message:
@@ -467,15 +479,10 @@ class FakeUpstream:
     async def _moderate(self, receive: Receive, send: Send) -> None:
         """``POST /v1/moderations``: flags an input containing :data:`FLAG_WORD`
         (category ``violence``); answers 500 for one containing :data:`FAIL_WORD`."""
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = orjson.loads(b"".join(chunks))
+        raw = await _read_body(receive)
+        if raw is None:
+            return
+        body = orjson.loads(raw)
         inputs = body.get("input", "")
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         self.moderations.append(texts)
@@ -516,16 +523,11 @@ class FakeUpstream:
             await self._send_json(send, 401, body)
             return
 
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
+        raw = await _read_body(receive)
+        if raw is None:
+            return
         try:
-            body = orjson.loads(b"".join(chunks))
+            body = orjson.loads(raw)
             if not isinstance(body, dict):
                 raise ValueError("request body must be a JSON object")
         except ValueError as exc:
