@@ -75,11 +75,76 @@ class Gateway:
         self.server.stop()
 
 
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
+"""Run the suite against PostgreSQL: ``postgresql+asyncpg://user@host/db``; each test
+gets a fresh database created from it (and dropped after)."""
+
+
+def _on_postgres(statement: str) -> None:
+    """Run one statement on the server of ``TEST_DATABASE_URL`` (in a thread: a test's
+    event loop may be running)."""
+    import threading
+
+    import asyncpg  # type: ignore[import-not-found]
+
+    url = str(TEST_DATABASE_URL).replace("postgresql+asyncpg://", "postgresql://", 1)
+    errors: list[BaseException] = []
+
+    async def run() -> None:
+        connection = await asyncpg.connect(url)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    def target() -> None:
+        try:
+            asyncio.run(run())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
 @pytest.fixture
-def make_settings(tmp_path: Path, upstream_server: FakeUpstreamServer) -> Any:
+def database_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database for one test: a SQLite file, or with TEST_DATABASE_URL
+    a new PostgreSQL database."""
+    if TEST_DATABASE_URL is None:
+        yield f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+        return
+    name = f"gw_test_{os.urandom(6).hex()}"
+    _on_postgres(f'CREATE DATABASE "{name}"')
+    try:
+        yield TEST_DATABASE_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        _on_postgres(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def run_sql(database_url: str, statement: str, **params: Any) -> list[Any]:
+    """Run one SQL statement on a gateway's database, behind its back (SQLite or
+    PostgreSQL alike); returns the rows."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            result = await connection.execute(text(statement), params)
+            return list(result.fetchall()) if result.returns_rows else []
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def make_settings(database_url: str, upstream_server: FakeUpstreamServer) -> Any:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "database_url": f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}",
+            "database_url": database_url,
             "openai_api_key": "test-key",
             "openai_base_url": upstream_server.base_url,
             "upstream_max_retries": 0,

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import sqlite3
 import time
 from typing import Any
 
 import httpx2
 
 from gateway.testing.fake_upstream import FakeUpstream, Scenario
-from tests.conftest import create_room, scaled
-
-
-def db_path(gateway: Any) -> str:
-    return gateway.settings.database_url.split("///", 1)[1]
+from tests.conftest import create_room, run_sql, scaled
 
 
 async def get_messages(gateway: Any, room_id: str) -> list[dict[str, Any]]:
@@ -70,10 +65,11 @@ async def test_streaming_answer_is_checkpointed_every_interval(
     deadline = time.monotonic() + scaled(10)
     while len(seen) < 3 and time.monotonic() < deadline:
         await asyncio.sleep(0.25)
-        with sqlite3.connect(db_path(gateway)) as conn:
-            row = conn.execute(
-                "SELECT content, status FROM messages WHERE id = ?", (start["message_id"],)
-            ).fetchone()
+        (row,) = await run_sql(
+            gateway.settings.database_url,
+            "SELECT content, status FROM messages WHERE id = :id",
+            id=start["message_id"],
+        )
         if row[1] == "streaming" and row[0] and row[0] not in seen:
             seen.append(row[0])
     # Checkpoints arrive every interval, each a longer prefix of the answer.
@@ -115,11 +111,11 @@ async def test_answers_left_streaming_by_a_crash_are_marked_interrupted(
     await client.ws.close()
     first.stop()
     # What a crash leaves behind: an answer still marked streaming, with a checkpoint.
-    with sqlite3.connect(db_path(first)) as conn:
-        conn.execute(
-            "UPDATE messages SET status = 'streaming', content = 'half an ans' WHERE id = ?",
-            (done["message"]["id"],),
-        )
+    await run_sql(
+        first.settings.database_url,
+        "UPDATE messages SET status = 'streaming', content = 'half an ans' WHERE id = :id",
+        id=done["message"]["id"],
+    )
 
     second = start_gateway()
     answer = (await get_messages(second, room["id"]))[-1]
