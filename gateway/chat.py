@@ -276,7 +276,8 @@ class ChatService:
         is stored or generated).
         Raises ``Busy`` while the room is generating: queued messages would reach
         the model out of order with the answers, so the client retries instead; and
-        ``RateLimited`` when ``sender`` (or the room) is over a quota. Either way
+        ``RateLimited`` when ``sender`` (or the room) is over a quota, and
+        ``input_rejected`` when the message fails the room's checks. Either way
         nothing is stored.
         """
         if not content.strip():
@@ -297,12 +298,7 @@ class ChatService:
                         return await store.message_view(existing), None
             self._ensure_idle(room_id)
             room = state.room
-            checks = self._checks(room)
-            if checks is not None:
-                await check_input(checks, content)
-            moderator = self._moderator(room)
-            if moderator is not None:
-                rejected(await moderator.check(content), "input_rejected", "message")
+            await self._check_input(room, content)
             await self._admit(sender, room_id)
             now = utcnow()
             user = Message(
@@ -431,6 +427,15 @@ class ChatService:
                 f"the room is generating (generation {running.id}); wait for it to end "
                 "or cancel it",
             )
+
+    async def _check_input(self, room: Room, content: str) -> None:
+        """Run the room's input checks, then its moderation, on a user message."""
+        checks = self._checks(room)
+        if checks is not None:
+            await check_input(checks, content)
+        moderator = self._moderator(room)
+        if moderator is not None:
+            rejected(await moderator.check(content), "input_rejected", "message")
 
     def _check_names(self, room: Room) -> list[str]:
         return room.checks if room.checks is not None else self.settings.checks
