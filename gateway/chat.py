@@ -20,9 +20,9 @@ from typing import Any
 
 from gateway import protocol
 from gateway.access import OPEN, Viewer
-from gateway.checks import CheckPipeline, SecretLeak, Verdict, build_pipeline
-from gateway.errors import BadRequest, Busy, CheckFailed, Conflict, NotFound
-from gateway.generation import GenerationTask
+from gateway.checks import CheckPipeline, SecretLeak, build_pipeline
+from gateway.errors import BadRequest, Busy, Conflict, NotFound
+from gateway.generation import GenerationTask, rejected
 from gateway.hub import RoomHub, Subscriber
 from gateway.prompt import Turn, build_prompt, estimate_tokens
 from gateway.providers.base import ChatProvider, CompletionRequest
@@ -50,16 +50,6 @@ async def check_input(checks: CheckPipeline, content: str) -> None:
     else:
         verdict = checks.check_input(content)
     rejected(verdict, "input_rejected", "message")
-
-
-def rejected(verdict: Verdict, code: str, what: str) -> None:
-    """Raise ``code`` (with the rule's name) unless ``verdict`` allows."""
-    if not verdict.allowed:
-        raise CheckFailed(
-            f"the {what} was stopped by the {verdict.rule} check: {verdict.reason}",
-            code=code,
-            rule=verdict.rule or "unknown",
-        )
 
 
 PRUNE_INTERVAL = 10.0
@@ -132,7 +122,6 @@ class ChatService:
         self.db = db
         self.quotas = quotas or Quotas()
         self.moderator = moderator
-        self._senders: dict[str, str] = {}  # generation id -> who started it
         self.writer = writer
         self.hub = hub
         self.provider = provider
@@ -313,7 +302,9 @@ class ChatService:
                 updated_at=now,
             )
             async with self._releasing_on_error(sender):
-                generation = self._plan(room, [*state.branch, user], [], temperature=None)
+                generation = self._plan(
+                    room, [*state.branch, user], [], temperature=None, sender=sender
+                )
                 answer = generation.answer
                 await self.writer.write(
                     WriteBatch(
@@ -325,7 +316,7 @@ class ChatService:
             room.active_leaf_id = answer.id
             user_view = user.to_dict()
             self.hub.publish(room_id, protocol.message_frame(user_view, client_id))
-            return user_view, self._launch(generation, sender)
+            return user_view, self._launch(generation)
 
     async def regenerate(
         self,
@@ -349,7 +340,9 @@ class ChatService:
                 branch = await store.views(room_id, history)
                 siblings = await store.sibling_ids(room_id, target.parent_id, "assistant")
             async with self._releasing_on_error(sender):
-                generation = self._plan(room, history, siblings, temperature=temperature)
+                generation = self._plan(
+                    room, history, siblings, temperature=temperature, sender=sender
+                )
                 answer = generation.answer
                 await self.writer.write(
                     WriteBatch(inserts=[message_row(answer)], leaves={room_id: answer.id})
@@ -358,7 +351,7 @@ class ChatService:
             self._remember(room, [*history, answer])
             branch.append(generation.message_view)
             self.hub.publish(room_id, protocol.branch_frame(branch, answer.id))
-            return self._launch(generation, sender)
+            return self._launch(generation)
 
     async def select(self, room_id: str, message_id: str) -> list[dict[str, Any]]:
         """Make the branch through ``message_id`` (down to its newest leaf) active."""
@@ -469,11 +462,13 @@ class ChatService:
         siblings: list[str],
         *,
         temperature: float | None,
+        sender: str,
     ) -> GenerationTask:
         """The task to answer, with its streaming assistant message (not stored yet).
 
         ``history`` is the branch from the first message down to the user message
-        being answered; ``siblings`` the ids of earlier answers to it.
+        being answered; ``siblings`` the ids of earlier answers to it; ``sender`` who
+        asked (its concurrent-generation quota is released when the task ends).
         """
         settings = self.settings
         if temperature is None:
@@ -524,6 +519,7 @@ class ChatService:
             hub=self.hub,
             room_lock=self._lock(room.id),
             on_exit=self._on_generation_exit,
+            sender=sender,
         )
 
     async def _admit(self, sender: str, room_id: str) -> None:
@@ -541,9 +537,8 @@ class ChatService:
             self.quotas.end_generation(sender)
             raise
 
-    def _launch(self, generation: GenerationTask, sender: str) -> Started:
+    def _launch(self, generation: GenerationTask) -> Started:
         """Publish ``start`` and run the generation (caller holds the room lock)."""
-        self._senders[generation.id] = sender
         self._running[generation.room_id] = generation
         self.hub.publish(
             generation.room_id, protocol.start_frame(generation.id, generation.message_view)
@@ -554,9 +549,7 @@ class ChatService:
     def _on_generation_exit(self, generation: GenerationTask) -> None:
         if self._running.get(generation.room_id) is generation:
             del self._running[generation.room_id]
-        sender = self._senders.pop(generation.id, None)
-        if sender is not None:
-            self.quotas.end_generation(sender)
+        self.quotas.end_generation(generation.sender)
 
     async def _checkpoint_loop(self) -> None:
         """Every interval, save the text of all running answers in one write (and now

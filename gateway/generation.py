@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway import protocol
-from gateway.checks import CheckPipeline
+from gateway.checks import CheckPipeline, Verdict
 from gateway.errors import CheckFailed, GatewayError, UpstreamError
 from gateway.hub import RoomHub
 from gateway.providers.base import ChatProvider, CompletionRequest
@@ -24,6 +24,17 @@ INTERRUPTED = {"code": "interrupted", "message": "the gateway stopped mid-answer
 CHECK_EVERY = 32
 """Characters of new text between two runs of the output checks (joining the text
 for every token would cost more than the checks themselves)."""
+
+
+def rejected(verdict: Verdict, code: str, what: str) -> None:
+    """Raise ``code`` (with the rule's name) unless ``verdict`` allows; ``what`` is
+    "message" or "answer"."""
+    if not verdict.allowed:
+        raise CheckFailed(
+            f"the {what} was stopped by the {verdict.rule} check: {verdict.reason}",
+            code=code,
+            rule=verdict.rule or "unknown",
+        )
 
 
 class GenerationTask:
@@ -50,8 +61,10 @@ class GenerationTask:
         hub: RoomHub,
         room_lock: asyncio.Lock,
         on_exit: Callable[[GenerationTask], None],
+        sender: str = "anonymous",
     ) -> None:
         self.id = generation_id
+        self.sender = sender  # who started it: its quotas are released at the end
         self.room_id = room_id
         self.answer = answer  # kept current: the chat service caches it in the branch
         self.message_id = answer.id
@@ -131,13 +144,7 @@ class GenerationTask:
             if self._checks is not None:
                 self._check_output(0, final=True)
             if self._moderator is not None:  # a network call: once, on the whole answer
-                verdict = await self._moderator.check(self.text)
-                if not verdict.allowed:
-                    raise CheckFailed(
-                        f"the answer was stopped by the moderation check: {verdict.reason}",
-                        code="output_blocked",
-                        rule="moderation",
-                    )
+                rejected(await self._moderator.check(self.text), "output_blocked", "answer")
             status = "complete"
         except asyncio.CancelledError:
             status = self._stop_status
@@ -162,13 +169,7 @@ class GenerationTask:
         if not final and self._checked_chars < CHECK_EVERY:
             return
         self._checked_chars = 0
-        verdict = self._checks.check(self.text, final)
-        if not verdict.allowed:
-            raise CheckFailed(
-                f"the answer was stopped by the {verdict.rule} check: {verdict.reason}",
-                code="output_blocked",
-                rule=verdict.rule or "unknown",
-            )
+        rejected(self._checks.check(self.text, final), "output_blocked", "answer")
 
     async def _finish(
         self,

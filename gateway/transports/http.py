@@ -60,10 +60,6 @@ def _rooms(request: Request) -> RoomService:
     return request.state.rooms
 
 
-def _chat(request: Request) -> ChatService:
-    return request.state.chat
-
-
 async def _room_chat(request: Request) -> ChatService:
     """The chat service, once the caller is known to be allowed into the room."""
     chat: ChatService = request.state.chat
