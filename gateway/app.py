@@ -18,6 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 
 from gateway.access import AccessControl, parse_keys, read_keys_file
+from gateway.broker.base import Broker
 from gateway.chat import ChatService
 from gateway.eventlog import EventLogs
 from gateway.hub import RoomHub
@@ -94,6 +95,30 @@ def _unavailable(settings: Settings) -> ChatProvider:
     return UnavailableProvider(reason)
 
 
+def make_broker(settings: Settings, redis: Any) -> Broker:
+    """Redis when ``GATEWAY_REDIS_URL`` is set (several processes), else memory."""
+    if redis is not None:
+        from gateway.broker.redis import RedisBroker
+
+        return RedisBroker(
+            redis,
+            prefix=settings.redis_prefix,
+            log_size=settings.event_buffer_size,
+            log_seconds=settings.event_buffer_seconds,
+            lease_seconds=settings.lease_seconds,
+        )
+    from gateway.broker.memory import MemoryBroker
+
+    return MemoryBroker(EventLogs(settings.event_buffer_size, settings.event_buffer_seconds))
+
+
+def connect_redis(url: str) -> Any:
+    """One redis-py asyncio client (and connection pool) for the whole process."""
+    import redis.asyncio
+
+    return redis.asyncio.from_url(url, socket_connect_timeout=2, health_check_interval=5)
+
+
 # Implementations are imported only when chosen.
 PROVIDERS: dict[str, Callable[[Settings], ChatProvider]] = {
     "openai": _openai,
@@ -140,8 +165,14 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         db = Database(settings.database_url)
         await db.upgrade()
+        redis = connect_redis(settings.redis_url) if settings.redis_url else None
+        broker = make_broker(settings, redis)
+        # Answers other processes are streaming are theirs (or, if those died, the
+        # broker's takeover ends them with their published text).
+        streaming_elsewhere = await broker.generating()
         async with db.transaction() as session:
-            interrupted = await MessageStore(session).interrupt_streaming()
+            store = MessageStore(session)
+            interrupted = await store.interrupt_streaming(streaming_elsewhere)
         if interrupted:
             log.warning("marked %d answers left streaming by a crash as interrupted", interrupted)
         chosen = provider if make_provider is None else make_provider(settings)
@@ -166,10 +197,8 @@ def create_app(
         chat = ChatService(
             db=db,
             writer=writer,
-            hub=RoomHub(
-                EventLogs(settings.event_buffer_size, settings.event_buffer_seconds),
-                settings.send_queue_size,
-            ),
+            hub=RoomHub(settings.send_queue_size),
+            broker=broker,
             provider=chosen,
             settings=settings,
             quotas=Quotas(
@@ -177,11 +206,16 @@ def create_app(
                 room_messages=settings.rate_limit_room_messages,
                 max_generations=settings.max_concurrent_generations,
                 max_connections=settings.max_connections_per_client,
-                storage=settings.rate_limit_storage,
+                storage=settings.rate_limit_storage or settings.redis_url or "memory://",
+                key_prefix=settings.redis_prefix,
+                # One pool for the broker and the counters, unless they are elsewhere.
+                connection_pool=(
+                    redis.connection_pool if redis and not settings.rate_limit_storage else None
+                ),
             ),
             moderator=moderator,
         )
-        chat.start()
+        await chat.start()
         try:
             yield {
                 "settings": settings,
@@ -191,6 +225,9 @@ def create_app(
             }
         finally:
             await chat.shutdown()
+            await broker.aclose()
+            if redis is not None:
+                await redis.aclose()
             await writer.close()
             await chosen.aclose()
             if moderator is not None:

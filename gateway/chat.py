@@ -1,10 +1,12 @@
 """Conversation use cases: join, send, cancel, regenerate, select.
 
-Owns the rule "one generation per room at a time". Every change that clients see is
-committed first and published second, both under the room's lock, so a client
-joining concurrently gets either the old state plus the event, or the new state
-without it — never a gap or a duplicate. Reads use read sessions; writes go through
-the group-committing :class:`~gateway.store.writer.Writer`.
+Owns the rule "one generation per room at a time", through the broker's lease, so
+that it holds across gateway processes. Every change that clients see is committed
+first and published second, under the room's lock and inside the broker's
+:meth:`~gateway.broker.base.Broker.changing` bracket, so a client joining concurrently
+(on this process or another) gets either the old state plus the event, or the new
+state without it — never a gap or a duplicate. Reads use read sessions; writes go
+through the group-committing :class:`~gateway.store.writer.Writer`.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from typing import Any
 
 from gateway import protocol
 from gateway.access import OPEN, Viewer
+from gateway.broker.base import Broker, Orphan, Position
 from gateway.checks import CheckPipeline, SecretLeak, build_pipeline
-from gateway.errors import BadRequest, Busy, Conflict, NotFound
-from gateway.generation import GenerationTask, rejected
+from gateway.errors import BadRequest, Busy, Conflict, GatewayError, NotFound
+from gateway.generation import INTERRUPTED, GenerationTask, rejected
 from gateway.hub import RoomHub, Subscriber
 from gateway.prompt import Turn, build_prompt, estimate_tokens
 from gateway.providers.base import ChatProvider, CompletionRequest
@@ -55,6 +58,10 @@ async def check_input(checks: CheckPipeline, content: str) -> None:
 PRUNE_INTERVAL = 10.0
 """Seconds between sweeps of the event logs for expired events and idle rooms."""
 
+SNAPSHOT_TRIES = 8
+"""Attempts at a snapshot with no change under way before taking one anyway (a
+change begun by a process that then died never ends)."""
+
 
 def room_not_found(room_id: str) -> NotFound:
     return NotFound(f"no room with id {room_id!r}", code="room_not_found")
@@ -80,6 +87,8 @@ class RoomState:
 
     room: Room
     branch: list[Message]
+    version: int = 0
+    """The room's change count (see :meth:`Broker.claim`) this state is current at."""
 
 
 class RoomCache:
@@ -114,6 +123,7 @@ class ChatService:
         db: Database,
         writer: Writer,
         hub: RoomHub,
+        broker: Broker,
         provider: ChatProvider,
         settings: Settings,
         quotas: Quotas | None = None,
@@ -124,6 +134,7 @@ class ChatService:
         self.moderator = moderator
         self.writer = writer
         self.hub = hub
+        self.broker = broker
         self.provider = provider
         self.settings = settings
         # Weak: a room's lock lives while someone holds it (a caller, or a running
@@ -132,8 +143,10 @@ class ChatService:
         self._running: dict[str, GenerationTask] = {}
         self._cache = RoomCache()
         self._checkpointer: asyncio.Task[None] | None = None
+        self._closing = False
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self.broker.start(self.hub, self._cancel_requested)
         self._checkpointer = asyncio.create_task(self._checkpoint_loop(), name="checkpoints")
 
     def _lock(self, room_id: str) -> asyncio.Lock:
@@ -142,24 +155,26 @@ class ChatService:
             lock = self._locks[room_id] = asyncio.Lock()
         return lock
 
-    async def _state(self, room_id: str) -> RoomState:
-        """The room's cached state, loaded on first use (caller holds the room lock)."""
+    async def _state(self, room_id: str, version: int) -> RoomState:
+        """The room's state as of change ``version``: cached, or loaded when not cached
+        or older (another process changed the room). Caller holds the room lock."""
         state = self._cache.get(room_id)
-        if state is None:
+        if state is None or state.version != version:
             async with self.db.read() as session:
                 store = MessageStore(session)
                 room = await load_room(store, room_id)
                 branch = await store.branch(room.active_leaf_id)
-            state = self._remember(room, branch)
+            state = self._remember(room, branch, version)
         return state
 
-    def _remember(self, room: Room, branch: list[Message]) -> RoomState:
-        """Cache ``room`` with its active ``branch`` (caller holds the room lock)."""
+    def _remember(self, room: Room, branch: list[Message], version: int) -> RoomState:
+        """Cache ``room`` with its active ``branch`` as of change ``version`` (caller
+        holds the room lock)."""
         generation = self._running.get(room.id)
         if generation is not None:
             # The running answer's own object, which its end will bring up to date.
             branch = [generation.answer if m.id == generation.message_id else m for m in branch]
-        state = RoomState(room, self._trimmed(room, branch))
+        state = RoomState(room, self._trimmed(room, branch), version)
         self._cache.put(room.id, state)
         return state
 
@@ -175,12 +190,24 @@ class ChatService:
                 return branch[i + 1 :]
         return branch
 
-    def room_changed(self, room: Room) -> None:
-        """The room's name or persona was updated (by the REST API): reload it on next
-        use (a bigger context budget may need history the cache has trimmed)."""
+    @contextlib.asynccontextmanager
+    async def changing_room(self, room_id: str) -> AsyncIterator[None]:
+        """Bracket an update of the room itself (by the REST API): the caller commits
+        it, then :meth:`room_changed` announces it."""
+        async with self._lock(room_id), self.broker.changing(room_id):
+            yield
+
+    def room_changed(self, room: Room, view: dict[str, Any]) -> None:
+        """The room's name or persona was updated: tell its members, and reload it on
+        next use (a bigger context budget may need history the cache has trimmed)."""
         self._cache.drop(room.id)
+        self.broker.publish(room.id, protocol.room_frame(view))
 
     # --- joining -------------------------------------------------------------------
+
+    async def readiness(self) -> dict[str, bool]:
+        """Whether each shared part answers: ``database`` and ``broker``."""
+        return {"database": await self.db.ping(), "broker": self.broker.ready}
 
     async def authorize(self, room_id: str, viewer: Viewer) -> None:
         """Raise ``room_not_found`` unless ``viewer`` may see the room (a private room
@@ -212,42 +239,74 @@ class ChatService:
         the live text of a running answer is read in the same step as subscribing.
         """
         await self.authorize(room_id, viewer)
-        if after is not None:
-            # All in memory and in one step: no event can slip between replay and live.
-            resumed = self.hub.resume(room_id, after)
-            if resumed is not None:
-                subscriber, replayed = resumed
-                return protocol.resumed_frame(room_id, after, replayed), subscriber
-        async with self._lock(room_id):
+        subscriber = self.hub.subscribe(room_id)  # from here on, nothing is missed
+        try:
+            await self.broker.listen(room_id)
+            if after is not None:
+                missed = await self.broker.replay(room_id, after)
+                # Tokens are merged in the queue; other events each take a slot. A
+                # replay that would overflow the queue at once is better as a resync.
+                if missed is not None and (
+                    sum(event.frame["type"] != "token" for event in missed)
+                    <= self.hub.queue_limit // 2
+                ):
+                    subscriber.begin(missed, missed[-1].event_id if missed else after)
+                    return protocol.resumed_frame(room_id, after, len(missed)), subscriber
+            async with self._lock(room_id):
+                room, branch, messages, position = await self._snapshot(room_id)
+                if self._cache.get(room_id) is None:
+                    # Someone is about to chat here: spare their first send the reads.
+                    self._remember(room, branch, position.begun)
+            subscriber.begin([], position.last_event_id)
+        except BaseException:
+            self.leave(subscriber)
+            raise
+        live = position.live
+        if live is not None:
+            for message in messages:
+                if message["id"] == live["message_id"]:
+                    message["content"] = live["text"]
+        ready = protocol.ready_frame(
+            room.to_dict(), messages, live, position.last_event_id, resync=after is not None
+        )
+        return ready, subscriber
+
+    async def _snapshot(
+        self, room_id: str
+    ) -> tuple[Room, list[Message], list[dict[str, Any]], Position]:
+        """The room, its active branch (and its views) from the database, and the
+        broker's position, all as of the same change: retried while a change is
+        between its commit and its publication (possibly on another process)."""
+        for attempt in range(SNAPSHOT_TRIES):
+            begun, ended = await self.broker.changes(room_id)
             async with self.db.read() as session:
                 store = MessageStore(session)
                 room = await load_room(store, room_id)
                 branch = await store.branch(room.active_leaf_id)
                 messages = await store.views(room_id, branch)
-            room_view = room.to_dict()
-            if self._cache.get(room_id) is None:
-                # Someone is about to chat here: spare their first send the reads.
-                self._remember(room, branch)
-            generation = self._running.get(room_id)
-            live = generation.snapshot() if generation is not None else None
-            if live is not None:
-                for message in messages:
-                    if message["id"] == live["message_id"]:
-                        message["content"] = live["text"]
-            subscriber = self.hub.subscribe(room_id)
-            last_event_id = self.hub.log.last_id(room_id)
-        ready = protocol.ready_frame(
-            room_view, messages, live, last_event_id, resync=after is not None
-        )
-        return ready, subscriber
+            position = await self.broker.position(room_id)
+            if begun == ended and (position.begun, position.ended) == (begun, ended):
+                break
+            await asyncio.sleep(0.002 * 2**attempt)
+        else:
+            log.warning("room %s: a change seems stuck; snapshot taken as it is", room_id)
+        return room, branch, messages, position
 
-    def watch(self, room_id: str) -> Subscriber:
+    async def watch(self, room_id: str) -> Subscriber:
         """Subscribe to a room's events from now on, with no first frame: for a client
         about to start a generation and follow just that one."""
-        return self.hub.subscribe(room_id)
+        subscriber = self.hub.subscribe(room_id)
+        try:
+            await self.broker.listen(room_id)
+        except BaseException:
+            self.leave(subscriber)
+            raise
+        subscriber.begin([], 0)
+        return subscriber
 
     def leave(self, subscriber: Subscriber) -> None:
-        self.hub.unsubscribe(subscriber)
+        if self.hub.unsubscribe(subscriber):
+            self.broker.forget(subscriber.room_id)
 
     # --- sending -------------------------------------------------------------------
 
@@ -278,45 +337,56 @@ class ChatService:
                 code="message_too_long",
             )
         async with self._lock(room_id):
-            state = await self._state(room_id)
             if client_id is not None:
                 async with self.db.read() as session:
                     store = MessageStore(session)
+                    await load_room(store, room_id)
                     existing = await store.by_client_id(room_id, client_id)
                     if existing is not None:
                         return await store.message_view(existing), None
-            self._ensure_idle(room_id)
-            room = state.room
-            await self._check_input(room, content)
-            await self._admit(sender, room_id)
-            now = utcnow()
-            user = Message(
-                id=new_id("msg"),
-                room_id=room_id,
-                parent_id=room.active_leaf_id,
-                role="user",
-                content=content,
-                status="complete",
-                client_id=client_id,
-                created_at=now,
-                updated_at=now,
-            )
-            async with self._releasing_on_error(sender):
-                generation = self._plan(
-                    room, [*state.branch, user], [], temperature=None, sender=sender
+            generation_id = new_id("gen")
+            async with self._claimed(room_id, generation_id) as version:
+                state = await self._state(room_id, version)
+                room = state.room
+                await self._check_input(room, content)
+                await self._admit(sender, room_id)
+                now = utcnow()
+                user = Message(
+                    id=new_id("msg"),
+                    room_id=room_id,
+                    parent_id=room.active_leaf_id,
+                    role="user",
+                    content=content,
+                    status="complete",
+                    client_id=client_id,
+                    created_at=now,
+                    updated_at=now,
                 )
-                answer = generation.answer
-                await self.writer.write(
-                    WriteBatch(
-                        inserts=[message_row(user), message_row(answer)],
-                        leaves={room_id: answer.id},
+                async with (
+                    self._releasing_on_error(sender),
+                    self.broker.changing(room_id) as changed,
+                ):
+                    generation = self._plan(
+                        room,
+                        [*state.branch, user],
+                        [],
+                        generation_id,
+                        temperature=None,
+                        sender=sender,
                     )
-                )
-            state.branch = self._trimmed(room, [*state.branch, user, answer])
-            room.active_leaf_id = answer.id
-            user_view = user.to_dict()
-            self.hub.publish(room_id, protocol.message_frame(user_view, client_id))
-            return user_view, self._launch(generation)
+                    answer = generation.answer
+                    await self.writer.write(
+                        WriteBatch(
+                            inserts=[message_row(user), message_row(answer)],
+                            leaves={room_id: answer.id},
+                        )
+                    )
+                    state.branch = self._trimmed(room, [*state.branch, user, answer])
+                    state.version = changed
+                    room.active_leaf_id = answer.id
+                    user_view = user.to_dict()
+                    self.broker.publish(room_id, protocol.message_frame(user_view, client_id))
+                    return user_view, self._launch(generation)
 
     async def regenerate(
         self,
@@ -326,7 +396,8 @@ class ChatService:
         sender: str = "anonymous",
     ) -> Started:
         """Answer the same user message again as a new sibling."""
-        async with self._lock(room_id):
+        generation_id = new_id("gen")
+        async with self._lock(room_id), self._claimed(room_id, generation_id):
             async with self.db.read() as session:
                 store = MessageStore(session)
                 room, target = await load_message(store, room_id, message_id)
@@ -334,39 +405,38 @@ class ChatService:
                     raise BadRequest(
                         "only an assistant message can be regenerated", code="invalid_target"
                     )
-                self._ensure_idle(room_id)
                 await self._admit(sender, room_id)
                 history = await store.branch(target.parent_id)
                 branch = await store.views(room_id, history)
                 siblings = await store.sibling_ids(room_id, target.parent_id, "assistant")
-            async with self._releasing_on_error(sender):
+            async with self._releasing_on_error(sender), self.broker.changing(room_id) as version:
                 generation = self._plan(
-                    room, history, siblings, temperature=temperature, sender=sender
+                    room, history, siblings, generation_id, temperature=temperature, sender=sender
                 )
                 answer = generation.answer
                 await self.writer.write(
                     WriteBatch(inserts=[message_row(answer)], leaves={room_id: answer.id})
                 )
-            room.active_leaf_id = answer.id
-            self._remember(room, [*history, answer])
-            branch.append(generation.message_view)
-            self.hub.publish(room_id, protocol.branch_frame(branch, answer.id))
-            return self._launch(generation)
+                room.active_leaf_id = answer.id
+                self._remember(room, [*history, answer], version)
+                branch.append(generation.message_view)
+                self.broker.publish(room_id, protocol.branch_frame(branch, answer.id))
+                return self._launch(generation)
 
     async def select(self, room_id: str, message_id: str) -> list[dict[str, Any]]:
         """Make the branch through ``message_id`` (down to its newest leaf) active."""
-        async with self._lock(room_id):
+        async with self._lock(room_id), self._claimed(room_id, new_id("select")):
             async with self.db.read() as session:
                 store = MessageStore(session)
                 room, target = await load_message(store, room_id, message_id)
-                self._ensure_idle(room_id)
                 leaf = await store.newest_leaf_under(target)
                 messages = await store.branch(leaf)
                 branch = await store.views(room_id, messages)
-            await self.writer.write(WriteBatch(leaves={room_id: leaf}))
-            room.active_leaf_id = leaf
-            self._remember(room, messages)
-            self.hub.publish(room_id, protocol.branch_frame(branch, leaf))
+            async with self.broker.changing(room_id) as version:
+                await self.writer.write(WriteBatch(leaves={room_id: leaf}))
+                room.active_leaf_id = leaf
+                self._remember(room, messages, version)
+                self.broker.publish(room_id, protocol.branch_frame(branch, leaf))
         return branch
 
     async def cancel(self, room_id: str, generation_id: str | None = None) -> str:
@@ -379,6 +449,10 @@ class ChatService:
         if generation is not None and generation_id in (None, generation.id):
             if generation.stop("cancelled"):
                 return generation.id
+        elif generation is None:  # perhaps running on another process
+            asked = await self.broker.request_cancel(room_id, generation_id)
+            if asked is not None:
+                return asked
         async with self.db.read() as session:
             store = MessageStore(session)
             await load_room(store, room_id)
@@ -395,8 +469,10 @@ class ChatService:
         if generation is not None:
             generation.stop("cancelled")
             await generation.wait()
+        else:
+            await self.broker.request_cancel(room_id, None)
         self._cache.drop(room_id)
-        self.hub.close_room(
+        await self.broker.close_room(
             room_id,
             protocol.error_frame(NotFound("this room was deleted", code="room_deleted")),
         )
@@ -408,18 +484,28 @@ class ChatService:
             generation.stop("interrupted")
         await asyncio.gather(*(g.wait() for g in generations))
         if self._checkpointer is not None:
+            # Also a flag: a cancellation that some library swallows (seen with
+            # redis-py) must not keep the loop, and so the shutdown, going forever.
+            self._closing = True
             self._checkpointer.cancel()
             await asyncio.gather(self._checkpointer, return_exceptions=True)
 
     # --- internals -----------------------------------------------------------------
 
-    def _ensure_idle(self, room_id: str) -> None:
-        running = self._running.get(room_id)
-        if running is not None:
-            raise Busy(
-                f"the room is generating (generation {running.id}); wait for it to end "
-                "or cancel it",
-            )
+    @contextlib.asynccontextmanager
+    async def _claimed(self, room_id: str, generation_id: str) -> AsyncIterator[int]:
+        """Hold the room's lease for ``generation_id``, yielding the room's change
+        count; raises ``Busy`` while another generation holds it. Released on leaving,
+        unless the generation was launched (it releases the lease when it ends)."""
+        version = await self.broker.claim(room_id, generation_id)
+        if version is None:
+            raise Busy("the room is generating; wait for the answer to end, or cancel it")
+        try:
+            yield version
+        finally:
+            running = self._running.get(room_id)
+            if running is None or running.id != generation_id:
+                self.broker.release(room_id, generation_id)
 
     async def _check_input(self, room: Room, content: str) -> None:
         """Run the room's input checks, then its moderation, on a user message."""
@@ -460,6 +546,7 @@ class ChatService:
         room: Room,
         history: list[Message],
         siblings: list[str],
+        generation_id: str,
         *,
         temperature: float | None,
         sender: str,
@@ -487,7 +574,6 @@ class ChatService:
             max_tokens=params["max_tokens"],
             max_turns=self.settings.max_history_messages,
         )
-        generation_id = new_id("gen")
         now = utcnow()
         answer = Message(
             id=new_id("msg"),
@@ -516,7 +602,7 @@ class ChatService:
             checks=self._checks(room),
             moderator=self._moderator(room),
             writer=self.writer,
-            hub=self.hub,
+            broker=self.broker,
             room_lock=self._lock(room.id),
             on_exit=self._on_generation_exit,
             sender=sender,
@@ -540,7 +626,7 @@ class ChatService:
     def _launch(self, generation: GenerationTask) -> Started:
         """Publish ``start`` and run the generation (caller holds the room lock)."""
         self._running[generation.room_id] = generation
-        self.hub.publish(
+        self.broker.publish(
             generation.room_id, protocol.start_frame(generation.id, generation.message_view)
         )
         generation.start()
@@ -549,18 +635,65 @@ class ChatService:
     def _on_generation_exit(self, generation: GenerationTask) -> None:
         if self._running.get(generation.room_id) is generation:
             del self._running[generation.room_id]
+        self.broker.release(generation.room_id, generation.id)
         self.quotas.end_generation(generation.sender)
+
+    def _cancel_requested(self, room_id: str, generation_id: str) -> None:
+        """Another process asked to cancel a generation of this one."""
+        generation = self._running.get(room_id)
+        if generation is not None and generation.id == generation_id:
+            generation.stop("cancelled")
+
+    async def _adopt(self, orphan: Orphan) -> None:
+        """End a generation whose process died: store what it had published as
+        ``interrupted``, and tell the room (its members may regenerate)."""
+        room_id = orphan.room_id
+        try:
+            async with self._lock(room_id), self.broker.changing(room_id):
+                final = {
+                    "id": orphan.message_id,
+                    "content": orphan.text,
+                    "status": "interrupted",
+                    "finish_reason": None,
+                    "usage": None,
+                    "error": INTERRUPTED,
+                }
+                await self.writer.write(WriteBatch(finals=[final]))
+                async with self.db.read() as session:
+                    store = MessageStore(session)
+                    message = await store.message(room_id, orphan.message_id)
+                    view = await store.message_view(message) if message is not None else None
+                error = GatewayError(INTERRUPTED["message"], code="interrupted")
+                self.broker.publish(
+                    room_id,
+                    protocol.error_frame(error, generation_id=orphan.generation_id, answer=view),
+                )
+                self._cache.drop(room_id)
+            log.warning(
+                "room %s: generation %s lost its process; marked interrupted",
+                room_id,
+                orphan.generation_id,
+            )
+        except Exception:
+            log.exception("room %s: adopting generation %s failed", room_id, orphan.generation_id)
+        finally:
+            self.broker.release(room_id, orphan.generation_id)
 
     async def _checkpoint_loop(self) -> None:
         """Every interval, save the text of all running answers in one write (and now
         and then, let the event logs forget what is too old to replay)."""
         pruned_at = asyncio.get_running_loop().time()
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.settings.checkpoint_interval)
             now = asyncio.get_running_loop().time()
             if now - pruned_at >= PRUNE_INTERVAL:
                 pruned_at = now
-                self.hub.log.prune()
+                self.broker.prune()
+            try:
+                for orphan in await self.broker.orphans():
+                    await self._adopt(orphan)
+            except Exception:
+                log.exception("looking for generations whose process died failed")
             rows = []
             for generation in self._running.values():
                 if generation.seq != generation.checkpointed_seq:

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway import protocol
+from gateway.broker.base import Broker
 from gateway.checks import CheckPipeline, Verdict
 from gateway.errors import CheckFailed, GatewayError, UpstreamError
-from gateway.hub import RoomHub
 from gateway.providers.base import ChatProvider, CompletionRequest
 from gateway.providers.moderation import Moderator
 from gateway.store.models import Message
@@ -58,7 +58,7 @@ class GenerationTask:
         checks: CheckPipeline | None,
         moderator: Moderator | None,
         writer: Writer,
-        hub: RoomHub,
+        broker: Broker,
         room_lock: asyncio.Lock,
         on_exit: Callable[[GenerationTask], None],
         sender: str = "anonymous",
@@ -78,7 +78,7 @@ class GenerationTask:
         self._checked_chars = 0
         self._moderator = moderator
         self._writer = writer
-        self._hub = hub
+        self._broker = broker
         self._room_lock = room_lock
         self._on_exit = on_exit
         self._stop_status = "cancelled"
@@ -121,7 +121,7 @@ class GenerationTask:
         finish_reason: str | None = None
         usage: dict[str, Any] | None = None
         error: GatewayError | None = None
-        room_id, generation_id, publish = self.room_id, self.id, self._hub.publish
+        room_id, generation_id, publish = self.room_id, self.id, self._broker.publish
         try:
             async with contextlib.aclosing(self._provider.stream(self.request)) as chunks:
                 async for chunk in chunks:
@@ -186,15 +186,17 @@ class GenerationTask:
             "usage": usage,
             "error": error.to_dict() if error else INTERRUPTED if status == "interrupted" else None,
         }
-        # Store, then publish, under the room lock: a client joining meanwhile sees
-        # either the answer streaming plus this frame, or the stored answer alone.
-        async with self._room_lock:
+        # Store, then publish, as one change: a client joining meanwhile sees either
+        # the answer streaming plus this frame, or the stored answer alone.
+        async with self._room_lock, self._broker.changing(self.room_id):
             try:
                 await self._writer.write(WriteBatch(finals=[final]))
             except Exception as exc:
                 log.exception("storing the answer %s failed", self.message_id)
                 error = GatewayError(f"storing the answer failed: {exc!r}")
-                self._hub.publish(self.room_id, protocol.error_frame(error, generation_id=self.id))
+                self._broker.publish(
+                    self.room_id, protocol.error_frame(error, generation_id=self.id)
+                )
                 return
             for field, value in final.items():
                 setattr(self.answer, field, value)
@@ -206,4 +208,4 @@ class GenerationTask:
             else:
                 exc = error or GatewayError(INTERRUPTED["message"], code="interrupted")
                 frame = protocol.error_frame(exc, generation_id=self.id, answer=view)
-            self._hub.publish(self.room_id, frame)
+            self._broker.publish(self.room_id, frame)

@@ -11,6 +11,9 @@ text, fewer frames), so a burst of tokens takes one queue slot. A subscriber who
 queue still reaches its limit, or whose single send blocks longer than the send
 timeout, is dropped — its connection is closed with code 1013 ("try again later")
 and it should reconnect (resuming where it was, see :mod:`gateway.eventlog`).
+
+The hub knows only this process's subscribers: events reach it through the broker
+(:mod:`gateway.broker`), which gives them their ids and carries them between processes.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import asyncio
 from collections import deque
 
 from gateway import protocol
-from gateway.eventlog import EventLogs
 from gateway.protocol import Frame
 
 
@@ -28,9 +30,20 @@ class Event:
 
     __slots__ = ("_text", "frame")
 
-    def __init__(self, frame: Frame) -> None:
+    def __init__(self, frame: Frame, text: str | None = None) -> None:
         self.frame = frame
-        self._text: str | None = None
+        self._text = text
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> Event:
+        """The event as another process encoded it (sent on as it came)."""
+        if isinstance(text, bytes):
+            text = text.decode()
+        return cls(protocol.decode(text), text)
+
+    @property
+    def event_id(self) -> int:
+        return self.frame.get("event_id") or 0
 
     @property
     def text(self) -> str:
@@ -67,15 +80,31 @@ class SlowConsumer(Exception):
 class Subscriber:
     """A client's view of a room: a bounded queue of events and a wake-up signal."""
 
-    def __init__(self, room_id: str, limit: int) -> None:
+    def __init__(self, room_id: str, limit: int, *, joining: bool = False) -> None:
         self.room_id = room_id
         self.limit = limit
         self.overflowed = False
         self.closed_with: Frame | None = None
         self._queue: deque[Event | TokenRun] = deque()
         self._ready = asyncio.Event()
+        # While joining, events are held (unfiltered, unmerged) until begin().
+        self._held: list[Event] | None = [] if joining else None
+
+    def begin(self, first: list[Event], after: int) -> None:
+        """Start the subscription: ``first`` (replayed events), then the events that
+        arrived while joining, except those up to event ``after`` (already in the
+        client's snapshot or in ``first``)."""
+        held, self._held = self._held or [], None
+        for event in first:
+            self.push(event)
+        for event in held:
+            if not event.event_id or event.event_id > after:
+                self.push(event)
 
     def push(self, event: Event) -> None:
+        if self._held is not None:  # still joining: see begin()
+            self._held.append(event)
+            return
         queue = self._queue
         frame = event.frame
         if queue and frame["type"] == "token":
@@ -113,58 +142,45 @@ class Subscriber:
 
 
 class RoomHub:
-    """Which subscribers are in which room, publishing to them, and each room's log
-    of recent events for those who come back."""
+    """Which of this process's subscribers are in which room, and delivering room
+    events to them."""
 
-    def __init__(self, log: EventLogs[Event], queue_limit: int = 1024) -> None:
-        self.log = log
+    def __init__(self, queue_limit: int = 1024) -> None:
         self.queue_limit = queue_limit
         self._rooms: dict[str, set[Subscriber]] = {}
 
     def subscribe(self, room_id: str) -> Subscriber:
-        """Join the room: every event published from now on is queued for it."""
-        subscriber = Subscriber(room_id, self.queue_limit)
+        """Join the room: every event delivered from now on is kept for the
+        subscription, which starts when :meth:`Subscriber.begin` is called."""
+        subscriber = Subscriber(room_id, self.queue_limit, joining=True)
         self._rooms.setdefault(room_id, set()).add(subscriber)
         return subscriber
 
-    def resume(self, room_id: str, after: int) -> tuple[Subscriber, int] | None:
-        """Join the room with every event after ``after`` queued first; returns the
-        subscription and how many events it replays, or None when the log cannot
-        replay them all (too old, or from before a restart): resync instead."""
-        missed = self.log.since(room_id, after)
-        if missed is None:
-            return None
-        # Tokens are merged in the queue; other events each take a slot. A replay that
-        # would overflow the queue at once is better served by a resync.
-        if sum(event.frame["type"] != "token" for event in missed) > self.queue_limit // 2:
-            return None
-        subscriber = self.subscribe(room_id)
-        for event in missed:
-            subscriber.push(event)
-        return subscriber, len(missed)
-
-    def unsubscribe(self, subscriber: Subscriber) -> None:
+    def unsubscribe(self, subscriber: Subscriber) -> bool:
+        """Leave the room; returns True when that left it without subscribers here."""
         members = self._rooms.get(subscriber.room_id)
         if members is not None:
             members.discard(subscriber)
             if not members:
                 del self._rooms[subscriber.room_id]
+                return True
+        return False
 
-    def publish(self, room_id: str, frame: Frame) -> None:
-        """Give ``frame`` the room's next ``event_id``, log it, and queue it for every
-        member of the room; never awaits."""
-        event = Event(frame)
-        frame["event_id"] = self.log.append(room_id, event)  # before anything encodes it
+    def deliver(self, room_id: str, event: Event) -> None:
+        """Queue ``event`` for every member of the room; never awaits."""
         members = self._rooms.get(room_id)
         if members:
             for subscriber in members:
                 subscriber.push(event)
 
     def close_room(self, room_id: str, final: Frame) -> None:
-        """End every subscription with ``final`` and forget the room's log (deleted)."""
+        """End every subscription to the room with ``final`` (room deleted)."""
         for subscriber in self._rooms.pop(room_id, set()):
             subscriber.close(final)
-        self.log.drop(room_id)
+
+    def rooms(self) -> list[str]:
+        """The rooms with subscribers here."""
+        return list(self._rooms)
 
     def members(self, room_id: str) -> int:
         return len(self._rooms.get(room_id, ()))

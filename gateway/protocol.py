@@ -206,6 +206,12 @@ def encode(frame: Frame) -> str:
     return orjson.dumps(frame).decode()
 
 
+def decode(text: str) -> Frame:
+    """A server frame from its JSON text (as another gateway process sent it)."""
+    frame: Frame = orjson.loads(text)
+    return frame
+
+
 def ready_frame(
     room: Frame,
     messages: list[Frame],

@@ -2,8 +2,9 @@
 
 A client is its API key's name when it used one, else its IP address. Limits use the
 ``limits`` library's notation (``10/minute``, ``100/hour;1000/day``) and its moving
-window, counted in memory by default or in Redis (``GATEWAY_RATE_LIMIT_STORAGE=
-redis://...``) so that several gateway processes share one count.
+window, counted in memory by default or in Redis (``GATEWAY_REDIS_URL``, or
+``GATEWAY_RATE_LIMIT_STORAGE=redis://...``) so that several gateway processes share
+one count.
 
 Why check before storing: a rejected message must cost nothing — not a row, not an
 upstream call. The chat service asks :meth:`Quotas.admit_message` after its own
@@ -17,6 +18,7 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import limits
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -50,12 +52,16 @@ class Quotas:
         max_generations: int | None = None,
         max_connections: int | None = None,
         storage: str = "memory://",
+        key_prefix: str = "chat-gateway",
+        connection_pool: Any = None,
     ) -> None:
+        """``storage`` is a ``limits`` storage URI; for Redis, ``connection_pool`` (a
+        redis-py asyncio pool) is used instead of opening one of its own."""
         self.messages = limits.parse_many(messages) if messages else []
         self.room_messages = limits.parse_many(room_messages) if room_messages else []
         self.max_generations = max_generations
         self.max_connections = max_connections
-        self._limiter = MovingWindowRateLimiter(limits.storage.storage_from_string(_aio(storage)))
+        self._limiter = MovingWindowRateLimiter(_storage(storage, key_prefix, connection_pool))
         # Process-local: a generation or a connection lives in one process.
         self._generations: Counter[str] = Counter()
         self._connections: Counter[str] = Counter()
@@ -112,6 +118,15 @@ class Quotas:
             del counter[key]
 
 
-def _aio(uri: str) -> str:
-    """The ``limits`` storage URI of the asyncio flavour (``async+memory://``)."""
-    return uri if uri.startswith("async+") else f"async+{uri}"
+def _storage(uri: str, key_prefix: str, pool: Any) -> limits.aio.storage.Storage:
+    """The ``limits`` asyncio storage at ``uri``; Redis through redis-py, the client
+    the broker uses too (one Redis library, not two), its keys under ``key_prefix``."""
+    uri = uri if uri.startswith("async+") else f"async+{uri}"
+    options: dict[str, Any] = {}
+    if uri.startswith("async+redis"):
+        options = {"implementation": "redispy", "key_prefix": f"{key_prefix}:limits"}
+        if pool is not None:
+            options["connection_pool"] = pool
+    storage = limits.storage.storage_from_string(uri, **options)
+    assert isinstance(storage, limits.aio.storage.Storage)
+    return storage

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway import protocol
 from gateway.access import OPEN, Viewer
 from gateway.chat import ChatService, load_room, room_not_found
 from gateway.errors import Forbidden
@@ -62,28 +61,28 @@ class RoomService:
         return {**view, "members": self.chat.hub.members(room_id)}
 
     async def update(self, room_id: str, body: RoomUpdate, viewer: Viewer = OPEN) -> dict[str, Any]:
-        async with self.db.transaction() as session:
-            room = await self._owned(MessageStore(session), room_id, viewer)
-            if body.name is not None:
-                room.name = body.name
-            if body.persona is not None:
-                for field, value in body.persona.model_dump(exclude_unset=True).items():
-                    # An explicit null resets a field to the gateway default.
-                    setattr(
-                        room, field, "" if field == "system_prompt" and value is None else value
-                    )
-            for flag in ("private", "secret_prompt"):
-                if getattr(body, flag) is not None:
-                    setattr(room, flag, getattr(body, flag))
-            if "checks" in body.model_fields_set:
-                room.checks = body.checks  # null: back to the gateway's default
-            if body.grants is not None:
-                room.grants = [RoomGrant(key_name=name) for name in sorted(set(body.grants))]
-            await session.flush()
-            view = room.to_dict()
-            owner_view = room.to_dict(owner_view=True)
-        self.chat.room_changed(room)
-        self.chat.hub.publish(room_id, protocol.room_frame(view))
+        async with self.chat.changing_room(room_id):
+            async with self.db.transaction() as session:
+                room = await self._owned(MessageStore(session), room_id, viewer)
+                if body.name is not None:
+                    room.name = body.name
+                if body.persona is not None:
+                    for field, value in body.persona.model_dump(exclude_unset=True).items():
+                        # An explicit null resets a field to the gateway default.
+                        setattr(
+                            room, field, "" if field == "system_prompt" and value is None else value
+                        )
+                for flag in ("private", "secret_prompt"):
+                    if getattr(body, flag) is not None:
+                        setattr(room, flag, getattr(body, flag))
+                if "checks" in body.model_fields_set:
+                    room.checks = body.checks  # null: back to the gateway's default
+                if body.grants is not None:
+                    room.grants = [RoomGrant(key_name=name) for name in sorted(set(body.grants))]
+                await session.flush()
+                view = room.to_dict()
+                owner_view = room.to_dict(owner_view=True)
+            self.chat.room_changed(room, view)  # committed: announce it
         return owner_view
 
     async def delete(self, room_id: str, viewer: Viewer = OPEN) -> None:

@@ -100,12 +100,23 @@ class Settings(BaseSettings):
     # cross-site (CORS). Empty: same origin only. Exact matches; no wildcards.
     allowed_origins: CommaList = []
 
+    # Several gateway processes as one: a Redis server ("redis://host:6379/0") carries
+    # room events, resume history and generation leases between them (see
+    # gateway.broker). Unset: one process, everything in its memory. The prefix
+    # namespaces keys and channels, so several deployments can share a server.
+    redis_url: str | None = None
+    redis_prefix: str = Field("chat-gateway", pattern=r"^[A-Za-z0-9_.:-]+$")
+    # A generation's lease: renewed by its process every third of this; when the
+    # process dies, another takes over the room this long after the last renewal.
+    lease_seconds: float = Field(10.0, ge=1.0)
+
     # Rate limits, in the `limits` notation ("10/minute", "100/hour;1000/day"), per
     # client (API key, else IP) and per room; counted in memory, or in Redis for
-    # several processes ("redis://host:6379"). Unset: no limit.
+    # several processes ("redis://host:6379"). Unset: no limit. The storage defaults
+    # to GATEWAY_REDIS_URL when that is set.
     rate_limit_messages: str | None = None
     rate_limit_room_messages: str | None = None
-    rate_limit_storage: str = "memory://"
+    rate_limit_storage: str | None = None
     max_concurrent_generations: int | None = Field(None, ge=1)
     max_connections_per_client: int | None = Field(None, ge=1)
 

@@ -140,10 +140,23 @@ async def run_sql(database_url: str, statement: str, **params: Any) -> list[Any]
         await engine.dispose()
 
 
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL")
+"""Run the suite with the Redis broker: ``redis://host:6379/0``; each test gets its own
+key prefix."""
+
+
 @pytest.fixture
-def make_settings(database_url: str, upstream_server: FakeUpstreamServer) -> Any:
+def redis_prefix() -> str:
+    """A key prefix of this test's own, on a Redis server that outlives test runs."""
+    return f"gw-test-{os.urandom(6).hex()}"
+
+
+@pytest.fixture
+def make_settings(database_url: str, upstream_server: FakeUpstreamServer, redis_prefix: str) -> Any:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
+            "redis_url": TEST_REDIS_URL,
+            "redis_prefix": redis_prefix,
             "database_url": database_url,
             "openai_api_key": "test-key",
             "openai_base_url": upstream_server.base_url,

@@ -300,7 +300,7 @@ def redis_unavailable() -> str | None:
     """Why the Redis-backed test cannot run here, or None."""
     import importlib.util
 
-    if importlib.util.find_spec("coredis") is None:
+    if importlib.util.find_spec("redis") is None:
         return "needs the redis extra (pip install -e '.[redis]')"
     try:
         socket.create_connection(("127.0.0.1", 6379), timeout=1).close()

@@ -154,6 +154,13 @@ async def test_an_id_from_before_a_restart_gets_resync_never_a_wrong_replay(
     assert (await first.until("done"))["event_id"] > old
 
     back = await connect(room["id"], gateway_=again, query=f"?last_event_id={old}")
+    if again.settings.redis_url:
+        # The Redis broker's log outlives gateway processes: an exact replay.
+        assert back.frames[0]["type"] == "resumed"
+        await back.until("done")
+        assert [f["type"] for f in back.frames[1:3]] == ["message", "start"]
+        assert back.frames[1]["message"]["content"] == "after"
+        return
     assert back.frames[0]["type"] == "resync"
     assert [m["content"] for m in back.frames[0]["messages"]][::2] == ["before", "after"]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -97,6 +97,15 @@ class Database:
         """A session for reading (it begins on first use; closing rolls it back)."""
         async with self._read_sessions() as session:
             yield session
+
+    async def ping(self, timeout: float = 2.0) -> bool:
+        """Whether the database answers a trivial query within ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout), self.read() as session:
+                await session.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -4,7 +4,7 @@ transaction (see :meth:`gateway.store.db.Database.transaction`)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from sqlalchemy import literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -117,12 +117,14 @@ class MessageStore:
                 return current
             current = child
 
-    async def interrupt_streaming(self) -> int:
-        """Mark answers left ``streaming`` by a crash as ``interrupted``; return how many."""
+    async def interrupt_streaming(self, except_rooms: Collection[str] = ()) -> int:
+        """Mark answers left ``streaming`` by a crash as ``interrupted`` (except in
+        ``except_rooms``, where another process is streaming); return how many."""
+        statement = update(Message).where(Message.status == "streaming")
+        if except_rooms:
+            statement = statement.where(Message.room_id.not_in(except_rooms))
         result = await self.session.execute(
-            update(Message)
-            .where(Message.status == "streaming")
-            .values(
+            statement.values(
                 status="interrupted",
                 error={"code": "interrupted", "message": "the gateway stopped mid-answer"},
             )

@@ -7,6 +7,8 @@ lifespan), exactly as in production.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import socket
 import threading
 import time
@@ -29,6 +31,7 @@ class ThreadedServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, **config))
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"uvicorn:{self.port}")
         self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def url(self) -> str:
@@ -49,6 +52,8 @@ class ThreadedServer:
             if time.monotonic() > deadline:
                 raise TimeoutError("server did not start")
             time.sleep(0.01)
+        # For diagnostics (see _tasks).
+        self._loop = self.server.servers[0].get_loop() if self.server.servers else None
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -56,7 +61,17 @@ class ThreadedServer:
         self._thread.join(timeout)
         self._sock.close()
         if self._thread.is_alive():
-            raise TimeoutError("server did not stop")
+            raise TimeoutError(f"server did not stop; its tasks:\n{self._tasks()}")
+
+    def _tasks(self) -> str:
+        """The stacks of the server loop's tasks (to see what a stuck shutdown awaits)."""
+        loop = self._loop
+        if loop is None:
+            return "(loop unknown)"
+        out = io.StringIO()
+        for task in asyncio.all_tasks(loop):
+            task.print_stack(file=out)
+        return out.getvalue()
 
     def __enter__(self) -> ThreadedServer:
         return self.start()

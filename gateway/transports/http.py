@@ -131,7 +131,7 @@ async def post_message(request: Request) -> Response:
         return JSON({"message": message, **asdict(started)}, status_code=202)
     # Subscribe first: the message and the answer's first tokens are published while
     # send() runs.
-    subscriber = chat.watch(room_id)
+    subscriber = await chat.watch(room_id)
     try:
         message, started = await chat.send(room_id, body.content, body.id, sender_of(request.scope))
     except BaseException:
@@ -149,7 +149,7 @@ async def regenerate(request: Request) -> Response:
     chat = await _room_chat(request)
     room_id, message_id = request.path_params["room_id"], request.path_params["message_id"]
     body = parse_body(RegenerateBody, await read_body(request), optional=True)
-    subscriber = chat.watch(room_id) if wants_event_stream(request) else None
+    subscriber = await chat.watch(room_id) if wants_event_stream(request) else None
     try:
         started = await chat.regenerate(
             room_id, message_id, body.temperature, sender_of(request.scope)
@@ -186,7 +186,17 @@ async def create_token(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
+    """Liveness: the process serves requests."""
     return JSON({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Readiness: the database and the broker answer (send traffic here)."""
+    checks = await request.state.chat.readiness()
+    ready = all(checks.values())
+    return JSON(
+        {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503
+    )
 
 
 async def handle_gateway_error(request: Request, exc: Exception) -> Response:
@@ -203,6 +213,7 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
 
 routes = [
     Route("/healthz", healthz),
+    Route("/readyz", readyz),
     Route("/api/tokens", create_token, methods=["POST"]),
     Route("/api/rooms", list_rooms, methods=["GET"]),
     Route("/api/rooms", create_room, methods=["POST"]),

@@ -1,0 +1,130 @@
+"""The single-process broker: everything in this process's memory, nothing shared.
+
+The default, and exactly the gateway's behaviour before brokers existed: publishing
+appends to the room's :class:`~gateway.eventlog.EventLogs` and hands the event to the
+hub at once, so no await separates a change from its delivery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from gateway.broker.base import CancelHandler, Orphan, Position, live_change
+from gateway.eventlog import EventLogs
+from gateway.hub import Event, RoomHub
+from gateway.protocol import Frame
+
+
+class LiveAnswer:
+    """The running answer of a room, as its frames tell it."""
+
+    __slots__ = ("generation_id", "message_id", "parts", "seq")
+
+    def __init__(self, generation_id: str, message_id: str) -> None:
+        self.generation_id = generation_id
+        self.message_id = message_id
+        self.seq = 0
+        self.parts: list[str] = []
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "generation_id": self.generation_id,
+            "message_id": self.message_id,
+            "seq": self.seq,
+            "text": "".join(self.parts),
+        }
+
+
+class MemoryBroker:
+    """One process's rooms: an event log, live answers and leases in dicts."""
+
+    name = "memory"
+    ready = True
+
+    def __init__(self, log: EventLogs[Event]) -> None:
+        self.log = log
+        self._hub: RoomHub | None = None
+        self._live: dict[str, LiveAnswer] = {}
+        self._leases: dict[str, str] = {}
+        self._on_cancel: CancelHandler | None = None
+
+    async def start(self, hub: RoomHub, on_cancel: CancelHandler) -> None:
+        self._hub = hub
+        self._on_cancel = on_cancel
+
+    async def aclose(self) -> None:
+        pass
+
+    def publish(self, room_id: str, frame: Frame) -> None:
+        event = Event(frame)
+        frame["event_id"] = self.log.append(room_id, event)  # before anything encodes it
+        change = live_change(frame)
+        if change == "token":
+            live = self._live.get(room_id)
+            if live is not None and live.generation_id == frame["generation_id"]:
+                live.seq = frame["seq"]
+                live.parts.append(frame["text"])
+        elif change == "start":
+            self._live[room_id] = LiveAnswer(frame["generation_id"], frame["message_id"])
+        elif change == "end":
+            live = self._live.get(room_id)
+            if live is not None and live.generation_id == frame["generation_id"]:
+                del self._live[room_id]
+        assert self._hub is not None, "publish before start"
+        self._hub.deliver(room_id, event)
+
+    async def listen(self, room_id: str) -> None:
+        pass
+
+    def forget(self, room_id: str) -> None:
+        pass
+
+    async def position(self, room_id: str) -> Position:
+        live = self._live.get(room_id)
+        return Position(self.log.last_id(room_id), live.view() if live is not None else None)
+
+    async def changes(self, room_id: str) -> tuple[int, int]:
+        return 0, 0
+
+    async def replay(self, room_id: str, after: int) -> list[Event] | None:
+        return self.log.since(room_id, after)
+
+    @asynccontextmanager
+    async def changing(self, room_id: str) -> AsyncIterator[int]:
+        # One process: the chat service's room lock already orders changes and joins.
+        yield 0
+
+    async def close_room(self, room_id: str, final: Frame) -> None:
+        assert self._hub is not None, "close_room before start"
+        self._hub.close_room(room_id, final)
+        self.log.drop(room_id)
+        self._live.pop(room_id, None)
+
+    async def claim(self, room_id: str, generation_id: str) -> int | None:
+        if room_id in self._leases:
+            return None
+        self._leases[room_id] = generation_id
+        return 0
+
+    def release(self, room_id: str, generation_id: str) -> None:
+        if self._leases.get(room_id) == generation_id:
+            del self._leases[room_id]
+
+    async def request_cancel(self, room_id: str, generation_id: str | None) -> str | None:
+        running = self._leases.get(room_id)
+        if running is None or generation_id not in (None, running):
+            return None
+        assert self._on_cancel is not None
+        self._on_cancel(room_id, running)
+        return running
+
+    async def generating(self) -> set[str]:
+        return set(self._live)
+
+    async def orphans(self) -> list[Orphan]:
+        return []  # a generation here dies only with the process, and so does its room
+
+    def prune(self) -> None:
+        self.log.prune()

@@ -1,0 +1,575 @@
+"""The Redis broker: several gateway processes as one (``GATEWAY_REDIS_URL``).
+
+Keys and channels, under the prefix ``P`` (``GATEWAY_REDIS_PREFIX``), for a room ``R``:
+
+==========================  ===============================================================
+``P:room:R:meta``           hash: ``seq`` (the newest event id), ``begun`` and ``ended``
+                            (the change counters); kept while the room exists
+``P:room:R:log``            stream of recent events, entry id ``<event_id>-0``, field
+                            ``e`` the frame's JSON; capped, and expires when idle
+``P:room:R:live``           hash of the running answer: ``g`` generation, ``m`` message,
+                            ``s`` seq; ``P:room:R:text`` its text so far (APPEND)
+``P:room:R:lease``          ``"<process> <generation>"``, expiring unless renewed
+``P:generating``            set of rooms with a running answer (for takeover)
+channel ``P:room:R``        every event of the room, as sent to clients (live fan-out)
+channel ``P:proc:ID``       requests to one process (cancel)
+==========================  ===============================================================
+
+Why these choices:
+
+- Ids are given out by Redis, in the same Lua script that logs the event and
+  publishes it, so every process sees one order and the same ids, and the log and
+  the live answer can never disagree with what was published. A room's ids are
+  consecutive; the first counts from the time (in µs) its counter was created, as in
+  :mod:`gateway.eventlog`, so a counter lost with Redis's data never reuses an id.
+- Publishing never awaits: frames are queued and one task sends everything queued
+  in one script call per round trip. Under load, one call carries hundreds of
+  tokens, which is what lets Redis keep up.
+- Pub/sub is fast but forgets: a process that was disconnected misses messages. As
+  ids are consecutive, a process notices any gap and fills it from the room's log, so
+  its clients never miss an event (or are told to resync when the log is gone).
+- Scripts name keys they build from the prefix, so this needs a single Redis server
+  (or a primary), not a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway import protocol
+from gateway.broker.base import CancelHandler, Orphan, Position, live_change
+from gateway.errors import GatewayError
+from gateway.hub import Event, RoomHub
+from gateway.protocol import Frame
+
+log = logging.getLogger(__name__)
+
+BATCH_OPS = 2000
+"""Most queued operations sent in one script call."""
+
+MAX_PENDING = 200_000
+"""Queued operations kept while Redis is unreachable; past this, tokens are dropped
+(the answers' final text is still stored and published when Redis returns)."""
+
+RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+class BrokerUnavailable(GatewayError):
+    """Redis cannot be reached: whatever needs every process's agreement waits."""
+
+    status = 503
+    code = "broker_unavailable"
+    retryable = True
+
+
+# ``ARGV``: prefix, log length, log ttl (ms), then 6 per operation:
+# kind, room, frame JSON without its opening brace, then per kind:
+#   start: generation, message | token: generation, seq, text | end: generation
+#   ended: - (a change is published) | release: lease value
+_INIT_SEQ = """
+local function init_seq(meta)
+  if redis.call('HEXISTS', meta, 'seq') == 0 then
+    local t = redis.call('TIME')
+    local base = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+    redis.call('HSET', meta, 'seq', base, 'base', base)
+  end
+end
+"""
+
+PUBLISH = (
+    _INIT_SEQ
+    + """
+local prefix, maxlen, ttl = ARGV[1], ARGV[2], ARGV[3]
+for i = 4, #ARGV, 6 do
+  local kind, room = ARGV[i], ARGV[i + 1]
+  local base = prefix .. ':room:' .. room
+  local meta = base .. ':meta'
+  if kind == 'ended' then
+    redis.call('HINCRBY', meta, 'ended', 1)
+  elseif kind == 'release' then
+    if redis.call('GET', base .. ':lease') == ARGV[i + 3] then
+      redis.call('DEL', base .. ':lease')
+    end
+  else
+    local live, text = base .. ':live', base .. ':text'
+    local publish = true
+    if kind == 'token' then
+      if redis.call('HGET', live, 'g') == ARGV[i + 3] then
+        redis.call('HSET', live, 's', ARGV[i + 4])
+        redis.call('APPEND', text, ARGV[i + 5])
+      end
+    elseif kind == 'start' then
+      redis.call('DEL', text)
+      redis.call('HSET', live, 'g', ARGV[i + 3], 'm', ARGV[i + 4], 's', '0')
+      redis.call('SADD', prefix .. ':generating', room)
+    elseif kind == 'end' then
+      if redis.call('HGET', live, 'g') == ARGV[i + 3] then
+        redis.call('DEL', live, text)
+        redis.call('SREM', prefix .. ':generating', room)
+      end
+    end
+    init_seq(meta)
+    local id = string.format('%d', redis.call('HINCRBY', meta, 'seq', 1))
+    local payload = '{"event_id":' .. id .. ',' .. ARGV[i + 2]
+    redis.call('XADD', base .. ':log', 'MAXLEN', maxlen, id .. '-0', 'e', payload)
+    redis.call('PEXPIRE', base .. ':log', ttl)
+    redis.call('PUBLISH', base, payload)
+  end
+end
+"""
+)
+
+# ``ARGV``: prefix, room. The newest event id (the counter starts now if it has not
+# yet), the change counters and the live answer.
+POSITION = (
+    _INIT_SEQ
+    + """
+local base = ARGV[1] .. ':room:' .. ARGV[2]
+init_seq(base .. ':meta')
+local m = redis.call('HMGET', base .. ':meta', 'seq', 'begun', 'ended')
+local live = redis.call('HMGET', base .. ':live', 'g', 'm', 's')
+return {m[1], m[2] or '0', m[3] or '0', live[1], live[2], live[3],
+        redis.call('GET', base .. ':text')}
+"""
+)
+
+# ``ARGV``: prefix, room, after, most entries. Returns the payloads after ``after``,
+# or false when the log cannot give every one of them. ``after`` 0 is "before the
+# room's first event" (what ``ready`` says of a room that has had none).
+REPLAY = """
+local base = ARGV[1] .. ':room:' .. ARGV[2]
+local meta = redis.call('HMGET', base .. ':meta', 'seq', 'base')
+local seq, after = meta[1], tonumber(ARGV[3])
+if after == 0 then
+  if not seq then return {} end
+  after = tonumber(meta[2])
+end
+if not seq or after > tonumber(seq) then return false end
+if after == tonumber(seq) then return {} end
+local entries = redis.call('XRANGE', base .. ':log', string.format('%d', after + 1), '+',
+                           'COUNT', ARGV[4])
+if #entries == 0 then return false end
+local first = string.match(entries[1][1], '^(%d+)-')
+local last = string.match(entries[#entries][1], '^(%d+)-')
+if first ~= string.format('%d', after + 1) or last ~= seq then return false end
+local out = {}
+for i, entry in ipairs(entries) do out[i] = entry[2][2] end
+return out
+"""
+
+# ``ARGV``: prefix, room, lease value, ttl (ms). The room's ``begun`` count, or -1.
+CLAIM = """
+local base = ARGV[1] .. ':room:' .. ARGV[2]
+if redis.call('SET', base .. ':lease', ARGV[3], 'NX', 'PX', ARGV[4]) then
+  return tonumber(redis.call('HGET', base .. ':meta', 'begun') or '0')
+end
+return -1
+"""
+
+# ``ARGV``: prefix, ttl (ms), then pairs of room, lease value.
+RENEW = """
+for i = 3, #ARGV, 2 do
+  local lease = ARGV[1] .. ':room:' .. ARGV[i] .. ':lease'
+  if redis.call('GET', lease) == ARGV[i + 1] then redis.call('PEXPIRE', lease, ARGV[2]) end
+end
+return 0
+"""
+
+# ``ARGV``: prefix, room, generation (or ''). The generation asked to stop, or false.
+CANCEL = """
+local base = ARGV[1] .. ':room:' .. ARGV[2]
+local holder = redis.call('GET', base .. ':lease')
+local live = redis.call('HGET', base .. ':live', 'g')
+if not holder or not live then return false end
+local owner, generation = string.match(holder, '^(%S+) (%S+)$')
+if generation ~= live or (ARGV[3] ~= '' and ARGV[3] ~= generation) then return false end
+redis.call('PUBLISH', ARGV[1] .. ':proc:' .. owner, 'cancel ' .. ARGV[2] .. ' ' .. generation)
+return generation
+"""
+
+# ``ARGV``: prefix, this process, ttl (ms). Takes the lease of every running answer
+# whose lease expired; returns room, generation, message, text for each.
+ORPHANS = """
+local out = {}
+for _, room in ipairs(redis.call('SMEMBERS', ARGV[1] .. ':generating')) do
+  local base = ARGV[1] .. ':room:' .. room
+  if redis.call('EXISTS', base .. ':lease') == 0 then
+    local live = redis.call('HMGET', base .. ':live', 'g', 'm')
+    if not live[1] then
+      redis.call('SREM', ARGV[1] .. ':generating', room)
+    else
+      redis.call('SET', base .. ':lease', ARGV[2] .. ' ' .. live[1], 'PX', ARGV[3])
+      table.insert(out, room)
+      table.insert(out, live[1])
+      table.insert(out, live[2])
+      table.insert(out, redis.call('GET', base .. ':text') or '')
+    end
+  end
+end
+return out
+"""
+
+# ``ARGV``: prefix, room, final frame JSON. Every process closes its subscribers.
+CLOSE = """
+local base = ARGV[1] .. ':room:' .. ARGV[2]
+redis.call('DEL', base .. ':meta', base .. ':log', base .. ':live', base .. ':text')
+redis.call('SREM', ARGV[1] .. ':generating', ARGV[2])
+redis.call('PUBLISH', base, '!close ' .. ARGV[3])
+return 0
+"""
+
+
+def process_id() -> str:
+    """A name for this process, unique among the gateway's (host, pid, random)."""
+    return f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
+
+
+class RedisBroker:
+    """Rooms shared by every gateway process connected to one Redis server."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str = "chat-gateway",
+        log_size: int = 1024,
+        log_seconds: float = 300.0,
+        lease_seconds: float = 10.0,
+    ) -> None:
+        self.prefix = prefix
+        self.process = process_id()
+        self.log_size = log_size
+        self.log_ms = int(log_seconds * 1000)
+        self.lease_ms = int(lease_seconds * 1000)
+        self._redis = redis  # the caller's, and closed by it
+        self._scripts = {
+            name: self._redis.register_script(source)
+            for name, source in [
+                ("publish", PUBLISH),
+                ("position", POSITION),
+                ("replay", REPLAY),
+                ("claim", CLAIM),
+                ("renew", RENEW),
+                ("cancel", CANCEL),
+                ("orphans", ORPHANS),
+                ("close", CLOSE),
+            ]
+        }
+        self._pubsub = self._redis.pubsub()
+        self._hub: RoomHub | None = None
+        self._on_cancel: CancelHandler | None = None
+        self._pending: list[str] = []  # queued operations, 6 strings each
+        self._wake = asyncio.Event()
+        self._held: dict[str, str] = {}  # room -> lease value this process holds
+        self._listening: dict[str, int] = {}  # room -> newest event id delivered here
+        self._subscribed: dict[str, asyncio.Future[None]] = {}  # channel -> confirmed
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._publish_ok = True
+        self._reader_ok = False
+
+    @property
+    def ready(self) -> bool:
+        return self._publish_ok and self._reader_ok
+
+    def _room(self, room_id: str) -> str:
+        return f"{self.prefix}:room:{room_id}"
+
+    async def _call(self, script: str, *args: Any) -> Any:
+        try:
+            return await self._scripts[script](args=list(args))
+        except RedisError as exc:
+            raise BrokerUnavailable(f"Redis is unavailable: {exc}") from exc
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def start(self, hub: RoomHub, on_cancel: CancelHandler) -> None:
+        self._hub = hub
+        self._on_cancel = on_cancel
+        await self._redis.ping()  # fail at start, with a clear error, if unreachable
+        channel = f"{self.prefix}:proc:{self.process}"
+        self._subscribed[channel] = asyncio.get_running_loop().create_future()
+        await self._pubsub.subscribe(channel)
+        self._tasks = [
+            asyncio.create_task(self._read(), name="broker reader"),
+            asyncio.create_task(self._flush(), name="broker publisher"),
+            asyncio.create_task(self._renew(), name="broker leases"),
+        ]
+        await asyncio.wait_for(asyncio.shield(self._subscribed[channel]), 10)
+
+    async def aclose(self) -> None:
+        # Let what is queued (the final frames of stopped answers) go out first.
+        for _ in range(100):
+            if not self._pending or not self._publish_ok:
+                break
+            await asyncio.sleep(0.01)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.wait(self._tasks, timeout=5)
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.aclose()
+
+    # --- fan-out and history -------------------------------------------------------
+
+    def publish(self, room_id: str, frame: Frame) -> None:
+        body = protocol.encode(frame)[1:]  # Redis prepends '{"event_id":N,'
+        change = live_change(frame)
+        if change == "token":
+            extra = [frame["generation_id"], str(frame["seq"]), frame["text"]]
+        elif change == "start":
+            extra = [frame["generation_id"], frame["message_id"], ""]
+        elif change == "end":
+            extra = [frame["generation_id"], "", ""]
+        else:
+            extra = ["", "", ""]
+        self._queue(change or "event", room_id, body, *extra)
+
+    def _queue(self, *op: str) -> None:
+        if len(self._pending) >= MAX_PENDING * 6:
+            self._drop_tokens()
+        self._pending.extend(op)
+        self._wake.set()
+
+    def _drop_tokens(self) -> None:
+        ops = self._pending
+        kept = [ops[i : i + 6] for i in range(0, len(ops), 6) if ops[i] != "token"]
+        log.error("Redis unreachable: dropping %d queued tokens", len(ops) // 6 - len(kept))
+        self._pending = [part for op in kept for part in op]
+
+    async def _flush(self) -> None:
+        """Send queued operations, in order, one script call per round trip; while
+        Redis is unreachable, keep them and retry."""
+        failures = 0
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[: BATCH_OPS * 6]
+                try:
+                    await self._scripts["publish"](
+                        args=[self.prefix, self.log_size, self.log_ms, *batch]
+                    )
+                except RedisError as exc:
+                    if self._publish_ok:
+                        log.error("Redis unreachable, holding %d events: %s", len(batch), exc)
+                    self._publish_ok = False
+                    await asyncio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
+                    failures += 1
+                    continue
+                if not self._publish_ok:
+                    log.warning("Redis reachable again; queued events sent")
+                self._publish_ok, failures = True, 0
+                del self._pending[: len(batch)]
+
+    async def listen(self, room_id: str) -> None:
+        channel = self._room(room_id)
+        confirmed = self._subscribed.get(channel)
+        if confirmed is None:
+            confirmed = self._subscribed[channel] = asyncio.get_running_loop().create_future()
+            try:
+                await self._pubsub.subscribe(channel)
+            except RedisError as exc:
+                del self._subscribed[channel]
+                raise BrokerUnavailable(f"Redis is unavailable: {exc}") from exc
+        try:
+            await asyncio.wait_for(asyncio.shield(confirmed), 10)
+        except TimeoutError:
+            raise BrokerUnavailable("Redis did not confirm the subscription") from None
+        if room_id not in self._listening:
+            seq = await self._call_redis(self._redis.hget(f"{channel}:meta", "seq"))
+            self._listening.setdefault(room_id, int(seq or 0))
+
+    async def _call_redis(self, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except RedisError as exc:
+            raise BrokerUnavailable(f"Redis is unavailable: {exc}") from exc
+
+    def forget(self, room_id: str) -> None:
+        channel = self._room(room_id)
+        self._listening.pop(room_id, None)
+        if self._subscribed.pop(channel, None) is not None:
+            self._spawn(self._unsubscribe(channel))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)  # a reference, until it is done
+        task.add_done_callback(self._background.discard)
+
+    async def _unsubscribe(self, channel: str) -> None:
+        if channel in self._subscribed:
+            return  # listened to again meanwhile
+        with contextlib.suppress(RedisError):
+            await self._pubsub.unsubscribe(channel)
+
+    async def _read(self) -> None:
+        """Deliver what the channels bring; after a lost connection, reconnect and
+        fill every room's gap from its log."""
+        failures = 0
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except (RedisError, OSError) as exc:
+                if self._reader_ok:
+                    log.error("lost the Redis subscription: %s", exc)
+                self._reader_ok = False
+                await asyncio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
+                failures += 1
+                continue
+            if not self._reader_ok and self._pubsub.connection is not None:
+                if self._pubsub.connection.is_connected:
+                    self._reader_ok, failures = True, 0
+                    await self._repair_all()
+            if message is None:
+                continue
+            kind, channel = message["type"], message["channel"].decode()
+            if kind == "message":
+                self._received(channel, message["data"])
+            elif kind == "subscribe":
+                confirmed = self._subscribed.get(channel)
+                if confirmed is not None and not confirmed.done():
+                    confirmed.set_result(None)
+
+    def _received(self, channel: str, data: bytes) -> None:
+        assert self._hub is not None
+        if channel.startswith(f"{self.prefix}:proc:"):
+            command, room_id, generation_id = data.decode().split(" ")
+            if command == "cancel" and self._on_cancel is not None:
+                self._on_cancel(room_id, generation_id)
+            return
+        room_id = channel.removeprefix(f"{self.prefix}:room:")
+        if data.startswith(b"!close "):
+            self._hub.close_room(room_id, protocol.decode(data[7:].decode()))
+            return
+        last = self._listening.get(room_id)
+        if last is None:
+            return  # no longer listening
+        event = Event.decode(data)
+        event_id = event.event_id
+        if event_id <= last:
+            return  # already delivered (by a gap repair)
+        if last and event_id > last + 1:
+            self._spawn(self._repair(room_id))
+            return
+        self._listening[room_id] = event_id
+        self._hub.deliver(room_id, event)
+
+    async def _repair_all(self) -> None:
+        for room_id in list(self._listening):
+            await self._repair(room_id)
+
+    async def _repair(self, room_id: str) -> None:
+        """Deliver the room's events missed since the last one delivered here."""
+        assert self._hub is not None
+        last = self._listening.get(room_id)
+        if last is None:
+            return
+        try:
+            missed = await self.replay(room_id, last)
+        except BrokerUnavailable:
+            return  # the reader will repair again once reconnected
+        if missed is None:
+            log.warning("room %s: events lost while disconnected; clients must resync", room_id)
+            error = GatewayError("missed events; reconnect to resync", code="resync_required")
+            self._hub.close_room(room_id, protocol.error_frame(error))
+            self._listening.pop(room_id, None)
+            return
+        for event in missed:
+            if event.event_id > self._listening.get(room_id, event.event_id):
+                self._listening[room_id] = event.event_id
+                self._hub.deliver(room_id, event)
+
+    async def position(self, room_id: str) -> Position:
+        seq, begun, ended, generation, message, seqno, text = await self._call(
+            "position", self.prefix, room_id
+        )
+        live = None
+        if generation is not None:
+            live = {
+                "generation_id": generation.decode(),
+                "message_id": message.decode(),
+                "seq": int(seqno),
+                "text": (text or b"").decode(),
+            }
+        return Position(int(seq), live, int(begun), int(ended))
+
+    async def changes(self, room_id: str) -> tuple[int, int]:
+        begun, ended = await self._call_redis(
+            self._redis.hmget(f"{self._room(room_id)}:meta", "begun", "ended")
+        )
+        return int(begun or 0), int(ended or 0)
+
+    async def replay(self, room_id: str, after: int) -> list[Event] | None:
+        payloads = await self._call("replay", self.prefix, room_id, after, self.log_size * 2 + 128)
+        if payloads is None:
+            return None
+        return [Event.decode(payload) for payload in payloads]
+
+    @contextlib.asynccontextmanager
+    async def changing(self, room_id: str) -> AsyncIterator[int]:
+        begun = await self._call_redis(self._redis.hincrby(f"{self._room(room_id)}:meta", "begun"))
+        try:
+            yield int(begun)
+        finally:
+            self._queue("ended", room_id, "", "", "", "")  # after the change's events
+
+    async def close_room(self, room_id: str, final: Frame) -> None:
+        await self._call("close", self.prefix, room_id, protocol.encode(final))
+
+    def prune(self) -> None:
+        pass  # Redis expires idle logs itself
+
+    # --- ownership -----------------------------------------------------------------
+
+    async def claim(self, room_id: str, generation_id: str) -> int | None:
+        value = f"{self.process} {generation_id}"
+        begun = await self._call("claim", self.prefix, room_id, value, self.lease_ms)
+        if begun < 0:
+            return None
+        self._held[room_id] = value
+        return int(begun)
+
+    def release(self, room_id: str, generation_id: str) -> None:
+        value = f"{self.process} {generation_id}"
+        if self._held.get(room_id) == value:
+            del self._held[room_id]
+            self._queue("release", room_id, "", value, "", "")
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ms / 3000)
+            if not self._held:
+                continue
+            pairs = [part for room, value in self._held.items() for part in (room, value)]
+            try:
+                await self._scripts["renew"](args=[self.prefix, self.lease_ms, *pairs])
+            except RedisError as exc:
+                log.error("renewing %d leases failed: %s", len(self._held), exc)
+
+    async def request_cancel(self, room_id: str, generation_id: str | None) -> str | None:
+        asked = await self._call("cancel", self.prefix, room_id, generation_id or "")
+        return asked.decode() if asked is not None else None
+
+    async def generating(self) -> set[str]:
+        rooms = await self._call_redis(self._redis.smembers(f"{self.prefix}:generating"))
+        return {room.decode() for room in rooms}
+
+    async def orphans(self) -> list[Orphan]:
+        found = await self._call("orphans", self.prefix, self.process, self.lease_ms)
+        orphans = []
+        for i in range(0, len(found), 4):
+            room, generation, message, text = (part.decode() for part in found[i : i + 4])
+            self._held[room] = f"{self.process} {generation}"
+            orphans.append(Orphan(room, generation, message, text))
+        return orphans
