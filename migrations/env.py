@@ -9,6 +9,7 @@ import asyncio
 from logging.config import fileConfig
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -39,7 +40,14 @@ def run_migrations(connection: Connection) -> None:
         compare_type=True,
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Gateway processes starting together migrate one at a time: the others
+            # wait here, then find the schema current. (SQLite: see store.db.upgrade.)
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         context.run_migrations()
+
+
+MIGRATION_LOCK = 0x6761_7465  # "gate": the advisory lock key of schema migrations
 
 
 async def run_async() -> None:

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,20 +28,9 @@ from websockets.sync.client import connect as ws_connect
 from gateway.store.db import alembic_config
 from gateway.testing.fake_upstream import FakeUpstream, FakeUpstreamServer, Scenario
 from tests.conftest import console_script, scaled
+from tests.processes import Served, gateway_env, sqlite_url
 
 pytestmark = pytest.mark.slow
-
-START_TIMEOUT = scaled(30)
-# "Exits within a few seconds" of SIGTERM; the wait itself is bounded more loosely so a
-# slow shutdown fails with the measured time instead of a bare timeout.
-SHUTDOWN_WITHIN = scaled(5)
-SHUTDOWN_TIMEOUT = scaled(20)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def head_revision() -> str | None:
@@ -61,100 +48,6 @@ def alembic_versions(path: Path) -> list[str]:
         return [v for (v,) in conn.execute("SELECT version_num FROM alembic_version")]
 
 
-def gateway_env(
-    db_path: Path, upstream_server: FakeUpstreamServer, **extra: str | None
-) -> dict[str, str]:
-    """The caller's environment without any GATEWAY_/OPENAI_ settings, plus ours and
-    ``extra`` (a ``None`` value unsets the variable)."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("GATEWAY_", "OPENAI_"))
-    }
-    env.update(
-        GATEWAY_DATABASE_URL=f"sqlite+aiosqlite:///{db_path}",
-        OPENAI_BASE_URL=upstream_server.base_url,
-        OPENAI_API_KEY="x",
-        GATEWAY_DEFAULT_MODEL="fake-model",
-        GATEWAY_UPSTREAM_MAX_RETRIES="0",
-        PYTHONUNBUFFERED="1",
-    )
-    for key, value in extra.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
-
-
-class Served:
-    """A ``chat-gateway serve`` subprocess with its logs in files."""
-
-    def __init__(self, command: list[str], env: dict[str, str], workdir: Path, name: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.stdout_path = workdir / f"{name}.stdout.log"
-        self.stderr_path = workdir / f"{name}.stderr.log"
-        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.process = subprocess.Popen(
-                [*command, "--host", "127.0.0.1", "--port", str(self.port)],
-                env=env,
-                cwd=workdir,  # no stray .env from the repository is picked up
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,  # its own process group, killed as a whole
-            )
-        self.stop_seconds: float | None = None
-
-    def logs(self) -> str:
-        return (
-            f"--- stdout\n{self.stdout_path.read_text(errors='replace')}"
-            f"--- stderr\n{self.stderr_path.read_text(errors='replace')}"
-        )
-
-    def wait_healthy(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"gateway exited with {self.process.returncode}:\n{self.logs()}")
-            try:
-                response = httpx2.get(f"{self.url}/healthz", timeout=1)
-                if response.status_code == 200:
-                    assert response.json() == {"status": "ok"}
-                    return
-            except httpx2.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"gateway not healthy after {START_TIMEOUT}s:\n{self.logs()}")
-            time.sleep(0.05)
-
-    def terminate(self) -> int:
-        """SIGTERM, then wait (bounded); returns the exit status."""
-        started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(SHUTDOWN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"gateway still running {SHUTDOWN_TIMEOUT}s after SIGTERM:\n{self.logs()}")
-        self.stop_seconds = time.monotonic() - started
-        return code
-
-    def assert_stopped_gracefully(self, code: int) -> None:
-        assert self.stop_seconds is not None
-        assert self.stop_seconds < SHUTDOWN_WITHIN, (self.stop_seconds, self.logs())
-        assert code == 0, (code, self.logs())
-        assert "Application shutdown complete" in self.logs()
-        assert "Traceback" not in self.logs()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(scaled(10))
-
-
 @pytest.fixture
 def serve(tmp_path: Path, upstream: FakeUpstream, upstream_server: FakeUpstreamServer) -> Any:
     """``served = serve()`` starts ``chat-gateway serve`` on ``tmp_path/g.db`` and waits
@@ -164,7 +57,7 @@ def serve(tmp_path: Path, upstream: FakeUpstream, upstream_server: FakeUpstreamS
     def start(command: list[str] | None = None, **extra_env: str | None) -> Served:
         served = Served(
             command or [console_script("chat-gateway"), "serve"],
-            gateway_env(tmp_path / "g.db", upstream_server, **extra_env),
+            gateway_env(sqlite_url(tmp_path / "g.db"), upstream_server, **extra_env),
             tmp_path,
             f"serve{len(started) + 1}",
         )
@@ -424,7 +317,7 @@ def test_bad_port_setting_exits_2_naming_the_variable(
 ) -> None:
     result = subprocess.run(
         [console_script("chat-gateway"), "serve"],
-        env=gateway_env(tmp_path / "g.db", upstream_server, GATEWAY_PORT="notaport"),
+        env=gateway_env(sqlite_url(tmp_path / "g.db"), upstream_server, GATEWAY_PORT="notaport"),
         cwd=tmp_path,
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -444,7 +337,7 @@ def test_bad_port_setting_exits_2_naming_the_variable(
 def run_db(tmp_path: Path, upstream_server: FakeUpstreamServer, *args: str) -> None:
     result = subprocess.run(
         [console_script("chat-gateway"), "db", *args],
-        env=gateway_env(tmp_path / "g.db", upstream_server),
+        env=gateway_env(sqlite_url(tmp_path / "g.db"), upstream_server),
         cwd=tmp_path,
         stdin=subprocess.DEVNULL,
         capture_output=True,

@@ -175,11 +175,17 @@ end
 return -1
 """
 
-# ``ARGV``: prefix, ttl (ms), then pairs of room, lease value.
+# ``ARGV``: prefix, ttl (ms), then pairs of room, lease value. A lease that is gone
+# (Redis restarted, or was away longer than the ttl) is taken again if still free.
 RENEW = """
 for i = 3, #ARGV, 2 do
   local lease = ARGV[1] .. ':room:' .. ARGV[i] .. ':lease'
-  if redis.call('GET', lease) == ARGV[i + 1] then redis.call('PEXPIRE', lease, ARGV[2]) end
+  local holder = redis.call('GET', lease)
+  if holder == ARGV[i + 1] then
+    redis.call('PEXPIRE', lease, ARGV[2])
+  elseif not holder then
+    redis.call('SET', lease, ARGV[i + 1], 'PX', ARGV[2])
+  end
 end
 return 0
 """
@@ -196,26 +202,34 @@ redis.call('PUBLISH', ARGV[1] .. ':proc:' .. owner, 'cancel ' .. ARGV[2] .. ' ' 
 return generation
 """
 
-# ``ARGV``: prefix, this process, ttl (ms). Takes the lease of every running answer
-# whose lease expired; returns room, generation, message, text for each.
-ORPHANS = """
+# ``ARGV``: prefix. The running answers whose lease is gone: room, generation.
+UNLEASED = """
 local out = {}
 for _, room in ipairs(redis.call('SMEMBERS', ARGV[1] .. ':generating')) do
   local base = ARGV[1] .. ':room:' .. room
   if redis.call('EXISTS', base .. ':lease') == 0 then
-    local live = redis.call('HMGET', base .. ':live', 'g', 'm')
-    if not live[1] then
+    local generation = redis.call('HGET', base .. ':live', 'g')
+    if not generation then
       redis.call('SREM', ARGV[1] .. ':generating', room)
     else
-      redis.call('SET', base .. ':lease', ARGV[2] .. ' ' .. live[1], 'PX', ARGV[3])
       table.insert(out, room)
-      table.insert(out, live[1])
-      table.insert(out, live[2])
-      table.insert(out, redis.call('GET', base .. ':text') or '')
+      table.insert(out, generation)
     end
   end
 end
 return out
+"""
+
+# ``ARGV``: prefix, room, generation, this process, ttl (ms). Takes the lease of a
+# running answer if still unleased; returns its message and text so far, or false.
+ADOPT = """
+local base = ARGV[1] .. ':room:' .. ARGV[2]
+local live = redis.call('HMGET', base .. ':live', 'g', 'm')
+if live[1] ~= ARGV[3] then return false end
+if not redis.call('SET', base .. ':lease', ARGV[4] .. ' ' .. ARGV[3], 'NX', 'PX', ARGV[5]) then
+  return false
+end
+return {live[2], redis.call('GET', base .. ':text') or ''}
 """
 
 # ``ARGV``: prefix, room, final frame JSON. Every process closes its subscribers.
@@ -262,7 +276,8 @@ class RedisBroker:
                 ("claim", CLAIM),
                 ("renew", RENEW),
                 ("cancel", CANCEL),
-                ("orphans", ORPHANS),
+                ("unleased", UNLEASED),
+                ("adopt", ADOPT),
                 ("close", CLOSE),
             ]
         }
@@ -272,6 +287,8 @@ class RedisBroker:
         self._pending: list[str] = []  # queued operations, 6 strings each
         self._wake = asyncio.Event()
         self._held: dict[str, str] = {}  # room -> lease value this process holds
+        # (room, generation) -> when first seen running without a lease
+        self._suspects: dict[tuple[str, str], float] = {}
         self._listening: dict[str, int] = {}  # room -> newest event id delivered here
         self._subscribed: dict[str, asyncio.Future[None]] = {}  # channel -> confirmed
         self._tasks: list[asyncio.Task[None]] = []
@@ -566,10 +583,21 @@ class RedisBroker:
         return {room.decode() for room in rooms}
 
     async def orphans(self) -> list[Orphan]:
-        found = await self._call("orphans", self.prefix, self.process, self.lease_ms)
+        """Generations seen without a lease for longer than a lease lasts: their owner
+        had that long to renew it (after a Redis restart, say) and did not."""
+        found = await self._call("unleased", self.prefix)
+        now = asyncio.get_running_loop().time()
+        unleased = {(found[i].decode(), found[i + 1].decode()) for i in range(0, len(found), 2)}
+        self._suspects = {key: self._suspects.get(key, now) for key in unleased}
         orphans = []
-        for i in range(0, len(found), 4):
-            room, generation, message, text = (part.decode() for part in found[i : i + 4])
-            self._held[room] = f"{self.process} {generation}"
-            orphans.append(Orphan(room, generation, message, text))
+        for (room, generation), since in self._suspects.items():
+            if now - since < self.lease_ms / 1000:
+                continue
+            adopted = await self._call(
+                "adopt", self.prefix, room, generation, self.process, self.lease_ms
+            )
+            if adopted is not None:
+                self._held[room] = f"{self.process} {generation}"
+                message, text = (part.decode() for part in adopted)
+                orphans.append(Orphan(room, generation, message, text))
         return orphans

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import fcntl
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, text
+from sqlalchemy import event, make_url, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -31,8 +33,24 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
-    """Bring the schema to ``revision`` (blocking; runs its own event loop)."""
-    command.upgrade(alembic_config(database_url), revision)
+    """Bring the schema to ``revision`` (blocking; runs its own event loop).
+
+    Several processes may start at once (``serve --workers N``): on PostgreSQL they
+    take turns on an advisory lock (``migrations/env.py``), on a SQLite file on a lock
+    file beside it."""
+    with _sqlite_file_lock(database_url):
+        command.upgrade(alembic_config(database_url), revision)
+
+
+@contextlib.contextmanager
+def _sqlite_file_lock(database_url: str) -> Iterator[None]:
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        yield
+        return
+    with open(f"{url.database}.migrate-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def downgrade(database_url: str, revision: str = "base") -> None:

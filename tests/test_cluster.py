@@ -1,0 +1,564 @@
+"""Several gateway processes as one: the Redis broker, against real services.
+
+Each test starts 2–3 ``chat-gateway serve`` processes on their own ports, sharing one
+database (a SQLite file, or PostgreSQL with TEST_DATABASE_URL) and one Redis server
+(under a key prefix of the test's own), and the session's fake upstream. Clients
+connect to different processes, as they would behind a load balancer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+import websockets
+
+from gateway.testing.fake_upstream import FakeUpstream, FakeUpstreamServer, Scenario
+from tests.conftest import Client, SSEClient, console_script, covered_seqs, run_sql, scaled
+from tests.processes import Served, free_port, gateway_env
+
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+
+def redis_unavailable() -> str | None:
+    """Why these tests cannot run here, or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("redis") is None:
+        return "needs the redis extra (pip install -e '.[redis]')"
+    try:
+        socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1).close()
+    except OSError:
+        return f"needs Redis on {REDIS_HOST}:{REDIS_PORT} (.ci/run starts one)"
+    return None
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(redis_unavailable() is not None, reason=str(redis_unavailable())),
+]
+
+
+@pytest.fixture
+def cluster(
+    tmp_path: Path,
+    database_url: str,
+    redis_prefix: str,
+    upstream: FakeUpstream,
+    upstream_server: FakeUpstreamServer,
+) -> Iterator[Any]:
+    """``a, b = cluster(2)`` starts gateway processes sharing the database and Redis."""
+    started: list[Served] = []
+
+    def start(count: int = 2, redis_url: str | None = None, **env: str) -> list[Served]:
+        environment = gateway_env(
+            database_url,
+            upstream_server,
+            GATEWAY_REDIS_URL=redis_url or f"redis://{REDIS_HOST}:{REDIS_PORT}/0",
+            GATEWAY_REDIS_PREFIX=redis_prefix,
+            GATEWAY_LEASE_SECONDS="2",
+            GATEWAY_CHECKPOINT_INTERVAL="0.2",
+            **env,
+        )
+        processes = []
+        for _ in range(count):
+            served = Served(
+                [console_script("chat-gateway"), "serve"],
+                environment,
+                tmp_path,
+                f"gateway{len(started) + 1}",
+            )
+            started.append(served)
+            processes.append(served)
+        for served in processes:
+            served.wait_healthy()
+        return processes
+
+    try:
+        yield start
+    finally:
+        for served in started:
+            served.kill()
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Any]:
+    """``client = await connect(served, room_id)``: a WebSocket past its first frame."""
+    opened: list[Any] = []
+
+    async def open_client(served: Served, room_id: str, query: str = "") -> Client:
+        ws = await websockets.connect(
+            f"ws://127.0.0.1:{served.port}/ws/rooms/{room_id}{query}", max_size=None
+        )
+        opened.append(ws)
+        client = Client(ws)
+        first = await client.recv(timeout=10)
+        assert first["type"] in ("ready", "resumed", "resync"), first
+        return client
+
+    yield open_client
+    for ws in opened:
+        await ws.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx2.AsyncClient]:
+    async with httpx2.AsyncClient(timeout=scaled(10)) as client:
+        yield client
+
+
+async def new_room(http: httpx2.AsyncClient, served: Served, **persona: Any) -> dict[str, Any]:
+    response = await http.post(f"{served.url}/api/rooms", json={"name": "r", "persona": persona})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+async def stored(http: httpx2.AsyncClient, served: Served, room_id: str) -> list[dict]:
+    response = await http.get(f"{served.url}/api/rooms/{room_id}/messages")
+    return response.json()["messages"]
+
+
+def logged(frames: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """``(event_id, type)`` of every broadcast frame, in the order received."""
+    return [(f["event_id"], f["type"]) for f in frames if "event_id" in f]
+
+
+# --------------------------------------------------------------------------- fan-out
+
+
+async def test_a_client_on_a_sees_tokens_of_a_generation_on_b_with_the_same_event_ids(
+    cluster: Any, connect: Any, http: httpx2.AsyncClient, upstream: FakeUpstream
+) -> None:
+    a, b = cluster(2)
+    upstream.script(Scenario(count=50, delay=0.005))
+    room = await new_room(http, a)
+    on_a, on_b = await connect(a, room["id"]), await connect(b, room["id"])
+    await on_b.send({"type": "send", "content": "hello"})
+    done_a, done_b = await on_a.until("done"), await on_b.until("done")
+
+    assert logged(on_a.frames[1:]) == logged(on_b.frames[1:])
+    ids = [event_id for event_id, _ in logged(on_a.frames[1:])]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert ids[0] > on_a.frames[0]["last_event_id"]
+    tokens = on_a.of_type("token")
+    assert covered_seqs(tokens) == list(range(1, 51))
+    assert "".join(t["text"] for t in tokens) == done_a["message"]["content"]
+    assert done_a["message"] == done_b["message"]
+    assert [m["status"] for m in await stored(http, a, room["id"])] == ["complete", "complete"]
+
+
+async def test_one_generation_per_room_across_processes(
+    cluster: Any, connect: Any, http: httpx2.AsyncClient, upstream: FakeUpstream
+) -> None:
+    a, b = cluster(2)
+    upstream.script(Scenario(count=200, delay=0.01))
+    room = await new_room(http, a)
+    on_a = await connect(a, room["id"])
+    await on_a.send({"type": "send", "content": "long one"})
+    await on_a.until("token")
+    response = await http.post(
+        f"{b.url}/api/rooms/{room['id']}/messages", json={"content": "me too"}
+    )
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "busy"
+    await on_a.send({"type": "cancel"})
+    await on_a.until("cancelled")
+    assert len(await stored(http, b, room["id"])) == 2  # the refused message was not kept
+
+
+async def test_a_client_joining_on_a_mid_answer_from_b_gets_the_text_so_far_then_the_rest(
+    cluster: Any, connect: Any, http: httpx2.AsyncClient, upstream: FakeUpstream
+) -> None:
+    a, b = cluster(2)
+    upstream.script(Scenario(count=60, delay=0.01))
+    room = await new_room(http, a)
+    on_b = await connect(b, room["id"])
+    await on_b.send({"type": "send", "content": "story"})
+    for _ in range(10):
+        await on_b.until("token")
+    late = await connect(a, room["id"])
+    ready = late.frames[0]
+    live = ready["generation"]
+    assert live is not None and live["seq"] >= 10
+    done = await late.until("done")
+    rest = late.of_type("token")
+    assert covered_seqs(rest) == list(range(live["seq"] + 1, 61))  # no gap, no duplicate
+    assert live["text"] + "".join(t["text"] for t in rest) == done["message"]["content"]
+
+
+# ---------------------------------------------------------------------------- cancel
+
+
+async def test_cancel_sent_to_a_stops_the_upstream_request_that_b_opened(
+    cluster: Any, connect: Any, http: httpx2.AsyncClient, upstream: FakeUpstream
+) -> None:
+    a, b = cluster(2)
+    upstream.script(Scenario(count=500, delay=0.01))
+    room = await new_room(http, a)
+    on_a, on_b = await connect(a, room["id"]), await connect(b, room["id"])
+    await on_b.send({"type": "send", "content": "go on and on"})
+    start = await on_a.until("start")
+    await on_a.until("token")
+    (request,) = upstream.wait_for_requests(1)
+
+    response = await http.post(
+        f"{a.url}/api/rooms/{room['id']}/generations/{start['generation_id']}/cancel"
+    )
+    assert response.status_code == 202, response.text
+    asked = time.monotonic()
+    cancelled_a, cancelled_b = await on_a.until("cancelled"), await on_b.until("cancelled")
+    assert cancelled_a["message"] == cancelled_b["message"]
+    assert cancelled_a["message"]["status"] == "cancelled"
+
+    async def upstream_saw_disconnect() -> bool:
+        return request.disconnected_at is not None
+
+    await eventually(upstream_saw_disconnect, timeout=5)
+    assert request.outcome == "disconnected"  # B closed the upstream response
+    assert request.disconnected_at - asked < scaled(2)
+    assert len(on_a.of_type("token")) < 500
+    answer = (await stored(http, a, room["id"]))[-1]
+    assert answer["status"] == "cancelled"
+    assert answer["content"] == cancelled_a["message"]["content"]
+
+
+async def test_cancel_with_nothing_running_anywhere_is_a_conflict(
+    cluster: Any, http: httpx2.AsyncClient
+) -> None:
+    a, _ = cluster(2)
+    room = await new_room(http, a)
+    response = await http.post(f"{a.url}/api/rooms/{room['id']}/generations/gen_nope/cancel")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "generation_not_found"
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+async def test_websocket_resume_lands_on_another_process(
+    cluster: Any, connect: Any, http: httpx2.AsyncClient, upstream: FakeUpstream
+) -> None:
+    a, b = cluster(2)
+    upstream.script(Scenario(count=80, delay=0.01))
+    room = await new_room(http, a)
+    watcher = await connect(a, room["id"])
+    leaving = await connect(a, room["id"])
+    await watcher.send({"type": "send", "content": "story"})
+    for _ in range(20):
+        await leaving.until("token")
+    last = leaving.frames[-1]["event_id"]
+    await leaving.ws.close()
+
+    back = await connect(b, room["id"], f"?last_event_id={last}")
+    assert back.frames[0]["type"] == "resumed"
+    done = await back.until("done")
+    seen = leaving.of_type("token") + back.of_type("token")
+    assert covered_seqs(seen) == list(range(1, 81))
+    assert "".join(t["text"] for t in seen) == done["message"]["content"]
+    await watcher.until("done")
+    assert logged(back.frames[1:]) == [e for e in logged(watcher.frames[1:]) if e[0] > last]
+
+
+async def test_sse_last_event_id_resume_lands_on_another_process(
+    cluster: Any, connect: Any, http: httpx2.AsyncClient, upstream: FakeUpstream
+) -> None:
+    a, b = cluster(2)
+    upstream.script(Scenario(count=40, delay=0.005))
+    room = await new_room(http, a)
+    events = f"/api/rooms/{room['id']}/events"
+    async with http.stream("GET", a.url + events) as response:
+        stream = SSEClient(response)
+        ready = await stream.next()
+    trigger = await connect(b, room["id"])
+    await trigger.send({"type": "send", "content": "story"})
+    await trigger.until("done")
+
+    headers = {"last-event-id": str(ready.id)}
+    async with http.stream("GET", b.url + events, headers=headers) as response:
+        back = SSEClient(response)
+        assert (await back.next()).type == "resumed"
+        await back.until("done")
+    replayed = back.events[1:]
+    assert [e.type for e in replayed][:2] == ["message", "start"]
+    # The same ids as on B (a replayed burst of tokens may arrive merged into fewer
+    # frames, each with the id of the last it carries).
+    ids = [e.id for e in replayed]
+    sent = [f["event_id"] for f in trigger.frames[1:]]
+    assert set(ids) <= set(sent) and ids == sorted(ids) and ids[-1] == sent[-1]
+    assert covered_seqs([e.data for e in replayed if e.type == "token"]) == list(range(1, 41))
+
+
+# ------------------------------------------------------------------- a process dies
+
+
+async def test_killing_the_process_mid_answer_lets_another_take_over(
+    cluster: Any,
+    connect: Any,
+    http: httpx2.AsyncClient,
+    upstream: FakeUpstream,
+    database_url: str,
+) -> None:
+    a, b = cluster(2)
+    upstream.script(Scenario(count=1000, delay=0.01), Scenario(tokens=["second ", "try"]))
+    room = await new_room(http, a)
+    on_a, on_b = await connect(a, room["id"]), await connect(b, room["id"])
+    await on_b.send({"type": "send", "content": "long story"})
+    for _ in range(20):
+        await on_b.until("token")
+    b.kill()  # SIGKILL: no shutdown, no final write; its lease stops being renewed
+    last_on_b = max(f.get("event_id", 0) for f in on_b.frames)
+
+    error = await on_a.until("error", timeout=20)  # within the lease (2 s) and a sweep
+    assert error["code"] == "interrupted"
+    answer = error["answer"]
+    assert answer["status"] == "interrupted"
+    published = on_a.text_of(error["generation_id"])
+    assert answer["content"] == published  # what it had streamed is kept
+    assert len(published) > 0
+    rows = await run_sql(
+        database_url, "SELECT status, content FROM messages WHERE id = :id", id=answer["id"]
+    )
+    assert rows == [("interrupted", published)]
+
+    # Clients of the dead process reconnect elsewhere and resume where they were.
+    back = await connect(a, room["id"], f"?last_event_id={last_on_b}")
+    assert back.frames[0]["type"] == "resumed"
+    resumed_error = await back.until("error")
+    assert resumed_error["event_id"] == error["event_id"]
+
+    # And anyone can answer again.
+    await on_a.send({"type": "regenerate", "message_id": answer["id"]})
+    done = await on_a.until("done")
+    assert done["message"]["content"] == "second try"
+    assert done["message"]["siblings"] == [answer["id"], done["message"]["id"]]
+
+
+async def test_a_restarted_process_leaves_other_processes_answers_alone(
+    cluster: Any, connect: Any, http: httpx2.AsyncClient, upstream: FakeUpstream
+) -> None:
+    a, _ = cluster(2)
+    upstream.script(Scenario(count=150, delay=0.01))
+    room = await new_room(http, a)
+    on_a = await connect(a, room["id"])
+    await on_a.send({"type": "send", "content": "keep going"})
+    await on_a.until("token")
+    (c,) = cluster(1)  # starts while A streams: must not mark A's answer interrupted
+    done = await on_a.until("done", timeout=20)
+    assert done["message"]["status"] == "complete"
+    assert [m["status"] for m in await stored(http, c, room["id"])] == ["complete", "complete"]
+
+
+# --------------------------------------------------------------- rooms and their state
+
+
+async def test_a_persona_changed_on_a_is_used_by_b_and_announced_everywhere(
+    cluster: Any, connect: Any, http: httpx2.AsyncClient, upstream: FakeUpstream
+) -> None:
+    a, b = cluster(2)
+    room = await new_room(http, a, system_prompt="old persona")
+    on_b = await connect(b, room["id"])
+    await on_b.send({"type": "send", "content": "one"})
+    await on_b.until("done")  # B has the room cached now
+
+    response = await http.patch(
+        f"{a.url}/api/rooms/{room['id']}", json={"persona": {"system_prompt": "new persona"}}
+    )
+    assert response.status_code == 200
+    changed = await on_b.until("room")
+    assert changed["room"]["persona"]["system_prompt"] == "new persona"
+    upstream.reset()
+    await on_b.send({"type": "send", "content": "two"})
+    await on_b.until("done")
+    (request,) = upstream.wait_for_requests(1)
+    assert request.body["messages"][0] == {"role": "system", "content": "new persona"}
+    # B's cached history was refreshed too: the prompt carries the whole branch.
+    assert [m["content"] for m in request.body["messages"][1:]][::2] == ["one", "two"]
+
+
+async def test_messages_sent_alternately_to_two_processes_form_one_history(
+    cluster: Any, connect: Any, http: httpx2.AsyncClient, upstream: FakeUpstream
+) -> None:
+    a, b, c = cluster(3)
+    room = await new_room(http, a)
+    clients = [await connect(p, room["id"]) for p in (a, b, c)]
+    for i, client in enumerate(clients * 2):
+        await client.send({"type": "send", "content": f"m{i}", "id": f"c{i}"})
+        while (await client.until("message")).get("id") != f"c{i}":
+            pass
+        start = await client.until("start")
+        while (await client.until("done"))["generation_id"] != start["generation_id"]:
+            pass
+    history = await stored(http, b, room["id"])
+    assert [m["content"] for m in history][::2] == [f"m{i}" for i in range(6)]
+    assert all(m["parent_id"] == p["id"] for p, m in itertools.pairwise(history))
+    for client in clients:  # each saw every message, whichever process took it
+        while not any(
+            f["type"] == "done" and f["generation_id"] == start["generation_id"]
+            for f in client.frames
+        ):
+            await client.recv()
+        assert [f["message"]["content"] for f in client.of_type("message")][-6:] == [
+            f"m{i}" for i in range(6)
+        ]
+
+
+async def test_deleting_a_room_on_a_disconnects_its_clients_on_b(
+    cluster: Any, connect: Any, http: httpx2.AsyncClient
+) -> None:
+    a, b = cluster(2)
+    room = await new_room(http, a)
+    on_b = await connect(b, room["id"])
+    assert (await http.delete(f"{a.url}/api/rooms/{room['id']}")).status_code == 204
+    error = await on_b.until("error")
+    assert error["code"] == "room_deleted"
+    with pytest.raises(websockets.ConnectionClosed):
+        await on_b.recv()
+    assert on_b.ws.close_code == 4404
+
+
+async def test_rate_limits_are_shared_through_the_brokers_redis(
+    cluster: Any, http: httpx2.AsyncClient
+) -> None:
+    key = f"sk-{os.urandom(8).hex()}"
+    a, b = cluster(2, GATEWAY_API_KEYS=f"shared={key}", GATEWAY_RATE_LIMIT_MESSAGES="3/minute")
+    headers = {"authorization": f"Bearer {key}"}
+    codes = []
+    for served in [a, b, a, b, a, b]:
+        room = await http.post(f"{served.url}/api/rooms", json={"name": "r"}, headers=headers)
+        response = await http.post(
+            f"{served.url}/api/rooms/{room.json()['id']}/messages",
+            json={"content": "hi"},
+            headers=headers,
+        )
+        codes.append(response.status_code)
+    assert codes == [202, 202, 202, 429, 429, 429]
+
+
+# ------------------------------------------------------------------- Redis outages
+
+
+@contextlib.contextmanager
+def private_redis(tmp_path: Path) -> Iterator[Any]:
+    """A Redis server of this test's own (it will be stopped and started again)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("needs the redis-server binary (apt-get install redis-server)")
+    port = free_port()
+
+    def launch() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            # Its data survives a restart (the append-only file), as a production Redis'
+            # would: this is Redis briefly away, not Redis losing everything.
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(tmp_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + scaled(10)
+        while True:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return process
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    class Server:
+        url = f"redis://127.0.0.1:{port}/0"
+        process = launch()
+
+        def stop(self) -> None:
+            self.process.terminate()
+            self.process.wait(scaled(10))
+
+        def start(self) -> None:
+            self.process = launch()
+
+    server = Server()
+    try:
+        yield server
+    finally:
+        server.process.kill()
+        server.process.wait()
+
+
+async def readiness(http: httpx2.AsyncClient, served: Served) -> tuple[int, dict]:
+    response = await http.get(f"{served.url}/readyz")
+    return response.status_code, response.json()
+
+
+async def eventually(check: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + scaled(timeout)
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_while_redis_is_down_a_process_serves_its_clients_and_reports_not_ready(
+    cluster: Any, connect: Any, http: httpx2.AsyncClient, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    with private_redis(tmp_path) as redis_server:
+        a, b = cluster(2, redis_url=redis_server.url)
+        assert await readiness(http, a) == (
+            200,
+            {"status": "ready", "checks": {"database": True, "broker": True}},
+        )
+        upstream.script(Scenario(count=150, delay=0.01))
+        room = await new_room(http, a)
+        on_a, on_b = await connect(a, room["id"]), await connect(b, room["id"])
+        await on_a.send({"type": "send", "content": "through the outage"})
+        await on_a.until("token")
+
+        redis_server.stop()
+
+        async def not_ready() -> bool:
+            status, body = await readiness(http, a)
+            return status == 503 and body["checks"] == {"database": True, "broker": False}
+
+        await eventually(not_ready)
+        # The process still serves: REST reads work, and what needs every process's
+        # agreement fails clearly instead of hanging.
+        assert len(await stored(http, a, room["id"])) == 2
+        other = await new_room(http, a)
+        refused = await http.post(
+            f"{a.url}/api/rooms/{other['id']}/messages", json={"content": "now?"}
+        )
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "broker_unavailable"
+
+        redis_server.start()
+
+        async def ready() -> bool:
+            return (await readiness(http, a))[0] == 200
+
+        await eventually(ready)
+        # Nothing published during the outage was lost: both clients get the whole
+        # answer, in order, once Redis is back.
+        done_a = await on_a.until("done", timeout=20)
+        done_b = await on_b.until("done", timeout=20)
+        assert covered_seqs(on_a.of_type("token")) == list(range(1, 151))
+        assert "".join(t["text"] for t in on_b.of_type("token")) == done_b["message"]["content"]
+        assert done_a["message"] == done_b["message"]
