@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+from typing import Any
 
 from gateway.settings import SettingsError, load_settings
 
@@ -29,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="bind address (GATEWAY_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (GATEWAY_PORT, default 8000)")
     serve.add_argument("--log-level", help="GATEWAY_LOG_LEVEL, default info")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the port (more than 1 needs GATEWAY_REDIS_URL)",
+    )
 
     db = commands.add_parser("db", help="manage the database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True)
@@ -48,10 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"chat-gateway: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper() if settings.log_level != "trace" else logging.DEBUG,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level)
 
     if args.command == "db":
         from gateway.store import db as database
@@ -66,8 +71,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from gateway.app import create_app
 
+    if args.workers < 1:
+        print("chat-gateway: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1 and not settings.redis_url:
+        print(
+            f"chat-gateway: --workers {args.workers} needs GATEWAY_REDIS_URL: worker "
+            "processes share rooms, live answers and resume history through Redis "
+            "(without it, each would be a separate gateway on one port)",
+            file=sys.stderr,
+        )
+        return 2
     try:
-        app = create_app(settings)
+        app = create_app(settings)  # also checks what the workers will build
     except SettingsError as exc:
         print(f"chat-gateway: {exc}", file=sys.stderr)
         return 2
@@ -77,6 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     # instead of dying by the signal (or printing a KeyboardInterrupt traceback).
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
+    if args.workers > 1:
+        # Each worker builds its own app from the environment: pass the command
+        # line's choices on to it that way.
+        for key, value in overrides.items():
+            os.environ[f"GATEWAY_{key.upper()}"] = str(value)
+        uvicorn.run(
+            "gateway.cli:worker_app",
+            factory=True,
+            workers=args.workers,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            **UVICORN_OPTIONS,  # type: ignore[arg-type]
+        )
+        return 0
     uvicorn.run(
         app,
         host=settings.host,
@@ -85,6 +116,22 @@ def main(argv: list[str] | None = None) -> int:
         **UVICORN_OPTIONS,  # type: ignore[arg-type]
     )
     return 0
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper() if level != "trace" else logging.DEBUG,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def worker_app() -> Any:
+    """The app of one ``serve --workers N`` process (settings from the environment)."""
+    from gateway.app import create_app
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
 
 
 if __name__ == "__main__":

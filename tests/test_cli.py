@@ -9,8 +9,6 @@ killed (its whole process group) in ``finally``.
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -189,46 +187,6 @@ def test_keys_and_tokens_never_appear_in_the_logs(serve: Any) -> None:
     assert key not in logs
 
 
-def redis_unavailable() -> str | None:
-    """Why the Redis-backed test cannot run here, or None."""
-    import importlib.util
-
-    if importlib.util.find_spec("redis") is None:
-        return "needs the redis extra (pip install -e '.[redis]')"
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
-    except OSError:
-        return "needs Redis on 127.0.0.1:6379 (.ci/run starts one)"
-    return None
-
-
-@pytest.mark.skipif(redis_unavailable() is not None, reason=str(redis_unavailable()))
-def test_two_gateway_processes_share_one_rate_limit_through_redis(serve: Any) -> None:
-    key = f"sk-shared-{os.urandom(8).hex()}"  # a fresh key: Redis outlives test runs
-    env = {
-        "GATEWAY_API_KEYS": f"shared-{key[-8:]}={key}",
-        "GATEWAY_RATE_LIMIT_MESSAGES": "3/minute",
-        "GATEWAY_RATE_LIMIT_STORAGE": "redis://127.0.0.1:6379",
-    }
-    first, second = serve(**env), serve(**env)
-    headers = {"authorization": f"Bearer {key}"}
-    codes = []
-    for served in [first, second, first, second, first, second]:
-        room = httpx2.post(
-            f"{served.url}/api/rooms", json={"name": "r"}, headers=headers, timeout=scaled(10)
-        ).json()
-        response = httpx2.post(
-            f"{served.url}/api/rooms/{room['id']}/messages",
-            json={"content": "hi [[fake count=1]]"},
-            headers=headers,
-            timeout=scaled(10),
-        )
-        codes.append(response.status_code)
-    assert codes == [202, 202, 202, 429, 429, 429]
-    for served in (first, second):
-        served.assert_stopped_gracefully(served.terminate())
-
-
 def test_python_dash_m_gateway_serves(serve: Any) -> None:
     served = serve([sys.executable, "-m", "gateway", "serve"])
     code = served.terminate()
@@ -329,6 +287,23 @@ def test_bad_port_setting_exits_2_naming_the_variable(
     assert "notaport" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "g.db").exists()
+
+
+def test_several_workers_without_redis_is_refused_with_a_clear_error(
+    tmp_path: Path, upstream_server: FakeUpstreamServer
+) -> None:
+    result = subprocess.run(
+        [console_script("chat-gateway"), "serve", "--workers", "2"],
+        env=gateway_env(sqlite_url(tmp_path / "g.db"), upstream_server),
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+    )
+    assert result.returncode == 2, result
+    assert "--workers 2 needs GATEWAY_REDIS_URL" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # --------------------------------------------------------------------------- db

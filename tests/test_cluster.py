@@ -445,6 +445,51 @@ async def test_rate_limits_are_shared_through_the_brokers_redis(
     assert codes == [202, 202, 202, 429, 429, 429]
 
 
+# ----------------------------------------------------------------- serve --workers
+
+
+def test_serve_with_workers_runs_that_many_processes_as_one_gateway(
+    tmp_path: Path,
+    database_url: str,
+    redis_prefix: str,
+    upstream: FakeUpstream,
+    upstream_server: FakeUpstreamServer,
+) -> None:
+    env = gateway_env(
+        database_url,
+        upstream_server,
+        GATEWAY_REDIS_URL=f"redis://{REDIS_HOST}:{REDIS_PORT}/0",
+        GATEWAY_REDIS_PREFIX=redis_prefix,
+    )
+    served = Served(
+        [console_script("chat-gateway"), "serve", "--workers", "2"], env, tmp_path, "workers"
+    )
+    try:
+        served.wait_healthy()
+        deadline = time.monotonic() + scaled(30)
+        while served.logs().count("Application startup complete") < 2:
+            assert time.monotonic() < deadline, served.logs()
+            time.sleep(0.05)
+        with httpx2.Client(base_url=served.url, timeout=scaled(10)) as client:
+            assert client.get("/readyz").json()["status"] == "ready"
+            room = client.post("/api/rooms", json={"name": "r"}).json()
+            # Whichever worker takes each request, the room is one.
+            for i in range(4):
+                response = client.post(
+                    f"/api/rooms/{room['id']}/messages",
+                    json={"content": f"m{i}"},
+                    headers={"accept": "text/event-stream"},
+                )
+                assert response.status_code == 200
+                assert "event: done" in response.text
+            messages = client.get(f"/api/rooms/{room['id']}/messages").json()["messages"]
+        assert [m["content"] for m in messages][::2] == [f"m{i}" for i in range(4)]
+        assert served.terminate() == 0, served.logs()
+        assert served.logs().count("Application shutdown complete") == 2
+    finally:
+        served.kill()
+
+
 # ------------------------------------------------------------------- Redis outages
 
 
