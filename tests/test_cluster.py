@@ -605,5 +605,6 @@ async def test_while_redis_is_down_a_process_serves_its_clients_and_reports_not_
         done_a = await on_a.until("done", timeout=20)
         done_b = await on_b.until("done", timeout=20)
         assert covered_seqs(on_a.of_type("token")) == list(range(1, 151))
+        assert covered_seqs(on_b.of_type("token")) == list(range(1, 151))
         assert "".join(t["text"] for t in on_b.of_type("token")) == done_b["message"]["content"]
         assert done_a["message"] == done_b["message"]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -71,7 +72,7 @@ class BrokerUnavailable(GatewayError):
     retryable = True
 
 
-# ``ARGV``: prefix, log length, log ttl (ms), then 6 per operation:
+# ``ARGV``: prefix, log length, log ttl (ms), batch id, then 6 per operation:
 # kind, room, frame JSON without its opening brace, then per kind:
 #   start: generation, message | token: generation, seq, text | end: generation
 #   ended: - (a change is published) | release: lease value
@@ -89,7 +90,11 @@ PUBLISH = (
     _INIT_SEQ
     + """
 local prefix, maxlen, ttl = ARGV[1], ARGV[2], ARGV[3]
-for i = 4, #ARGV, 6 do
+-- A batch whose reply was lost (the connection broke) is sent again: apply it once.
+if not redis.call('SET', prefix .. ':batch:' .. ARGV[4], '1', 'NX', 'PX', 600000) then
+  return 0
+end
+for i = 5, #ARGV, 6 do
   local kind, room = ARGV[i], ARGV[i + 1]
   local base = prefix .. ':room:' .. room
   local meta = base .. ':meta'
@@ -285,6 +290,7 @@ class RedisBroker:
         self._hub: RoomHub | None = None
         self._on_cancel: CancelHandler | None = None
         self._pending: list[str] = []  # queued operations, 6 strings each
+        self._sending = 0  # operations in the batch being sent
         self._wake = asyncio.Event()
         self._held: dict[str, str] = {}  # room -> lease value this process holds
         # (room, generation) -> when first seen running without a lease
@@ -328,7 +334,7 @@ class RedisBroker:
     async def aclose(self) -> None:
         # Let what is queued (the final frames of stopped answers) go out first.
         for _ in range(100):
-            if not self._pending or not self._publish_ok:
+            if not (self._pending or self._sending) or not self._publish_ok:
                 break
             await asyncio.sleep(0.01)
         for task in self._tasks:
@@ -365,29 +371,35 @@ class RedisBroker:
         self._pending = [part for op in kept for part in op]
 
     async def _flush(self) -> None:
-        """Send queued operations, in order, one script call per round trip; while
-        Redis is unreachable, keep them and retry."""
-        failures = 0
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch = self._pending[: BATCH_OPS * 6]
-                try:
-                    await self._scripts["publish"](
-                        args=[self.prefix, self.log_size, self.log_ms, *batch]
-                    )
-                except RedisError as exc:
-                    if self._publish_ok:
-                        log.error("Redis unreachable, holding %d events: %s", len(batch), exc)
-                    self._publish_ok = False
-                    await asyncio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
-                    failures += 1
-                    continue
-                if not self._publish_ok:
-                    log.warning("Redis reachable again; queued events sent")
-                self._publish_ok, failures = True, 0
-                del self._pending[: len(batch)]
+        """Send queued operations, in order, one script call per round trip."""
+        for number in itertools.count():
+            while not self._pending:
+                await self._wake.wait()
+                self._wake.clear()
+            batch = self._pending[: BATCH_OPS * 6]
+            del self._pending[: len(batch)]
+            self._sending = len(batch) // 6
+            await self._send(f"{self.process}.{number}", batch)
+            self._sending = 0
+
+    async def _send(self, batch_id: str, batch: list[str]) -> None:
+        """Run one batch; while Redis is unreachable, retry the very same batch (the
+        script applies a batch id once, should a reply have been lost)."""
+        for failures in itertools.count():
+            try:
+                await self._scripts["publish"](
+                    args=[self.prefix, self.log_size, self.log_ms, batch_id, *batch]
+                )
+            except RedisError as exc:
+                if self._publish_ok:
+                    log.error("Redis unreachable, holding events: %s", exc)
+                self._publish_ok = False
+                await asyncio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
+                continue
+            if not self._publish_ok:
+                log.warning("Redis reachable again; held events sent")
+            self._publish_ok = True
+            return
 
     async def listen(self, room_id: str) -> None:
         channel = self._room(room_id)
@@ -489,13 +501,15 @@ class RedisBroker:
     async def _repair(self, room_id: str) -> None:
         """Deliver the room's events missed since the last one delivered here."""
         assert self._hub is not None
-        last = self._listening.get(room_id)
-        if last is None:
-            return
-        try:
-            missed = await self.replay(room_id, last)
-        except BrokerUnavailable:
-            return  # the reader will repair again once reconnected
+        for failures in itertools.count():
+            last = self._listening.get(room_id)
+            if last is None:
+                return
+            try:
+                missed = await self.replay(room_id, last)
+                break
+            except BrokerUnavailable:
+                await asyncio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
         if missed is None:
             log.warning("room %s: events lost while disconnected; clients must resync", room_id)
             error = GatewayError("missed events; reconnect to resync", code="resync_required")
