@@ -971,6 +971,7 @@ class RunConfig:
     gateway_cpus: str
     client_cpus: str
     gateway_env: dict[str, str]  # extra environment for the gateway (settings knobs)
+    gateway_args: list[str]  # extra `serve` arguments (e.g. --workers 2)
     hold: float  # seconds to keep the processes alive after each N (for profiling)
 
 
@@ -1000,6 +1001,7 @@ async def run_one(n: int, config: RunConfig, workdir: Path) -> dict[str, Any]:
                 "GATEWAY_DEFAULT_MAX_TOKENS": str(max_tokens(config.tokens)),
                 **config.gateway_env,
             },
+            extra_args=config.gateway_args,
         )
         services.append(gateway)
         log(f"N={n}: upstream pid {upstream.proc.pid}, gateway pid {gateway.proc.pid}")
@@ -1177,6 +1179,7 @@ def header(config: RunConfig) -> str:
         f"pinning: {pin}\ndirect client: {direct}\nrelay client: {relays} "
         f"(permessage-deflate {'on' if config.ws_compression == 'deflate' else 'off'})\n"
         + (f"gateway env: {config.gateway_env}\n" if config.gateway_env else "")
+        + (f"gateway args: {config.gateway_args}\n" if config.gateway_args else "")
         + "fresh fake upstream + gateway + SQLite per N; TTFT = request/send frame written → "
         "first token; gap = between token-carrying frames"
     )
@@ -1214,6 +1217,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="extra gateway environment, e.g. GATEWAY_CHECKPOINT_INTERVAL=5 (repeatable)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway processes (`serve --workers N`; more than 1 needs --gateway-env "
+        "GATEWAY_REDIS_URL=redis://...)",
+    )
     parser.add_argument("--json", action="store_true", help="print results as JSON on stdout")
     parser.add_argument(
         "--hold", type=float, default=0.0, help="keep processes alive N s after each run"
@@ -1243,6 +1253,7 @@ def main(argv: list[str] | None = None) -> int:
         gateway_cpus=args.gateway_cpus,
         client_cpus=args.client_cpus,
         gateway_env=dict(item.split("=", 1) for item in args.gateway_env),
+        gateway_args=["--workers", str(args.workers)] if args.workers > 1 else [],
         hold=args.hold,
     )
     signal.signal(signal.SIGTERM, _raise_exit)  # run the finally blocks on SIGTERM too

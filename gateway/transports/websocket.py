@@ -90,9 +90,13 @@ class Connection:
                 for item in batch:
                     async with asyncio.timeout(send_timeout):
                         await self.websocket.send_text(item.text)
-                if subscriber.closed_with is not None:
-                    await self.websocket.send_text(protocol.encode(subscriber.closed_with))
-                    await self.websocket.close(CLOSE_ROOM_GONE, "room deleted")
+                final = subscriber.closed_with
+                if final is not None:
+                    await self.websocket.send_text(protocol.encode(final))
+                    if final.get("code") == "room_deleted":
+                        await self.websocket.close(CLOSE_ROOM_GONE, "room deleted")
+                    else:  # e.g. resync_required: come back and resume (or resync)
+                        await self.websocket.close(CLOSE_TRY_AGAIN_LATER, final["code"])
                     return
         except (SlowConsumer, TimeoutError):
             log.info("closing a slow client of room %s", self.room_id)
