@@ -270,18 +270,25 @@ def test_sigterm_mid_answer_stores_it_as_interrupted(serve: Any) -> None:
 # --------------------------------------------------------------------------- config
 
 
-def test_bad_port_setting_exits_2_naming_the_variable(
-    tmp_path: Path, upstream_server: FakeUpstreamServer
-) -> None:
-    result = subprocess.run(
-        [console_script("chat-gateway"), "serve"],
-        env=gateway_env(sqlite_url(tmp_path / "g.db"), upstream_server, GATEWAY_PORT="notaport"),
+def run_cli(
+    tmp_path: Path, upstream_server: FakeUpstreamServer, *args: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``chat-gateway ARGS`` to completion, on ``tmp_path/g.db``."""
+    return subprocess.run(
+        [console_script("chat-gateway"), *args],
+        env=gateway_env(sqlite_url(tmp_path / "g.db"), upstream_server, **env),
         cwd=tmp_path,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=scaled(30),
+        timeout=scaled(60),
     )
+
+
+def test_bad_port_setting_exits_2_naming_the_variable(
+    tmp_path: Path, upstream_server: FakeUpstreamServer
+) -> None:
+    result = run_cli(tmp_path, upstream_server, "serve", GATEWAY_PORT="notaport")
     assert result.returncode == 2, result
     assert "GATEWAY_PORT" in result.stderr
     assert "notaport" in result.stderr
@@ -292,15 +299,7 @@ def test_bad_port_setting_exits_2_naming_the_variable(
 def test_several_workers_without_redis_is_refused_with_a_clear_error(
     tmp_path: Path, upstream_server: FakeUpstreamServer
 ) -> None:
-    result = subprocess.run(
-        [console_script("chat-gateway"), "serve", "--workers", "2"],
-        env=gateway_env(sqlite_url(tmp_path / "g.db"), upstream_server),
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=scaled(30),
-    )
+    result = run_cli(tmp_path, upstream_server, "serve", "--workers", "2")
     assert result.returncode == 2, result
     assert "--workers 2 needs GATEWAY_REDIS_URL" in result.stderr
     assert "Traceback" not in result.stderr
@@ -310,15 +309,7 @@ def test_several_workers_without_redis_is_refused_with_a_clear_error(
 
 
 def run_db(tmp_path: Path, upstream_server: FakeUpstreamServer, *args: str) -> None:
-    result = subprocess.run(
-        [console_script("chat-gateway"), "db", *args],
-        env=gateway_env(sqlite_url(tmp_path / "g.db"), upstream_server),
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=scaled(60),
-    )
+    result = run_cli(tmp_path, upstream_server, "db", *args)
     assert result.returncode == 0, result
 
 

@@ -233,7 +233,7 @@ async def test_cancel_sent_to_a_stops_the_upstream_request_that_b_opened(
     assert answer["content"] == cancelled_a["message"]["content"]
 
 
-async def test_cancel_with_nothing_running_anywhere_is_a_conflict(
+async def test_cancelling_an_unknown_generation_is_not_found_on_any_process(
     cluster: Any, http: httpx2.AsyncClient
 ) -> None:
     a, _ = cluster(2)
