@@ -11,7 +11,7 @@ Keys and channels, under the prefix ``P`` (``GATEWAY_REDIS_PREFIX``), for a room
                             ``s`` seq; ``P:room:R:text`` its text so far (APPEND)
 ``P:room:R:lease``          ``"<process> <generation>"``, expiring unless renewed
 ``P:generating``            set of rooms with a running answer (for takeover)
-channel ``P:room:R``        every event of the room, as sent to clients (live fan-out)
+channel ``P:events``        every room's events, one message per published batch
 channel ``P:proc:ID``       requests to one process (cancel)
 ==========================  ===============================================================
 
@@ -25,6 +25,12 @@ Why these choices:
 - Publishing never awaits: frames are queued and one task sends everything queued
   in one script call per round trip. Under load, one call carries hundreds of
   tokens, which is what lets Redis keep up.
+- One channel for all rooms, one message per batch: under load a batch carries
+  hundreds of events, and reading one pub/sub message costs far more than parsing
+  one event, so this is what keeps the broker's cost per token low. Each process
+  receives every room's events and skips those of rooms it has no client in — cheap
+  for the handful of processes a deployment has (per-room channels would suit
+  hundreds of processes better).
 - Pub/sub is fast but forgets: a process that was disconnected misses messages. As
   ids are consecutive, a process notices any gap and fills it from the room's log, so
   its clients never miss an event (or are told to resync when the log is gone).
@@ -90,6 +96,7 @@ PUBLISH = (
     _INIT_SEQ
     + """
 local prefix, maxlen, ttl = ARGV[1], ARGV[2], ARGV[3]
+local out = {}  -- 'e', room, event: three lines per event, in one message
 -- A batch whose reply was lost (the connection broke) is sent again: apply it once.
 if not redis.call('SET', prefix .. ':batch:' .. ARGV[4], '1', 'NX', 'PX', 600000) then
   return 0
@@ -127,9 +134,13 @@ for i = 5, #ARGV, 6 do
     local payload = '{"event_id":' .. id .. ',' .. ARGV[i + 2]
     redis.call('XADD', base .. ':log', 'MAXLEN', maxlen, id .. '-0', 'e', payload)
     redis.call('PEXPIRE', base .. ':log', ttl)
-    redis.call('PUBLISH', base, payload)
+    table.insert(out, 'e')
+    table.insert(out, room)
+    table.insert(out, payload)
   end
 end
+if #out > 0 then redis.call('PUBLISH', prefix .. ':events', table.concat(out, '\\n')) end
+return 0
 """
 )
 
@@ -242,7 +253,7 @@ CLOSE = """
 local base = ARGV[1] .. ':room:' .. ARGV[2]
 redis.call('DEL', base .. ':meta', base .. ':log', base .. ':live', base .. ':text')
 redis.call('SREM', ARGV[1] .. ':generating', ARGV[2])
-redis.call('PUBLISH', base, '!close ' .. ARGV[3])
+redis.call('PUBLISH', ARGV[1] .. ':events', 'c\\n' .. ARGV[2] .. '\\n' .. ARGV[3])
 return 0
 """
 
@@ -296,7 +307,7 @@ class RedisBroker:
         # (room, generation) -> when first seen running without a lease
         self._suspects: dict[tuple[str, str], float] = {}
         self._listening: dict[str, int] = {}  # room -> newest event id delivered here
-        self._subscribed: dict[str, asyncio.Future[None]] = {}  # channel -> confirmed
+        self._events = f"{prefix}:events"
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._publish_ok = True
@@ -321,15 +332,15 @@ class RedisBroker:
         self._hub = hub
         self._on_cancel = on_cancel
         await self._redis.ping()  # fail at start, with a clear error, if unreachable
-        channel = f"{self.prefix}:proc:{self.process}"
-        self._subscribed[channel] = asyncio.get_running_loop().create_future()
-        await self._pubsub.subscribe(channel)
+        await self._pubsub.subscribe(self._events, f"{self.prefix}:proc:{self.process}")
+        # The first message read is the subscriptions' confirmation.
+        await asyncio.wait_for(self._pubsub.get_message(timeout=10), 10)
+        self._reader_ok = True
         self._tasks = [
             asyncio.create_task(self._read(), name="broker reader"),
             asyncio.create_task(self._flush(), name="broker publisher"),
             asyncio.create_task(self._renew(), name="broker leases"),
         ]
-        await asyncio.wait_for(asyncio.shield(self._subscribed[channel]), 10)
 
     async def aclose(self) -> None:
         # Let what is queued (the final frames of stopped answers) go out first.
@@ -402,22 +413,15 @@ class RedisBroker:
             return
 
     async def listen(self, room_id: str) -> None:
-        channel = self._room(room_id)
-        confirmed = self._subscribed.get(channel)
-        if confirmed is None:
-            confirmed = self._subscribed[channel] = asyncio.get_running_loop().create_future()
-            try:
-                await self._pubsub.subscribe(channel)
-            except RedisError as exc:
-                del self._subscribed[channel]
-                raise BrokerUnavailable(f"Redis is unavailable: {exc}") from exc
-        try:
-            await asyncio.wait_for(asyncio.shield(confirmed), 10)
-        except TimeoutError:
-            raise BrokerUnavailable("Redis did not confirm the subscription") from None
-        if room_id not in self._listening:
-            seq = await self._call_redis(self._redis.hget(f"{channel}:meta", "seq"))
-            self._listening.setdefault(room_id, int(seq or 0))
+        if room_id in self._listening:
+            return
+        # From now on this room's events are delivered here (0: no gap check until
+        # the first); events up to the room's current id may come too, and are
+        # dropped by the joining subscriber, which starts after a later position.
+        self._listening[room_id] = 0
+        seq = await self._call_redis(self._redis.hget(f"{self._room(room_id)}:meta", "seq"))
+        if room_id in self._listening:
+            self._listening[room_id] = max(self._listening[room_id], int(seq or 0))
 
     async def _call_redis(self, awaitable: Any) -> Any:
         try:
@@ -426,21 +430,12 @@ class RedisBroker:
             raise BrokerUnavailable(f"Redis is unavailable: {exc}") from exc
 
     def forget(self, room_id: str) -> None:
-        channel = self._room(room_id)
         self._listening.pop(room_id, None)
-        if self._subscribed.pop(channel, None) is not None:
-            self._spawn(self._unsubscribe(channel))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
         self._background.add(task)  # a reference, until it is done
         task.add_done_callback(self._background.discard)
-
-    async def _unsubscribe(self, channel: str) -> None:
-        if channel in self._subscribed:
-            return  # listened to again meanwhile
-        with contextlib.suppress(RedisError):
-            await self._pubsub.unsubscribe(channel)
 
     async def _read(self) -> None:
         """Deliver what the channels bring; after a lost connection, reconnect and
@@ -460,39 +455,36 @@ class RedisBroker:
                 if self._pubsub.connection.is_connected:
                     self._reader_ok, failures = True, 0
                     await self._repair_all()
-            if message is None:
+            if message is None or message["type"] != "message":
                 continue
-            kind, channel = message["type"], message["channel"].decode()
-            if kind == "message":
-                self._received(channel, message["data"])
-            elif kind == "subscribe":
-                confirmed = self._subscribed.get(channel)
-                if confirmed is not None and not confirmed.done():
-                    confirmed.set_result(None)
+            if message["channel"].decode() == self._events:
+                self._received(message["data"])
+            else:
+                command, room_id, generation_id = message["data"].decode().split(" ")
+                if command == "cancel" and self._on_cancel is not None:
+                    self._on_cancel(room_id, generation_id)
 
-    def _received(self, channel: str, data: bytes) -> None:
+    def _received(self, data: bytes) -> None:
+        """Deliver a batch's events of the rooms listened to here."""
         assert self._hub is not None
-        if channel.startswith(f"{self.prefix}:proc:"):
-            command, room_id, generation_id = data.decode().split(" ")
-            if command == "cancel" and self._on_cancel is not None:
-                self._on_cancel(room_id, generation_id)
-            return
-        room_id = channel.removeprefix(f"{self.prefix}:room:")
-        if data.startswith(b"!close "):
-            self._hub.close_room(room_id, protocol.decode(data[7:].decode()))
-            return
-        last = self._listening.get(room_id)
-        if last is None:
-            return  # no longer listening
-        event = Event.decode(data)
-        event_id = event.event_id
-        if event_id <= last:
-            return  # already delivered (by a gap repair)
-        if last and event_id > last + 1:
-            self._spawn(self._repair(room_id))
-            return
-        self._listening[room_id] = event_id
-        self._hub.deliver(room_id, event)
+        lines = data.split(b"\n")
+        for i in range(0, len(lines) - 2, 3):
+            room_id = lines[i + 1].decode()
+            last = self._listening.get(room_id)
+            if last is None:
+                continue  # no client of that room here
+            if lines[i] == b"c":
+                self._hub.close_room(room_id, protocol.decode(lines[i + 2].decode()))
+                continue
+            event = Event.decode(lines[i + 2])
+            event_id = event.event_id
+            if event_id <= last:
+                continue  # already delivered (by a gap repair)
+            if last and event_id > last + 1:
+                self._spawn(self._repair(room_id))  # it delivers this one too
+                continue
+            self._listening[room_id] = event_id
+            self._hub.deliver(room_id, event)
 
     async def _repair_all(self) -> None:
         for room_id in list(self._listening):
