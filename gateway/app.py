@@ -1,5 +1,5 @@
-"""The composition root: ``create_app`` wires settings, store, provider, hub and
-transports together. The lifespan owns every resource; nothing is created at import.
+"""The composition root: ``create_app`` wires settings, store, provider, broker, hub
+and transports together. The lifespan owns every resource; nothing is created at import.
 
 Run with ``chat-gateway serve``, or ``uvicorn --factory gateway.app:create_app``.
 """
