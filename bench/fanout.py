@@ -60,9 +60,13 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from relay import (
+from relay import (  # the relay benchmark's helpers, shared
     LagMonitor,
     Service,
+    _f,
+    _gather_bounded,
+    _loop_name,
+    _raise_exit,
     create_rooms,
     launch_fake_upstream,
     launch_gateway,
@@ -206,17 +210,6 @@ class Member:
         if self.ws is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.ws.close(), 5)
-
-
-async def bounded(coros: Sequence[Any], limit: int) -> list[Any]:
-    """Run ``coros`` with at most ``limit`` at a time."""
-    semaphore = asyncio.Semaphore(limit)
-
-    async def one(coro: Any) -> Any:
-        async with semaphore:
-            return await coro
-
-    return await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
 
 
 def ws_url(gateway: Service, room_id: str) -> str:
@@ -400,7 +393,7 @@ async def connect_members(
         Member(i, i % len(gateways), ws_url(gateways[i % len(gateways)], room_id))
         for i in range(options.members)
     ]
-    await bounded([m.connect(30) for m in members], options.connect_concurrency)
+    await _gather_bounded([m.connect(30) for m in members], options.connect_concurrency)
     return members
 
 
@@ -440,7 +433,7 @@ async def run_setup(setup: Setup, options: Options, workdir: Path) -> dict[str, 
             if gateway.proc.poll() is not None:
                 log(f"{gateway.name} exited early:\n{gateway.log_tail()}")
     finally:
-        await bounded([m.close() for m in members], options.connect_concurrency)
+        await _gather_bounded([m.close() for m in members], options.connect_concurrency)
         for service in reversed(services):
             await asyncio.to_thread(service.stop)
         if setup.redis:
@@ -477,10 +470,6 @@ def add_ratios(results: list[dict[str, Any]]) -> str | None:
 
 
 # --------------------------------------------------------------------------- output
-
-
-def _f(value: float | None, digits: int = 1) -> str:
-    return "—" if value is None else f"{value:,.{digits}f}"
 
 
 COLUMNS: list[tuple[str, int, Callable[[dict[str, Any]], str]]] = [
@@ -538,14 +527,6 @@ def format_table(results: list[dict[str, Any]], baseline: str | None) -> str:
     return "\n".join(lines)
 
 
-def _loop_name() -> str:
-    try:
-        import uvloop
-    except ImportError:
-        return "asyncio"
-    return f"uvloop {uvloop.__version__}"
-
-
 def header(options: Options) -> str:
     return (
         f"fan-out benchmark {datetime.now(UTC):%Y-%m-%d %H:%M UTC} · {os.cpu_count()} CPUs · "
@@ -587,10 +568,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workdir", type=Path, help="keep databases and process logs here (default: temp dir)"
     )
     return parser.parse_args(argv)
-
-
-def _raise_exit(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)
 
 
 def run_all(options: Options, base: Path) -> list[dict[str, Any]]:

@@ -44,9 +44,11 @@ def redis_unavailable() -> str | None:
     return None
 
 
+REDIS_MISSING = redis_unavailable()
+
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(redis_unavailable() is not None, reason=str(redis_unavailable())),
+    pytest.mark.skipif(REDIS_MISSING is not None, reason=str(REDIS_MISSING)),
 ]
 
 
