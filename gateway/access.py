@@ -20,15 +20,8 @@ from pathlib import Path
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from gateway.errors import GatewayError
+from gateway.errors import Unauthorized
 from gateway.store.models import Room
-
-
-class Unauthorized(GatewayError):
-    """No valid key or token: HTTP 401, WebSocket close 1008."""
-
-    status = 401
-    code = "unauthorized"
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from typing import Any
 from gateway import protocol
 from gateway.broker.base import Broker
 from gateway.checks import CheckPipeline, Verdict
-from gateway.errors import CheckFailed, GatewayError, UpstreamError
+from gateway.errors import CheckFailed, GatewayError, Unavailable, UpstreamError, internal_error
 from gateway.providers.base import ChatProvider, CompletionRequest
 from gateway.providers.moderation import Moderator
 from gateway.store.models import Message
@@ -20,6 +20,9 @@ from gateway.store.writer import WriteBatch, Writer
 log = logging.getLogger(__name__)
 
 INTERRUPTED = {"code": "interrupted", "message": "the gateway stopped mid-answer"}
+
+STORE_RETRY_DELAYS = (0.2, 1.0, 3.0)
+"""Seconds before each new attempt at storing a final answer that failed to store."""
 
 CHECK_EVERY = 32
 """Characters of new text between two runs of the output checks (joining the text
@@ -83,6 +86,8 @@ class GenerationTask:
         self._on_exit = on_exit
         self._stop_status = "cancelled"
         self._finishing = False
+        self._running = False  # the task's body has begun
+        self._exited = False  # on_exit has been called
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -100,6 +105,7 @@ class GenerationTask:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"generation {self.id}")
+        self._task.add_done_callback(self._after_task)
 
     def stop(self, status: str = "cancelled") -> bool:
         """Stop streaming; the partial text is stored with ``status``.
@@ -110,7 +116,11 @@ class GenerationTask:
             return False
         self._stop_status = status
         self._finishing = True
-        self._task.cancel()
+        # A task cancelled before its first step never runs its body, so nothing
+        # would store the answer or give the room back: until the body has begun,
+        # the flag alone asks it to stop (see _run).
+        if self._running:
+            self._task.cancel()
         return True
 
     async def wait(self) -> None:
@@ -118,19 +128,28 @@ class GenerationTask:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
+        self._running = True
         finish_reason: str | None = None
         usage: dict[str, Any] | None = None
         error: GatewayError | None = None
         room_id, generation_id, publish = self.room_id, self.id, self._broker.publish
         try:
+            if self._finishing:  # stopped before this task first ran
+                raise asyncio.CancelledError
             async with contextlib.aclosing(self._provider.stream(self.request)) as chunks:
                 async for chunk in chunks:
-                    if chunk.text:
+                    if text := chunk.text:
+                        if "\x00" in text:
+                            # No database stores U+0000 in text (PostgreSQL refuses
+                            # it), and no reader wants it: dropped, everywhere alike.
+                            text = text.replace("\x00", "")
+                            if not text:
+                                continue
                         self.seq += 1
-                        self._parts.append(chunk.text)
-                        publish(room_id, protocol.token_frame(generation_id, self.seq, chunk.text))
+                        self._parts.append(text)
+                        publish(room_id, protocol.token_frame(generation_id, self.seq, text))
                         if self._checks is not None:
-                            self._check_output(len(chunk.text))
+                            self._check_output(len(text))
                     if chunk.finish_reason is not None:
                         finish_reason = chunk.finish_reason
                     if chunk.usage is not None:
@@ -147,19 +166,39 @@ class GenerationTask:
                 rejected(await self._moderator.check(self.text), "output_blocked", "answer")
             status = "complete"
         except asyncio.CancelledError:
+            if not self._finishing:
+                raise  # not stop(): let whoever cancelled this task have its way
             status = self._stop_status
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # handled: later awaits (and timeouts) run as usual
         except CheckFailed as exc:
             status, error = "blocked", exc
         except GatewayError as exc:
             status, error = "error", exc
-        except Exception as exc:
+        except Exception:
             log.exception("generation %s failed", self.id)
-            status, error = "error", GatewayError(f"internal error: {exc!r}")
+            status, error = "error", internal_error()
         self._finishing = True
         try:
             await self._finish(status, finish_reason, usage, error)
         finally:
+            self._exit()
+
+    def _exit(self) -> None:
+        if not self._exited:
+            self._exited = True
             self._on_exit(self)
+
+    def _after_task(self, task: asyncio.Task[None]) -> None:
+        """However the task ended, the room and the sender's quota are given back."""
+        if not self._exited:
+            log.error(
+                "generation %s ended without finishing (%s); its room is released",
+                self.id,
+                "cancelled" if task.cancelled() else repr(task.exception()),
+            )
+            self._exit()
 
     def _check_output(self, added: int, *, final: bool = False) -> None:
         """Run the output checks on the answer so far (every ``CHECK_EVERY`` new
@@ -189,15 +228,11 @@ class GenerationTask:
         # Store, then publish, as one change: a client joining meanwhile sees either
         # the answer streaming plus this frame, or the stored answer alone.
         async with self._room_lock, self._broker.changing(self.room_id):
-            try:
-                await self._writer.write(WriteBatch(finals=[final]))
-            except Exception as exc:
-                log.exception("storing the answer %s failed", self.message_id)
-                error = GatewayError(f"storing the answer failed: {exc!r}")
-                self._broker.publish(
-                    self.room_id, protocol.error_frame(error, generation_id=self.id)
-                )
-                return
+            if not await self._store(final):
+                # The room moves on; the stored row stays "streaming" until the next
+                # start marks it interrupted. Clients hear what happened, not why.
+                error = Unavailable("the answer could not be saved", code="store_failed")
+                final.update(status="error", error=error.to_dict())
             for field, value in final.items():
                 setattr(self.answer, field, value)
             view = {**self.message_view, **final}
@@ -209,3 +244,23 @@ class GenerationTask:
                 exc = error or GatewayError(INTERRUPTED["message"], code="interrupted")
                 frame = protocol.error_frame(exc, generation_id=self.id, answer=view)
             self._broker.publish(self.room_id, frame)
+
+    async def _store(self, final: dict[str, Any]) -> bool:
+        """Store the answer's final state, retrying a few times (a database restart,
+        a lock timeout); False when it could not be stored."""
+        for delay in (*STORE_RETRY_DELAYS, None):
+            try:
+                await self._writer.write(WriteBatch(finals=[final]))
+                return True
+            except Exception as exc:
+                if delay is None:
+                    log.error("storing the answer %s failed for good: %r", self.message_id, exc)
+                    return False
+                log.warning(
+                    "storing the answer %s failed (%r); retrying in %.1f s",
+                    self.message_id,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        return False

@@ -83,6 +83,8 @@ def parse_client_frame(text: str | bytes, *, max_bytes: int) -> ClientFrame:
         raise BadRequest(f"frame is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise BadRequest("a frame must be a JSON object", code="invalid_frame")
+    if "\\u0000" in text if isinstance(text, str) else b"\\u0000" in text:
+        _refuse_nul(data, "frame")
     kind = data.get("type")
     if kind not in CLIENT_TYPES:
         raise BadRequest(
@@ -178,10 +180,36 @@ def parse_body(model: type[BodyT], raw: bytes, *, optional: bool = False) -> Bod
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
+    if b"\\u0000" in raw:
+        _refuse_nul(data, "body")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise BadRequest(_describe(exc, skip=0, whole="body"), code="invalid_body") from None
+
+
+def _refuse_nul(data: Any, where: str) -> None:
+    """Raise ``invalid_character`` for a string holding U+0000 anywhere in ``data``.
+
+    No text column stores it (PostgreSQL refuses it outright), so it is refused the
+    same on every database, before anything is stored. Only JSON's ``\\u0000`` escape
+    can produce it (a raw control character is invalid JSON), so callers look for
+    that first and walk the data only when it appears.
+    """
+    stack: list[tuple[str, Any]] = [(where, data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise BadRequest(
+                    f"{path}: text must not contain the NUL character (U+0000)",
+                    code="invalid_character",
+                )
+        elif isinstance(value, dict):
+            stack.extend((f"{path}.{key}", item) for key, item in value.items())
+            stack.extend((f"{path} key", key) for key in value)
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
 
 
 def parse_event_id(raw: str | None) -> int | None:

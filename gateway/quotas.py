@@ -23,22 +23,7 @@ from typing import Any
 import limits
 from limits.aio.strategies import MovingWindowRateLimiter
 
-from gateway.errors import GatewayError
-
-
-class RateLimited(GatewayError):
-    """Over a rate limit or quota; retry after ``retry_after`` seconds."""
-
-    status = 429
-    code = "rate_limited"
-    retryable = True
-
-    def __init__(self, message: str, *, retry_after: float, code: str | None = None) -> None:
-        super().__init__(message, code=code)
-        self.retry_after = max(1, round(retry_after))
-
-    def to_dict(self) -> dict[str, object]:
-        return {**super().to_dict(), "retry_after": self.retry_after}
+from gateway.errors import RateLimited
 
 
 class Quotas:

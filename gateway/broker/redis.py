@@ -54,7 +54,7 @@ from redis.exceptions import RedisError
 
 from gateway import protocol
 from gateway.broker.base import CancelHandler, Orphan, Position, live_change
-from gateway.errors import GatewayError
+from gateway.errors import Unavailable
 from gateway.hub import Event, RoomHub
 from gateway.protocol import Frame
 
@@ -70,12 +70,10 @@ MAX_PENDING = 200_000
 RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 
-class BrokerUnavailable(GatewayError):
+class BrokerUnavailable(Unavailable):
     """Redis cannot be reached: whatever needs every process's agreement waits."""
 
-    status = 503
     code = "broker_unavailable"
-    retryable = True
 
 
 # ``ARGV``: prefix, log length, log ttl (ms), batch id, then 6 per operation:
@@ -504,7 +502,7 @@ class RedisBroker:
                 await asyncio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
         if missed is None:
             log.warning("room %s: events lost while disconnected; clients must resync", room_id)
-            error = GatewayError("missed events; reconnect to resync", code="resync_required")
+            error = Unavailable("missed events; reconnect to resync", code="resync_required")
             self._hub.close_room(room_id, protocol.error_frame(error))
             self._listening.pop(room_id, None)
             return

@@ -5,6 +5,24 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from starlette.convertors import Convertor, register_url_convertor
+
+
+class IdConvertor(Convertor[str]):
+    """``{name:id}`` in a route: an id in a URL path, without control characters
+    (no database stores U+0000; PostgreSQL fails on it), so such a path is a 404."""
+
+    regex = "[^/\x00-\x1f]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("id", IdConvertor())
+
 
 async def until_first_done(*tasks: asyncio.Task[Any]) -> set[asyncio.Task[Any]]:
     """Wait for the first of ``tasks`` to end, cancel the others and wait for them.

@@ -20,9 +20,8 @@ from starlette.routing import Route
 
 from gateway.access import AccessControl, Client, Viewer
 from gateway.chat import ChatService
-from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
+from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, RateLimited, internal_error
 from gateway.protocol import MessageCreate, RegenerateBody, RoomCreate, RoomUpdate, parse_body
-from gateway.quotas import RateLimited
 from gateway.rooms import RoomService
 from gateway.transports import sse
 from gateway.transports.guard import sender_of, viewer_of
@@ -211,24 +210,34 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     return error_response(GatewayError(str(exc.detail), code=code, status=exc.status_code))
 
 
+ROOM = "/api/rooms/{room_id:id}"
+MESSAGE = f"{ROOM}/messages/{{message_id:id}}"
+
 routes = [
     Route("/healthz", healthz),
     Route("/readyz", readyz),
     Route("/api/tokens", create_token, methods=["POST"]),
     Route("/api/rooms", list_rooms, methods=["GET"]),
     Route("/api/rooms", create_room, methods=["POST"]),
-    Route("/api/rooms/{room_id}", get_room, methods=["GET"]),
-    Route("/api/rooms/{room_id}", update_room, methods=["PATCH"]),
-    Route("/api/rooms/{room_id}", delete_room, methods=["DELETE"]),
-    Route("/api/rooms/{room_id}/messages", list_messages, methods=["GET"]),
-    Route("/api/rooms/{room_id}/messages", post_message, methods=["POST"]),
-    Route("/api/rooms/{room_id}/messages/{message_id}/regenerate", regenerate, methods=["POST"]),
-    Route("/api/rooms/{room_id}/messages/{message_id}/select", select, methods=["POST"]),
-    Route("/api/rooms/{room_id}/generations/{generation_id}/cancel", cancel, methods=["POST"]),
+    Route("/api/rooms/{room_id:id}", get_room, methods=["GET"]),
+    Route("/api/rooms/{room_id:id}", update_room, methods=["PATCH"]),
+    Route("/api/rooms/{room_id:id}", delete_room, methods=["DELETE"]),
+    Route("/api/rooms/{room_id:id}/messages", list_messages, methods=["GET"]),
+    Route("/api/rooms/{room_id:id}/messages", post_message, methods=["POST"]),
+    Route(f"{MESSAGE}/regenerate", regenerate, methods=["POST"]),
+    Route(f"{MESSAGE}/select", select, methods=["POST"]),
+    Route(f"{ROOM}/generations/{{generation_id:id}}/cancel", cancel, methods=["POST"]),
     *sse.routes,
 ]
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    """A bug: JSON like every other error, with no detail (uvicorn logs the traceback)."""
+    return error_response(internal_error())
+
 
 exception_handlers = {
     GatewayError: handle_gateway_error,
     HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
 }

@@ -203,4 +203,4 @@ async def room_events(request: Request) -> Response:
     return event_stream(chat, subscriber, first=[first], cleanup=held)
 
 
-routes = [Route("/api/rooms/{room_id}/events", room_events, methods=["GET"])]
+routes = [Route("/api/rooms/{room_id:id}/events", room_events, methods=["GET"])]

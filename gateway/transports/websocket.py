@@ -1,4 +1,4 @@
-"""The WebSocket endpoint ``/ws/rooms/{room_id}``.
+"""The WebSocket endpoint ``/ws/rooms/{room_id:id}``.
 
 Each connection runs a reader and a writer; whichever ends first ends the other.
 Only the writer sends, draining the connection's bounded queue (see
@@ -23,18 +23,20 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway import protocol
 from gateway.chat import ChatService
-from gateway.errors import BadRequest, GatewayError
+from gateway.errors import (
+    CLOSE_ROOM_GONE,
+    CLOSE_TRY_AGAIN_LATER,
+    BadRequest,
+    GatewayError,
+    RateLimited,
+    internal_error,
+)
 from gateway.hub import Event, SlowConsumer, Subscriber
-from gateway.quotas import RateLimited
 from gateway.settings import Settings
 from gateway.transports import until_first_done
 from gateway.transports.guard import sender_of, viewer_of
 
 log = logging.getLogger(__name__)
-
-CLOSE_BAD_REQUEST = 4400
-CLOSE_ROOM_GONE = 4404
-CLOSE_TRY_AGAIN_LATER = 1013
 
 
 class Connection:
@@ -56,7 +58,7 @@ class Connection:
                 await self._serve()
         except RateLimited as exc:
             await self.websocket.send_text(protocol.encode(protocol.error_frame(exc)))
-            await self.websocket.close(CLOSE_TRY_AGAIN_LATER, exc.code)
+            await self.websocket.close(exc.close_code, exc.code)
 
     async def _serve(self) -> None:
         try:
@@ -66,8 +68,7 @@ class Connection:
             )
         except GatewayError as exc:
             await self.websocket.send_text(protocol.encode(protocol.error_frame(exc)))
-            code = CLOSE_BAD_REQUEST if exc.status == 400 else CLOSE_ROOM_GONE
-            await self.websocket.close(code, exc.code)
+            await self.websocket.close(exc.close_code, exc.code)
             return
         try:
             await self.websocket.send_text(protocol.encode(ready))
@@ -127,9 +128,9 @@ class Connection:
                 reply = await self._dispatch(frame)
             except GatewayError as exc:
                 reply = protocol.error_frame(exc, client_id=client_id)
-            except Exception as exc:
+            except Exception:
                 log.exception("handling a frame in room %s failed", self.room_id)
-                reply = protocol.error_frame(GatewayError(f"internal error: {exc!r}"))
+                reply = protocol.error_frame(internal_error())
             if reply is not None:
                 subscriber.push(Event(reply))
 
@@ -159,4 +160,4 @@ async def room_socket(websocket: WebSocket) -> None:
     await connection.serve()
 
 
-routes = [WebSocketRoute("/ws/rooms/{room_id}", room_socket)]
+routes = [WebSocketRoute("/ws/rooms/{room_id:id}", room_socket)]

@@ -1,0 +1,69 @@
+"""Every way a generation ends gives the room back: its lease, its sender's quota, and a
+final status stored for its answer — even when it is stopped before it first runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx2
+
+from gateway.testing.fake_upstream import FakeUpstream, Scenario
+from tests.conftest import create_room
+
+
+async def _stored(gateway: Any, room_id: str) -> list[dict[str, Any]]:
+    async with httpx2.AsyncClient(base_url=gateway.url) as client:
+        response = await client.get(f"/api/rooms/{room_id}/messages")
+    assert response.status_code == 200, response.text
+    return response.json()["messages"]
+
+
+async def test_cancel_sent_right_behind_send_ends_the_answer_and_frees_the_room(
+    start_gateway: Any, connect: Any, upstream: FakeUpstream
+) -> None:
+    # One concurrent generation per client: a quota never given back would refuse
+    # every later send of this client, in any room.
+    gateway = start_gateway(max_concurrent_generations=1)
+    upstream.script(Scenario(count=200, delay=0.01))
+    for _ in range(10):
+        room = await create_room(gateway)
+        client = await connect(room["id"], gateway_=gateway)
+        # Both frames in one go: the cancel arrives before the generation's task runs.
+        await client.send({"type": "send", "content": "x"})
+        await client.send({"type": "cancel"})
+        start = await client.until("start")
+        ended = await client.until("cancelled", "done", "error")
+        assert ended["type"] == "cancelled", ended
+        assert ended["generation_id"] == start["generation_id"]
+        assert ended["message"]["status"] == "cancelled"
+        stored = await _stored(gateway, room["id"])
+        assert [m["status"] for m in stored] == ["complete", "cancelled"]
+
+        # The room, and the client's quota, are free again.
+        upstream.script(Scenario(count=3))
+        await client.send({"type": "send", "content": "again"})
+        done = await client.until("done", "error")
+        assert done["type"] == "done", done
+        upstream.script(Scenario(count=200, delay=0.01))
+
+
+async def test_cancel_sent_right_behind_regenerate_ends_the_new_version(
+    connect: Any, room: dict, gateway: Any, upstream: FakeUpstream
+) -> None:
+    client = await connect(room["id"])
+    await client.send({"type": "send", "content": "hello"})
+    first = await client.until("done")
+    upstream.script(Scenario(count=200, delay=0.01))
+    await client.send({"type": "regenerate", "message_id": first["message"]["id"]})
+    await client.send({"type": "cancel"})
+    start = await client.until("start")
+    ended = await client.until("cancelled", "done", "error")
+    assert ended["type"] == "cancelled", ended
+    assert ended["generation_id"] == start["generation_id"]
+    stored = await _stored(gateway, room["id"])
+    assert stored[-1]["status"] == "cancelled"
+    assert len(stored[-1]["siblings"]) == 2
+
+    upstream.script(Scenario(count=3))
+    await client.send({"type": "regenerate", "message_id": first["message"]["id"]})
+    assert (await client.until("done", "error"))["type"] == "done"
