@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import orjson
 import pytest
 import websockets
 
@@ -595,6 +596,18 @@ async def test_while_redis_is_down_a_process_serves_its_clients_and_reports_not_
         )
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "broker_unavailable"
+        # Joining fails the same way, and the close code says "come back later"
+        # (1013), not "this room is gone" (4404).
+        async with websockets.connect(f"ws://127.0.0.1:{a.port}/ws/rooms/{other['id']}") as ws:
+            first = orjson.loads(await asyncio.wait_for(ws.recv(), scaled(15)))
+            assert (first["type"], first["code"], first["retryable"]) == (
+                "error",
+                "broker_unavailable",
+                True,
+            )
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), scaled(5))
+            assert ws.close_code == 1013
 
         redis_server.start()
 
