@@ -25,7 +25,7 @@ from gateway.access import OPEN, Viewer
 from gateway.broker.base import Broker, Orphan, Position
 from gateway.checks import CheckPipeline, SecretLeak, build_pipeline
 from gateway.errors import BadRequest, Busy, Conflict, GatewayError, NotFound
-from gateway.generation import INTERRUPTED, GenerationTask, rejected
+from gateway.generation import CHECK_EVERY, INTERRUPTED, GenerationTask, rejected
 from gateway.hub import RoomHub, Subscriber
 from gateway.prompt import Turn, build_prompt, estimate_tokens
 from gateway.providers.base import ChatProvider, CompletionRequest
@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 
 SECRET_FRAGMENT_CHARS = 32
 """A secret system prompt counts as leaked from a copied run of about twice this."""
+
+SECRET_HOLD_BACK_CHARS = 4 * SECRET_FRAGMENT_CHARS
+"""In a room with a secret prompt, answers reach clients this many characters behind
+the model, so that a leak is caught before any of it is shown: a leaked run is caught
+at 2 × SECRET_FRAGMENT_CHARS normalised characters; the rest is margin for what
+normalising shortens (collapsed whitespace, invisible characters)."""
 
 LONG_INPUT_CHARS = 4000
 """Inputs longer than this are checked in a thread: the heuristics cost ~3 µs/char."""
@@ -535,11 +541,21 @@ class ChatService:
             max_chars=self.settings.max_message_chars,
         )
         checks = list(pipeline.checks)
-        if room.secret_prompt and room.system_prompt.strip():
+        if self._has_secret(room):
             # Also blocks a copied run of the prompt, not only the whole of it: by the
             # time all of it has streamed, it has leaked.
-            checks.append(SecretLeak(room.system_prompt, fragment_chars=SECRET_FRAGMENT_CHARS))
+            checks.append(
+                SecretLeak(
+                    room.system_prompt,
+                    fragment_chars=SECRET_FRAGMENT_CHARS,
+                    output_every=CHECK_EVERY,  # on every check: text is held back for it
+                )
+            )
         return CheckPipeline(checks) if checks else None
+
+    @staticmethod
+    def _has_secret(room: Room) -> bool:
+        return room.secret_prompt and bool(room.system_prompt.strip())
 
     def _plan(
         self,
@@ -606,6 +622,7 @@ class ChatService:
             room_lock=self._lock(room.id),
             on_exit=self._on_generation_exit,
             sender=sender,
+            hold_back=SECRET_HOLD_BACK_CHARS if self._has_secret(room) else 0,
         )
 
     async def _admit(self, sender: str, room_id: str) -> None:
@@ -680,30 +697,38 @@ class ChatService:
             self.broker.release(room_id, orphan.generation_id)
 
     async def _checkpoint_loop(self) -> None:
-        """Every interval, save the text of all running answers in one write (and now
-        and then, let the event logs forget what is too old to replay)."""
-        pruned_at = asyncio.get_running_loop().time()
+        """Every interval, save the text of all running answers in one write (then look
+        for generations whose process died, and now and then let the event logs forget
+        what is too old to replay)."""
+        loop = asyncio.get_running_loop()
+        interval = self.settings.checkpoint_interval
+        pruned_at = tick = loop.time()
         while not self._closing:
-            await asyncio.sleep(self.settings.checkpoint_interval)
-            now = asyncio.get_running_loop().time()
-            if now - pruned_at >= PRUNE_INTERVAL:
-                pruned_at = now
-                self.broker.prune()
+            # On a fixed beat, whatever the work below took: that bounds what a crash
+            # can lose to one interval.
+            tick = max(tick + interval, loop.time())
+            await asyncio.sleep(tick - loop.time())
+            await self._checkpoint()
             try:
                 for orphan in await self.broker.orphans():
                     await self._adopt(orphan)
             except Exception:
                 log.exception("looking for generations whose process died failed")
-            rows = []
-            for generation in self._running.values():
-                if generation.seq != generation.checkpointed_seq:
-                    generation.checkpointed_seq = generation.seq
-                    rows.append({"id": generation.message_id, "content": generation.text})
-            if rows:
-                try:
-                    await self.writer.write(WriteBatch(checkpoints=rows))
-                except Exception:
-                    log.exception("checkpointing %d answers failed", len(rows))
+            if tick - pruned_at >= PRUNE_INTERVAL:
+                pruned_at = tick
+                self.broker.prune()
+
+    async def _checkpoint(self) -> None:
+        rows = []
+        for generation in self._running.values():
+            if generation.seq != generation.checkpointed_seq:
+                generation.checkpointed_seq = generation.seq
+                rows.append({"id": generation.message_id, "content": generation.text})
+        if rows:
+            try:
+                await self.writer.write(WriteBatch(checkpoints=rows))
+            except Exception:
+                log.exception("checkpointing %d answers failed", len(rows))
 
 
 async def load_message(store: MessageStore, room_id: str, message_id: str) -> tuple[Room, Message]:

@@ -65,6 +65,7 @@ class GenerationTask:
         room_lock: asyncio.Lock,
         on_exit: Callable[[GenerationTask], None],
         sender: str = "anonymous",
+        hold_back: int = 0,
     ) -> None:
         self.id = generation_id
         self.sender = sender  # who started it: its quotas are released at the end
@@ -79,6 +80,13 @@ class GenerationTask:
         self._provider = provider
         self._checks = checks.output_stream() if checks is not None else None
         self._checked_chars = 0
+        self._checked_upto = 0  # characters of the answer the checks last passed
+        # Text not shown yet: with a secret prompt, tokens wait here until the checks
+        # have seen ``hold_back`` characters past them, so a leak is caught before
+        # anyone sees it. Never stored either: what is stored was shown.
+        self._hold_back = hold_back if checks is not None else 0
+        self._held = ""
+        self._shown = 0  # characters released from _held
         self._moderator = moderator
         self._writer = writer
         self._broker = broker
@@ -145,10 +153,16 @@ class GenerationTask:
                             text = text.replace("\x00", "")
                             if not text:
                                 continue
+                        if self._hold_back:
+                            self._held += text
+                            self._check_output(len(text))
+                            text = self._releasable()
+                            if not text:
+                                continue
                         self.seq += 1
                         self._parts.append(text)
                         publish(room_id, protocol.token_frame(generation_id, self.seq, text))
-                        if self._checks is not None:
+                        if self._checks is not None and not self._hold_back:
                             self._check_output(len(text))
                     if chunk.finish_reason is not None:
                         finish_reason = chunk.finish_reason
@@ -162,6 +176,11 @@ class GenerationTask:
                 )
             if self._checks is not None:
                 self._check_output(0, final=True)
+            if self._held:  # checked whole: shown at last
+                self.seq += 1
+                self._parts.append(self._held)
+                publish(room_id, protocol.token_frame(generation_id, self.seq, self._held))
+                self._held = ""
             if self._moderator is not None:  # a network call: once, on the whole answer
                 rejected(await self._moderator.check(self.text), "output_blocked", "answer")
             status = "complete"
@@ -208,7 +227,20 @@ class GenerationTask:
         if not final and self._checked_chars < CHECK_EVERY:
             return
         self._checked_chars = 0
-        rejected(self._checks.check(self.text, final), "output_blocked", "answer")
+        text = self.text + self._held
+        rejected(self._checks.check(text, final), "output_blocked", "answer")
+        self._checked_upto = len(text)
+
+    def _releasable(self) -> str:
+        """Take from the held-back text what may be shown: what the checks passed with
+        ``hold_back`` more characters after it (a leak that began there would have
+        been caught)."""
+        count = self._checked_upto - self._hold_back - self._shown
+        if count <= 0:
+            return ""
+        self._shown += count
+        released, self._held = self._held[:count], self._held[count:]
+        return released
 
     async def _finish(
         self,

@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     max_frame_bytes: int = Field(64 * 1024, ge=1024)
     send_queue_size: int = Field(1024, ge=8)
     send_timeout: float = Field(10.0, gt=0)
-    checkpoint_interval: float = Field(1.0, gt=0)
+    checkpoint_interval: float = Field(0.5, gt=0)
 
     # Resume: each room keeps its recent events (up to this many, this old) for
     # clients that reconnect with the last event id they saw.
