@@ -18,7 +18,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from gateway import protocol
 from gateway.access import OPEN, Viewer
@@ -152,7 +152,7 @@ class ChatService:
         self._closing = False
 
     async def start(self) -> None:
-        await self.broker.start(self.hub, self._cancel_requested)
+        await self.broker.start(self.hub, self._stop_requested)
         self._checkpointer = asyncio.create_task(self._checkpoint_loop(), name="checkpoints")
 
     def _lock(self, room_id: str) -> asyncio.Lock:
@@ -655,11 +655,13 @@ class ChatService:
         self.broker.release(generation.room_id, generation.id)
         self.quotas.end_generation(generation.sender)
 
-    def _cancel_requested(self, room_id: str, generation_id: str) -> None:
-        """Another process asked to cancel a generation of this one."""
+    def _stop_requested(
+        self, room_id: str, generation_id: str, why: Literal["cancelled", "lost"]
+    ) -> None:
+        """Another process asked to cancel a generation of this one, or took it over."""
         generation = self._running.get(room_id)
         if generation is not None and generation.id == generation_id:
-            generation.stop("cancelled")
+            generation.stop(why)
 
     async def _adopt(self, orphan: Orphan) -> None:
         """End a generation whose process died: store what it had published as

@@ -116,7 +116,8 @@ class GenerationTask:
         self._task.add_done_callback(self._after_task)
 
     def stop(self, status: str = "cancelled") -> bool:
-        """Stop streaming; the partial text is stored with ``status``.
+        """Stop streaming; the partial text is stored with ``status`` (for ``lost``,
+        nothing is stored or published: another process has ended the answer).
 
         Returns False when the answer is already being finalised (nothing to stop).
         """
@@ -200,7 +201,12 @@ class GenerationTask:
             status, error = "error", internal_error()
         self._finishing = True
         try:
-            await self._finish(status, finish_reason, usage, error)
+            if status == "lost":
+                # The process that took the room over has ended the answer in the
+                # room; keep the fullest text here, without a second announcement.
+                await self._store(self._final("interrupted", None, None, None))
+            else:
+                await self._finish(status, finish_reason, usage, error)
         finally:
             self._exit()
 
@@ -249,14 +255,7 @@ class GenerationTask:
         usage: dict[str, Any] | None,
         error: GatewayError | None,
     ) -> None:
-        final = {
-            "id": self.message_id,
-            "content": self.text,
-            "status": status,
-            "finish_reason": finish_reason,
-            "usage": usage,
-            "error": error.to_dict() if error else INTERRUPTED if status == "interrupted" else None,
-        }
+        final = self._final(status, finish_reason, usage, error)
         # Store, then publish, as one change: a client joining meanwhile sees either
         # the answer streaming plus this frame, or the stored answer alone.
         async with self._room_lock, self._broker.changing(self.room_id):
@@ -276,6 +275,23 @@ class GenerationTask:
                 exc = error or GatewayError(INTERRUPTED["message"], code="interrupted")
                 frame = protocol.error_frame(exc, generation_id=self.id, answer=view)
             self._broker.publish(self.room_id, frame)
+
+    def _final(
+        self,
+        status: str,
+        finish_reason: str | None,
+        usage: dict[str, Any] | None,
+        error: GatewayError | None,
+    ) -> dict[str, Any]:
+        """The answer's final row (see :data:`gateway.store.writer.FINAL_FIELDS`)."""
+        return {
+            "id": self.message_id,
+            "content": self.text,
+            "status": status,
+            "finish_reason": finish_reason,
+            "usage": usage,
+            "error": error.to_dict() if error else INTERRUPTED if status == "interrupted" else None,
+        }
 
     async def _store(self, final: dict[str, Any]) -> bool:
         """Store the answer's final state, retrying a few times (a database restart,

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -345,6 +346,46 @@ async def test_killing_the_process_mid_answer_lets_another_take_over(
     done = await on_a.until("done")
     assert done["message"]["content"] == "second try"
     assert done["message"]["siblings"] == [answer["id"], done["message"]["id"]]
+
+
+async def test_a_frozen_process_whose_answer_was_taken_over_stops_it_when_it_wakes(
+    cluster: Any,
+    connect: Any,
+    http: httpx2.AsyncClient,
+    upstream: FakeUpstream,
+    database_url: str,
+) -> None:
+    a, b = cluster(2)
+    upstream.script(Scenario(count=2000, delay=0.01))
+    room = await new_room(http, a)
+    on_a = await connect(a, room["id"])
+    on_b = await connect(b, room["id"])
+    await on_b.send({"type": "send", "content": "long story"})
+    for _ in range(10):
+        await on_a.until("token")
+    os.killpg(b.process.pid, signal.SIGSTOP)  # a long pause: its lease expires
+    try:
+        error = await on_a.until("error", timeout=20)  # a takes the answer over
+        assert error["code"] == "interrupted"
+    finally:
+        os.killpg(b.process.pid, signal.SIGCONT)
+    request = upstream.requests[-1]
+    # Awake, b finds its lease gone with the answer ended elsewhere: it stops streaming
+    # (closing the upstream request) instead of publishing into an ended answer.
+    upstream.wait_until(lambda: request.disconnected_at is not None, timeout=scaled(10))
+    assert request.disconnected_at is not None
+    assert request.tokens_sent < 2000
+    await asyncio.sleep(scaled(0.5))
+    after = [f for f in on_a.frames[on_a.frames.index(error) + 1 :] if f["type"] == "token"]
+    assert after == []
+    rows = await run_sql(
+        database_url, "SELECT status FROM messages WHERE id = :id", id=error["answer"]["id"]
+    )
+    assert rows == [("interrupted",)]
+    # The room is free on both processes.
+    upstream.script(Scenario(tokens=["again"]))
+    await on_b.send({"type": "send", "content": "and now?"})
+    assert (await on_b.until("done", timeout=10))["message"]["content"] == "again"
 
 
 async def test_a_restarted_process_leaves_other_processes_answers_alone(

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from gateway.hub import RoomHub
 from gateway.protocol import Frame
@@ -61,9 +61,10 @@ def live_change(frame: Frame) -> str | None:
     return None
 
 
-CancelHandler = Callable[[str, str], None]
-"""Called with ``(room_id, generation_id)`` when another process asks this one to
-stop a generation it runs."""
+StopHandler = Callable[[str, str, Literal["cancelled", "lost"]], None]
+"""Called with ``(room_id, generation_id, why)`` to stop a generation this process
+runs: ``cancelled`` (a client on another process asked), or ``lost`` (its lease was
+taken over by another process, which ended the answer: stop without a word)."""
 
 
 class Broker(Protocol):
@@ -77,9 +78,9 @@ class Broker(Protocol):
         """Whether the shared parts are reachable (``/readyz``)."""
         ...
 
-    async def start(self, hub: RoomHub, on_cancel: CancelHandler) -> None:
-        """Begin delivering the rooms' events to ``hub``, and cancel requests to
-        ``on_cancel``."""
+    async def start(self, hub: RoomHub, on_stop: StopHandler) -> None:
+        """Begin delivering the rooms' events to ``hub``, and stop requests (cancel,
+        lease lost) to ``on_stop``."""
         ...
 
     async def aclose(self) -> None: ...

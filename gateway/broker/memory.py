@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from gateway.broker.base import CancelHandler, Orphan, Position, live_change
+from gateway.broker.base import Orphan, Position, StopHandler, live_change
 from gateway.eventlog import EventLogs
 from gateway.hub import Event, RoomHub
 from gateway.protocol import Frame
@@ -48,11 +48,11 @@ class MemoryBroker:
         self._hub: RoomHub | None = None
         self._live: dict[str, LiveAnswer] = {}
         self._leases: dict[str, str] = {}
-        self._on_cancel: CancelHandler | None = None
+        self._on_stop: StopHandler | None = None
 
-    async def start(self, hub: RoomHub, on_cancel: CancelHandler) -> None:
+    async def start(self, hub: RoomHub, on_stop: StopHandler) -> None:
         self._hub = hub
-        self._on_cancel = on_cancel
+        self._on_stop = on_stop
 
     async def aclose(self) -> None:
         pass
@@ -116,8 +116,8 @@ class MemoryBroker:
         running = self._leases.get(room_id)
         if running is None or generation_id not in (None, running):
             return None
-        assert self._on_cancel is not None
-        self._on_cancel(room_id, running)
+        assert self._on_stop is not None
+        self._on_stop(room_id, running, "cancelled")
         return running
 
     async def generating(self) -> set[str]:

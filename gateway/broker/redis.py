@@ -53,7 +53,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway import protocol
-from gateway.broker.base import CancelHandler, Orphan, Position, live_change
+from gateway.broker.base import Orphan, Position, StopHandler, live_change
 from gateway.errors import Unavailable
 from gateway.hub import Event, RoomHub
 from gateway.protocol import Frame
@@ -190,18 +190,24 @@ return -1
 """
 
 # ``ARGV``: prefix, ttl (ms), then pairs of room, lease value. A lease that is gone
-# (Redis restarted, or was away longer than the ttl) is taken again if still free.
+# (Redis restarted, or was away longer than the ttl) is taken again while its answer
+# is still the room's live one. Returns the rooms whose lease is lost: held by another
+# process, or gone with the answer ended by another (that took it over meanwhile).
 RENEW = """
+local lost = {}
 for i = 3, #ARGV, 2 do
-  local lease = ARGV[1] .. ':room:' .. ARGV[i] .. ':lease'
-  local holder = redis.call('GET', lease)
+  local base = ARGV[1] .. ':room:' .. ARGV[i]
+  local holder = redis.call('GET', base .. ':lease')
   if holder == ARGV[i + 1] then
-    redis.call('PEXPIRE', lease, ARGV[2])
-  elseif not holder then
-    redis.call('SET', lease, ARGV[i + 1], 'PX', ARGV[2])
+    redis.call('PEXPIRE', base .. ':lease', ARGV[2])
+  elseif not holder and redis.call('HGET', base .. ':live', 'g') ==
+      string.match(ARGV[i + 1], ' (%S+)$') then
+    redis.call('SET', base .. ':lease', ARGV[i + 1], 'PX', ARGV[2])
+  else
+    lost[#lost + 1] = ARGV[i]
   end
 end
-return 0
+return lost
 """
 
 # ``ARGV``: prefix, room, generation (or ''). The generation asked to stop, or false.
@@ -297,7 +303,7 @@ class RedisBroker:
         }
         self._pubsub = self._redis.pubsub()
         self._hub: RoomHub | None = None
-        self._on_cancel: CancelHandler | None = None
+        self._on_stop: StopHandler | None = None
         self._pending: list[str] = []  # queued operations, 6 strings each
         self._sending = 0  # operations in the batch being sent
         self._wake = asyncio.Event()
@@ -326,9 +332,9 @@ class RedisBroker:
 
     # --- lifecycle -----------------------------------------------------------------
 
-    async def start(self, hub: RoomHub, on_cancel: CancelHandler) -> None:
+    async def start(self, hub: RoomHub, on_stop: StopHandler) -> None:
         self._hub = hub
-        self._on_cancel = on_cancel
+        self._on_stop = on_stop
         await self._redis.ping()  # fail at start, with a clear error, if unreachable
         await self._pubsub.subscribe(self._events, f"{self.prefix}:proc:{self.process}")
         # The first message read is the subscriptions' confirmation.
@@ -459,8 +465,8 @@ class RedisBroker:
                 self._received(message["data"])
             else:
                 command, room_id, generation_id = message["data"].decode().split(" ")
-                if command == "cancel" and self._on_cancel is not None:
-                    self._on_cancel(room_id, generation_id)
+                if command == "cancel" and self._on_stop is not None:
+                    self._on_stop(room_id, generation_id, "cancelled")
 
     def _received(self, data: bytes) -> None:
         """Deliver a batch's events of the rooms listened to here."""
@@ -572,11 +578,26 @@ class RedisBroker:
             await asyncio.sleep(self.lease_ms / 3000)
             if not self._held:
                 continue
-            pairs = [part for room, value in self._held.items() for part in (room, value)]
+            held = dict(self._held)
+            pairs = [part for room, value in held.items() for part in (room, value)]
             try:
-                await self._scripts["renew"](args=[self.prefix, self.lease_ms, *pairs])
+                lost = await self._scripts["renew"](args=[self.prefix, self.lease_ms, *pairs])
             except RedisError as exc:
                 log.error("renewing %d leases failed: %s", len(self._held), exc)
+                continue
+            for room in (name.decode() for name in lost):
+                value = held[room]
+                if self._held.get(room) != value:
+                    continue  # released meanwhile
+                del self._held[room]
+                generation_id = value.partition(" ")[2]
+                log.warning(
+                    "room %s: generation %s lost its lease to another process; stopping it",
+                    room,
+                    generation_id,
+                )
+                if self._on_stop is not None:
+                    self._on_stop(room, generation_id, "lost")
 
     async def request_cancel(self, room_id: str, generation_id: str | None) -> str | None:
         asked = await self._call("cancel", self.prefix, room_id, generation_id or "")
