@@ -18,7 +18,7 @@ same request may succeed later (``retryable``)::
     ├── PayloadTooLarge            413  1009  frame_too_large, body_too_large
     ├── RateLimited                429  1013  rate_limited, ... (retryable, retry_after)
     ├── Unavailable                503  1013  broker_unavailable, store_failed (retryable)
-    └── UpstreamError              502  1011  upstream_error, upstream_unavailable,
+    └── UpstreamError              502  1013  upstream_error, upstream_unavailable,
         │                                     upstream_timeout, upstream_bad_response,
         │                                     upstream_truncated, context_too_long,
         │                                     upstream_rate_limited (429)   (retryable)
@@ -163,6 +163,7 @@ class UpstreamError(GatewayError):
     status = 502
     code = "upstream_error"
     retryable = True
+    close_code = CLOSE_TRY_AGAIN_LATER
 
 
 class ModelBusy(UpstreamError):
@@ -170,10 +171,10 @@ class ModelBusy(UpstreamError):
 
     status = 503
     code = "busy"
-    close_code = CLOSE_TRY_AGAIN_LATER
 
 
 class NoProvider(UpstreamError):
     status = 503
     code = "no_provider"
     retryable = False
+    close_code = CLOSE_INTERNAL_ERROR
