@@ -51,5 +51,5 @@ async def test_an_unexpected_rest_failure_is_a_json_500_without_driver_text(
     response = await http.get("/api/rooms")
     assert response.status_code == 500
     assert response.headers["content-type"].startswith("application/json")
-    assert response.json() == {"error": internal_error().to_dict()}
+    assert response.json() == {"error": {**internal_error().to_dict(), "retryable": False}}
     assert "rooms_gone" not in response.text and "sql" not in response.text.lower()

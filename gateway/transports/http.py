@@ -36,7 +36,8 @@ class JSON(JSONResponse):
 
 
 def error_response(exc: GatewayError) -> JSON:
-    response = JSON({"error": exc.to_dict()}, status_code=exc.status)
+    body = {"error": {**exc.to_dict(), "retryable": exc.retryable}}
+    response = JSON(body, status_code=exc.status)
     if isinstance(exc, RateLimited):
         response.headers["retry-after"] = str(exc.retry_after)
     return response
