@@ -12,6 +12,7 @@ and SSE, and whether retrying the same request later may succeed::
     │                                   generation_not_found, not_found
     ├── Conflict                   409  busy, not_running, invalid_target
     ├── PayloadTooLarge            413  frame_too_large
+    ├── Stopping                   503  server_restarting (retryable)
     └── UpstreamError              502  upstream_error, upstream_unavailable,
         │                               upstream_timeout, upstream_bad_response,
         │                               upstream_truncated, upstream_rate_limited (429),
@@ -89,6 +90,15 @@ class Busy(Conflict):
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload_too_large"
+
+
+class Stopping(GatewayError):
+    """The gateway is shutting down: nothing new starts here; retry (elsewhere, or
+    once it is back)."""
+
+    status = 503
+    code = "server_restarting"
+    retryable = True
 
 
 class UpstreamError(GatewayError):
