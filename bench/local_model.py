@@ -40,9 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.app import create_app  # noqa: E402
-from gateway.cli import UVICORN_OPTIONS  # noqa: E402
 from gateway.providers.base import CompletionRequest  # noqa: E402
 from gateway.providers.local import LocalProvider, check_available  # noqa: E402
+from gateway.server import uvicorn_options  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
 
 now = time.perf_counter
@@ -177,7 +177,11 @@ async def measure_loop(args: argparse.Namespace, workdir: Path) -> dict[str, Any
         local_threads=args.threads,
     )
     config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=0, log_level="warning", **UVICORN_OPTIONS
+        create_app(settings),
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        **uvicorn_options(settings),
     )
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())

@@ -6,6 +6,7 @@ Run with ``chat-gateway serve``, or ``uvicorn --factory gateway.app:create_app``
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -40,10 +41,17 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 
 
 class State(TypedDict):
+    """What the lifespan yields; uvicorn shares it with every request (scope["state"])
+    and with its protocols (``app_state``)."""
+
     settings: Settings
     access: AccessControl
     chat: ChatService
     rooms: RoomService
+    drain: Callable[[], asyncio.Task[None]]
+    """Starts (once; later calls return the same task) the shutdown's first step: end
+    running answers as ``interrupted`` and every stream after its last frames. The
+    server's protocols call it when uvicorn begins to shut down (:mod:`gateway.server`)."""
 
 
 def access_control(settings: Settings) -> AccessControl:
@@ -228,14 +236,30 @@ def create_app(
             moderator=moderator,
         )
         await chat.start()
+        draining: list[asyncio.Task[None]] = []
+
+        async def drain_logged() -> None:
+            try:
+                await chat.drain()
+            except Exception:
+                log.exception("ending the streams for shutdown failed")
+
+        def drain() -> asyncio.Task[None]:
+            if not draining:
+                draining.append(asyncio.create_task(drain_logged(), name="drain"))
+            return draining[0]
+
         try:
             yield {
                 "settings": settings,
                 "access": access,
                 "chat": chat,
                 "rooms": RoomService(db, chat),
+                "drain": drain,
             }
         finally:
+            if draining:  # started by the server; normally long done
+                await asyncio.gather(draining[0], return_exceptions=True)
             await chat.shutdown()
             await broker.aclose()
             if redis is not None:

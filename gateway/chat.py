@@ -24,7 +24,7 @@ from gateway import protocol
 from gateway.access import OPEN, Viewer
 from gateway.broker.base import Broker, Orphan, Position
 from gateway.checks import CheckPipeline, SecretLeak, build_pipeline
-from gateway.errors import BadRequest, Busy, Conflict, GatewayError, NotFound
+from gateway.errors import BadRequest, Busy, Conflict, GatewayError, NotFound, Stopping
 from gateway.generation import CHECK_EVERY, INTERRUPTED, GenerationTask, rejected
 from gateway.hub import RoomHub, Subscriber
 from gateway.prompt import Turn, build_prompt, estimate_tokens
@@ -64,9 +64,29 @@ async def check_input(checks: CheckPipeline, content: str) -> None:
 PRUNE_INTERVAL = 10.0
 """Seconds between sweeps of the event logs for expired events and idle rooms."""
 
+DRAIN_FLUSH_SECONDS = 2.0
+"""On shutdown, how long streams get to send their last frames before being cut."""
+
 SNAPSHOT_TRIES = 8
 """Attempts at a snapshot with no change under way before taking one anyway (a
 change begun by a process that then died never ends)."""
+
+
+MESSAGE_OVERHEAD_BYTES = 512
+"""About what a message's view takes on the wire besides its content (ids, times...)."""
+
+
+def newest_within(branch: list[Message], budget: int) -> list[Message]:
+    """The newest messages of ``branch`` whose views fit in about ``budget`` bytes, and
+    at least the newest one (a running answer is always last). A snapshot per joining
+    client is built and sent whole: without a cap, a long room's history would be held
+    once per client that joins and does not read it."""
+    used = 0
+    for i in range(len(branch) - 1, -1, -1):
+        used += len(branch[i].content.encode()) + MESSAGE_OVERHEAD_BYTES
+        if used > budget and i < len(branch) - 1:
+            return branch[i + 1 :]
+    return branch
 
 
 def room_not_found(room_id: str) -> NotFound:
@@ -150,6 +170,7 @@ class ChatService:
         self._cache = RoomCache()
         self._checkpointer: asyncio.Task[None] | None = None
         self._closing = False
+        self._draining = False
 
     async def start(self) -> None:
         await self.broker.start(self.hub, self._stop_requested)
@@ -260,6 +281,7 @@ class ChatService:
                     return protocol.resumed_frame(room_id, after, len(missed)), subscriber
             async with self._lock(room_id):
                 room, branch, messages, position = await self._snapshot(room_id)
+                earlier = len(messages) < len(branch)
                 if self._cache.get(room_id) is None:
                     # Someone is about to chat here: spare their first send the reads.
                     self._remember(room, branch, position.begun)
@@ -273,23 +295,30 @@ class ChatService:
                 if message["id"] == live["message_id"]:
                     message["content"] = live["text"]
         ready = protocol.ready_frame(
-            room.to_dict(), messages, live, position.last_event_id, resync=after is not None
+            room.to_dict(),
+            messages,
+            live,
+            position.last_event_id,
+            resync=after is not None,
+            earlier=earlier,
         )
         return ready, subscriber
 
     async def _snapshot(
         self, room_id: str
     ) -> tuple[Room, list[Message], list[dict[str, Any]], Position]:
-        """The room, its active branch (and its views) from the database, and the
-        broker's position, all as of the same change: retried while a change is
-        between its commit and its publication (possibly on another process)."""
+        """The room, its active branch (and the views of its newest messages, up to
+        ``GATEWAY_READY_MAX_BYTES``) from the database, and the broker's position, all
+        as of the same change: retried while a change is between its commit and its
+        publication (possibly on another process)."""
         for attempt in range(SNAPSHOT_TRIES):
             begun, ended = await self.broker.changes(room_id)
             async with self.db.read() as session:
                 store = MessageStore(session)
                 room = await load_room(store, room_id)
                 branch = await store.branch(room.active_leaf_id)
-                messages = await store.views(room_id, branch)
+                shown = newest_within(branch, self.settings.ready_max_bytes)
+                messages = await store.views(room_id, shown)
             position = await self.broker.position(room_id)
             if begun == ended and (position.begun, position.ended) == (begun, ended):
                 break
@@ -483,6 +512,29 @@ class ChatService:
             protocol.error_frame(NotFound("this room was deleted", code="room_deleted")),
         )
 
+    async def drain(self, flush_timeout: float = DRAIN_FLUSH_SECONDS) -> None:
+        """The server is stopping (called before it stops serving): end every running
+        answer as ``interrupted`` — each stores its text and publishes its ``error``
+        frame — then let every stream send what it has queued and end (a WebSocket
+        closes with 1012); streams that cannot within ``flush_timeout`` seconds (a
+        client that stopped reading) are cut. Nothing new starts from here on."""
+        self._draining = True
+        for _ in range(3):  # a send admitted just before may launch meanwhile
+            generations = list(self._running.values())
+            if not generations:
+                break
+            # Wait for the last frames of the rooms that have members here.
+            self.hub.expect_ends({g.id for g in generations if self.hub.members(g.room_id)})
+            for generation in generations:
+                generation.stop("interrupted")
+            await asyncio.gather(*(g.wait() for g in generations))
+            if not await self.hub.ends_delivered(flush_timeout):
+                log.warning("shutdown: some interrupted answers were not announced in time")
+        self.hub.stop()
+        if not await self.hub.emptied(flush_timeout):
+            log.info("shutdown: cutting the streams that did not end in time")
+            self.hub.cut()
+
     async def shutdown(self) -> None:
         """Stop every generation, storing its text as ``interrupted``."""
         generations = list(self._running.values())
@@ -627,7 +679,10 @@ class ChatService:
 
     async def _admit(self, sender: str, room_id: str) -> None:
         """Count a message of ``sender`` and hold one of its concurrent generations
-        (released when the generation ends, or by :meth:`_releasing_on_error`)."""
+        (released when the generation ends, or by :meth:`_releasing_on_error`).
+        Raises ``server_restarting`` once the server is stopping (see :meth:`drain`)."""
+        if self._draining:
+            raise Stopping("the gateway is restarting; send again in a moment")
         await self.quotas.admit_message(sender, room_id)
         self.quotas.start_generation(sender)
 

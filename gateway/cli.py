@@ -11,17 +11,6 @@ from typing import Any
 
 from gateway.settings import SettingsError, load_settings
 
-# How uvicorn runs the gateway (the test suite and benchmarks use the same options).
-UVICORN_OPTIONS: dict[str, object] = {
-    # Frames above this are refused by uvicorn itself (close 1009); below it, frames
-    # over GATEWAY_MAX_FRAME_BYTES get an error frame and the connection stays open.
-    "ws_max_size": 4 * 1024 * 1024,
-    # Token frames are a few dozen bytes: compressing each costs more CPU (measured
-    # 25-35 us per token) than it saves on the wire.
-    "ws_per_message_deflate": False,
-    "timeout_graceful_shutdown": 10,
-}
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chat-gateway", description=__doc__)
@@ -70,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.server import uvicorn_options
 
     if args.workers < 1:
         print("chat-gateway: --workers must be at least 1", file=sys.stderr)
@@ -105,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,
-            **UVICORN_OPTIONS,  # type: ignore[arg-type]
+            **uvicorn_options(settings),
         )
         return 0
     uvicorn.run(
@@ -113,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        **UVICORN_OPTIONS,  # type: ignore[arg-type]
+        **uvicorn_options(settings),
     )
     return 0
 

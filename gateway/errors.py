@@ -18,6 +18,7 @@ same request may succeed later (``retryable``)::
     ├── PayloadTooLarge            413  1009  frame_too_large, body_too_large
     ├── RateLimited                429  1013  rate_limited, ... (retryable, retry_after)
     ├── Unavailable                503  1013  broker_unavailable, store_failed (retryable)
+    │   └── Stopping               503  1013  server_restarting (retryable)
     └── UpstreamError              502  1013  upstream_error, upstream_unavailable,
         │                                     upstream_timeout, upstream_bad_response,
         │                                     upstream_truncated, context_too_long,
@@ -155,6 +156,14 @@ class Unavailable(GatewayError):
     code = "unavailable"
     retryable = True
     close_code = CLOSE_TRY_AGAIN_LATER
+
+
+class Stopping(Unavailable):
+    """The gateway is shutting down: nothing new starts here; retry (elsewhere, or
+    once it is back)."""
+
+    code = "server_restarting"
+    close_code = CLOSE_SERVICE_RESTART
 
 
 class UpstreamError(GatewayError):

@@ -12,6 +12,10 @@ queue still reaches its limit, or whose single send blocks longer than the send
 timeout, is dropped — its connection is closed with code 1013 ("try again later")
 and it should reconnect (resuming where it was, see :mod:`gateway.eventlog`).
 
+Shutdown: :meth:`RoomHub.stop` asks every subscription to end once its queue is sent
+(the writer then closes the connection with 1012, or ends the event stream), and
+:meth:`RoomHub.cut` ends those that could not, at once.
+
 The hub knows only this process's subscribers: events reach it through the broker
 (:mod:`gateway.broker`), which gives them their ids and carries them between processes.
 """
@@ -73,6 +77,10 @@ class TokenRun:
         return protocol.encode(self.frame)
 
 
+ENDS = ("done", "cancelled", "error")
+"""The frame types that end a generation."""
+
+
 class SlowConsumer(Exception):
     """The subscriber's queue overflowed; its connection should be closed with 1013."""
 
@@ -80,13 +88,21 @@ class SlowConsumer(Exception):
 class Subscriber:
     """A client's view of a room: a bounded queue of events and a wake-up signal."""
 
-    def __init__(self, room_id: str, limit: int, *, joining: bool = False) -> None:
+    def __init__(
+        self, room_id: str, limit: int, *, joining: bool = False, stopping: bool = False
+    ) -> None:
         self.room_id = room_id
         self.limit = limit
         self.overflowed = False
         self.closed_with: Frame | None = None
+        self.stopping = stopping
+        """The server is stopping: end once the queue is sent (see :attr:`drained`)."""
+        self.cut = asyncio.Event()
+        """The server is stopping and cannot wait for this client: end now."""
         self._queue: deque[Event | TokenRun] = deque()
         self._ready = asyncio.Event()
+        if stopping:
+            self._ready.set()
         # While joining, events are held (unfiltered, unmerged) until begin().
         self._held: list[Event] | None = [] if joining else None
 
@@ -130,8 +146,19 @@ class Subscriber:
         self.closed_with = final
         self._ready.set()
 
+    def stop(self) -> None:
+        """The server is stopping: the writer sends what is queued, then ends."""
+        self.stopping = True
+        self._ready.set()
+
+    @property
+    def drained(self) -> bool:
+        """Stopping, and everything queued was taken: time to end the connection."""
+        return self.stopping and not self._queue and self._held is None
+
     async def next_batch(self) -> list[Event | TokenRun]:
-        """Wait for events and take all that are queued. Raises SlowConsumer."""
+        """Wait for events and take all that are queued (possibly none, once
+        stopping). Raises SlowConsumer."""
         await self._ready.wait()
         self._ready.clear()
         if self.overflowed:
@@ -148,11 +175,16 @@ class RoomHub:
     def __init__(self, queue_limit: int = 1024) -> None:
         self.queue_limit = queue_limit
         self._rooms: dict[str, set[Subscriber]] = {}
+        self.stopping = False
+        self._emptied = asyncio.Event()
+        # Generations whose last frame (done/cancelled/error) a shutdown waits for.
+        self._awaited_ends: set[str] = set()
+        self._ends_delivered = asyncio.Event()
 
     def subscribe(self, room_id: str) -> Subscriber:
         """Join the room: every event delivered from now on is kept for the
         subscription, which starts when :meth:`Subscriber.begin` is called."""
-        subscriber = Subscriber(room_id, self.queue_limit, joining=True)
+        subscriber = Subscriber(room_id, self.queue_limit, joining=True, stopping=self.stopping)
         self._rooms.setdefault(room_id, set()).add(subscriber)
         return subscriber
 
@@ -163,6 +195,8 @@ class RoomHub:
             members.discard(subscriber)
             if not members:
                 del self._rooms[subscriber.room_id]
+                if not self._rooms:
+                    self._emptied.set()
                 return True
         return False
 
@@ -172,6 +206,57 @@ class RoomHub:
         if members:
             for subscriber in members:
                 subscriber.push(event)
+        if self._awaited_ends:
+            frame = event.frame
+            if frame["type"] in ENDS and frame.get("generation_id") in self._awaited_ends:
+                self._awaited_ends.discard(frame["generation_id"])
+                if not self._awaited_ends:
+                    self._ends_delivered.set()
+
+    def expect_ends(self, generation_ids: set[str]) -> None:
+        """Note the generations whose last frame (done/cancelled/error) a shutdown
+        waits for: with Redis, frames come back here only after a round trip."""
+        self._awaited_ends = set(generation_ids)
+        self._ends_delivered.clear()
+        if not self._awaited_ends:
+            self._ends_delivered.set()
+
+    async def ends_delivered(self, timeout: float) -> bool:
+        """Wait (up to ``timeout`` s) until every generation of :meth:`expect_ends`
+        had its last frame delivered here. Returns False on timeout."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ends_delivered.wait()
+            return True
+        except TimeoutError:
+            self._awaited_ends = set()
+            return False
+
+    def stop(self) -> None:
+        """The server is stopping: every subscription (also any made from now on)
+        ends once its queue is sent."""
+        self.stopping = True
+        for members in self._rooms.values():
+            for subscriber in members:
+                subscriber.stop()
+
+    async def emptied(self, timeout: float) -> bool:
+        """Wait (up to ``timeout`` s) until no subscriber is left; False on timeout."""
+        if not self._rooms:
+            return True
+        self._emptied.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._emptied.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    def cut(self) -> None:
+        """End every subscription now (the server cannot wait any longer)."""
+        for members in self._rooms.values():
+            for subscriber in members:
+                subscriber.cut.set()
 
     def close_room(self, room_id: str, final: Frame) -> None:
         """End every subscription to the room with ``final`` (room deleted)."""

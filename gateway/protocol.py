@@ -247,13 +247,16 @@ def ready_frame(
     last_event_id: int,
     *,
     resync: bool = False,
+    earlier: bool = False,
 ) -> Frame:
     """The room as it is: its active branch (a running answer's text so far included)
-    as of event ``last_event_id``. ``resync`` when a resume could not replay."""
+    as of event ``last_event_id``. ``resync`` when a resume could not replay;
+    ``earlier`` when ``messages`` holds only the newest part of the branch."""
     return {
         "type": "resync" if resync else "ready",
         "room": room,
         "messages": messages,
+        "earlier": earlier,
         "generation": generation,
         "last_event_id": last_event_id,
     }

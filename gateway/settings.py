@@ -78,6 +78,16 @@ class Settings(BaseSettings):
     max_frame_bytes: int = Field(64 * 1024, ge=1024)
     send_queue_size: int = Field(1024, ge=8)
     send_timeout: float = Field(10.0, gt=0)
+    # WebSocket keepalive: a ping every interval; a client whose pong does not come
+    # within the timeout is closed (1013). This is what drops a client that stopped
+    # reading in a quiet room, where no send ever times out. (uvicorn: 20 + 20 s.)
+    ws_ping_interval: float = Field(10.0, gt=0)
+    ws_ping_timeout: float = Field(5.0, gt=0)
+    # The ``ready``/``resync`` snapshot holds the newest messages of the active
+    # branch up to about this many bytes (always at least the newest one), with
+    # ``"earlier": true`` when older ones were left out (read them over REST):
+    # what one joining client can make the server hold is bounded.
+    ready_max_bytes: int = Field(256 * 1024, ge=1024)
     checkpoint_interval: float = Field(0.5, gt=0)
 
     # Resume: each room keeps its recent events (up to this many, this old) for

@@ -22,7 +22,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from gateway.app import create_app
-from gateway.cli import UVICORN_OPTIONS
+from gateway.server import uvicorn_options
 from gateway.settings import Settings
 from gateway.testing.fake_upstream import FakeUpstream, FakeUpstreamServer, Scenario
 from gateway.testing.servers import ThreadedServer
@@ -174,9 +174,9 @@ def start_gateway(make_settings: Any) -> Iterator[Any]:
     """Start a gateway (call again after stopping to restart on the same database)."""
     started: list[Gateway] = []
 
-    def start(**overrides: Any) -> Gateway:
+    def start(*, http: str = "auto", **overrides: Any) -> Gateway:
         settings = make_settings(**overrides)
-        server = ThreadedServer(create_app(settings), **UVICORN_OPTIONS)
+        server = ThreadedServer(create_app(settings), **uvicorn_options(settings, http=http))  # type: ignore[arg-type]
         gateway = Gateway(server.start(), settings)
         started.append(gateway)
         return gateway
@@ -372,3 +372,24 @@ async def open_sse(gateway: Gateway) -> AsyncIterator[Any]:
         for context in reversed(opened):
             with contextlib.suppress(Exception):
                 await context.__aexit__(None, None, None)
+
+
+@pytest.fixture
+def uvicorn_errors() -> Iterator[list[str]]:
+    """The messages uvicorn logs at WARNING and above during the test (its loggers do
+    not propagate to the root logger, so ``caplog`` does not see them)."""
+    import logging
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)

@@ -12,6 +12,7 @@ import contextlib
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import httpx2
 import orjson
 import pytest
 from alembic.script import ScriptDirectory
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
@@ -326,3 +328,32 @@ def test_db_upgrade_then_downgrade(tmp_path: Path, upstream_server: FakeUpstream
     run_db(tmp_path, upstream_server, "downgrade")
     assert not {"rooms", "messages"} & sqlite_tables(db)
     assert alembic_versions(db) == []
+
+
+def test_sigterm_with_websocket_and_event_stream_clients_mid_answer(serve: Any) -> None:
+    served = serve()
+    room = create_room(served)
+    lines: list[str] = []
+    events_url = f"{served.url}/api/rooms/{room['id']}/events"
+
+    def read_events() -> None:
+        with httpx2.stream("GET", events_url, timeout=scaled(20)) as response:
+            lines.extend(response.iter_lines())  # until the server ends the stream
+
+    sse = threading.Thread(target=read_events)
+    sse.start()
+    with websocket(served, room["id"]) as ws:
+        send(ws, {"type": "send", "content": "long one [[fake count=1000 delay=0.02]]"})
+        until(ws, "token")
+        code = served.terminate()
+        frames = []
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                frames.append(recv(ws))
+        assert ws.close_code == 1012
+    sse.join(scaled(10))
+    served.assert_stopped_gracefully(code)
+    assert "Exception in ASGI application" not in served.logs()
+    assert "Cancel" not in served.logs()
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "interrupted", frames[-3:]
+    assert "event: error" in lines and '"code":"interrupted"' in "".join(lines), lines[-6:]

@@ -24,6 +24,11 @@ class IdConvertor(Convertor[str]):
 register_url_convertor("id", IdConvertor())
 
 
+ABORT_EXTENSION = "gateway.abort"
+"""``scope["extensions"]`` key of a callable that aborts the request's connection at
+once (set by :mod:`gateway.server`'s protocols; absent under a plain uvicorn)."""
+
+
 async def until_first_done(*tasks: asyncio.Task[Any]) -> set[asyncio.Task[Any]]:
     """Wait for the first of ``tasks`` to end, cancel the others and wait for them.
 

@@ -11,6 +11,11 @@ once, not at the next failed write), it must send heartbeats while the room is
 quiet, and a client that cannot keep up must be cut off like a slow WebSocket one.
 So it runs two tasks, a writer draining the subscription and a listener waiting for
 ``http.disconnect``; whichever ends first ends the other.
+
+A client that stops reading is cut off: its connection is aborted (through the
+``gateway.abort`` extension of :mod:`gateway.server`'s protocols), which frees the
+buffered bytes at once. When the server stops, the stream sends what is queued (the
+``interrupted`` end of a running answer) and ends; ``EventSource`` reconnects.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -30,7 +35,7 @@ from gateway import protocol
 from gateway.chat import ChatService, Started
 from gateway.hub import Event, SlowConsumer, Subscriber, TokenRun
 from gateway.protocol import Frame
-from gateway.transports import until_first_done
+from gateway.transports import ABORT_EXTENSION, until_first_done
 from gateway.transports.guard import sender_of, viewer_of
 
 log = logging.getLogger(__name__)
@@ -121,25 +126,53 @@ class EventStream(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             preamble = f"retry: {RETRY_MS}\n\n".encode()
-            await self._send(send, preamble + b"".join(map(format_frame, self.first)))
-            writer = asyncio.create_task(self._write(send))
-            done = await until_first_done(
-                writer, asyncio.create_task(self._wait_disconnect(receive))
-            )
-            if writer in done and writer.exception() is None:
+            try:
+                await self._send(send, preamble + b"".join(map(format_frame, self.first)))
+                outcome = await self._stream(send, receive)
+            except TimeoutError:  # the snapshot was not read
+                room_id = self.subscriber.room_id
+                log.info("ending the event stream of a slow client of room %s", room_id)
+                outcome = "stalled"
+            if outcome == "ended":
                 with contextlib.suppress(Exception):
                     await self._send(send, b"", more=False)
-            for task in done:
-                task.result()
+            elif outcome == "stalled":
+                await self._abort(scope, receive, send)
         finally:
             self.chat.leave(self.subscriber)
             self.cleanup.close()
+
+    async def _stream(self, send: Send, receive: Receive) -> Literal["ended", "stalled", "gone"]:
+        """Run the writer until the stream ends, the client leaves, or the server
+        cuts it (stopping)."""
+        writer = asyncio.create_task(self._write(send))
+        listener = asyncio.create_task(self._wait_disconnect(receive))
+        cut = asyncio.create_task(self.subscriber.cut.wait())
+        done = await until_first_done(writer, listener, cut)
+        if writer in done:
+            return writer.result()
+        return "gone" if listener in done else "stalled"
+
+    async def _abort(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Drop a client that does not read: abort its connection, which frees what is
+        buffered for it (closing would wait for it to read)."""
+        abort = scope.get("extensions", {}).get(ABORT_EXTENSION)
+        if abort is None:  # a plain uvicorn: end the response as well as it can be
+            with contextlib.suppress(Exception):
+                await self._send(send, b"", more=False)
+            return
+        abort()
+        # The server sees the connection lost on its next turn; returning before
+        # that would count as a response left incomplete (an error in its log).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1):
+                await self._wait_disconnect(receive)
 
     async def _send(self, send: Send, body: bytes, *, more: bool = True) -> None:
         async with asyncio.timeout(self.send_timeout):
             await send({"type": "http.response.body", "body": body, "more_body": more})
 
-    async def _write(self, send: Send) -> None:
+    async def _write(self, send: Send) -> Literal["ended", "stalled"]:
         subscriber, only = self.subscriber, self.only
         try:
             while True:
@@ -159,11 +192,16 @@ class EventStream(Response):
                     chunks.append(format_frame(subscriber.closed_with))
                 if chunks:
                     await self._send(send, b"".join(chunks))
-                if subscriber.closed_with is not None or (only is not None and only.ended):
-                    return
+                if (
+                    subscriber.closed_with is not None
+                    or (only is not None and only.ended)
+                    or subscriber.drained  # the server is stopping; all was sent
+                ):
+                    return "ended"
         except (SlowConsumer, TimeoutError):
             # The client reconnects with Last-Event-ID and gets what it missed.
             log.info("ending the event stream of a slow client of room %s", subscriber.room_id)
+            return "stalled"
 
     @staticmethod
     async def _wait_disconnect(receive: Receive) -> None:

@@ -8,8 +8,13 @@ Only the writer sends, draining the connection's bounded queue (see
 ones follow (or ``resync`` when N is too old; see :mod:`gateway.eventlog`).
 
 Close codes: 4404 unknown or deleted room; 4400 a bad ``last_event_id``; 1013 the
-client fell too far behind (reconnect, resuming); 1009 a frame over the server's
-hard size limit (closed by uvicorn).
+client fell too far behind (reconnect, resuming); 1012 the server is restarting
+(after the last frames of the room, e.g. the ``interrupted`` end of an answer); 1009
+a frame over the server's hard size limit (closed by uvicorn).
+
+Every send, the ``ready`` snapshot's too, is bounded by ``GATEWAY_SEND_TIMEOUT``; the
+close that follows a timeout is written even though the client does not read, and the
+connection is then aborted if it still takes nothing (see :mod:`gateway.server`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from gateway import protocol
 from gateway.chat import ChatService
 from gateway.errors import (
     CLOSE_ROOM_GONE,
+    CLOSE_SERVICE_RESTART,
     CLOSE_TRY_AGAIN_LATER,
     BadRequest,
     GatewayError,
@@ -71,17 +77,33 @@ class Connection:
             await self.websocket.close(exc.close_code, exc.code)
             return
         try:
-            await self.websocket.send_text(protocol.encode(ready))
+            # A snapshot can be large: a client that does not read it is dropped too.
+            async with asyncio.timeout(self.settings.send_timeout):
+                await self.websocket.send_text(protocol.encode(ready))
+            cut = asyncio.create_task(subscriber.cut.wait())
             done = await until_first_done(
                 asyncio.create_task(self._read(subscriber)),
                 asyncio.create_task(self._write(subscriber)),
+                cut,
             )
             for task in done:
                 task.result()
+            if cut in done:  # the server is stopping and cannot wait for this client
+                await self._close(CLOSE_SERVICE_RESTART, "server restarting")
+        except TimeoutError:
+            log.info("closing a client of room %s that does not read its snapshot", self.room_id)
+            await self._close(CLOSE_TRY_AGAIN_LATER, "too slow; reconnect")
         except WebSocketDisconnect:
             pass
         finally:
             self.chat.leave(subscriber)
+
+    async def _close(self, code: int, reason: str) -> None:
+        """Close, whatever state the connection is in (the peer may be gone or stalled:
+        gateway.server's protocol then writes the close frame behind what is queued)."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1):
+                await self.websocket.close(code, reason)
 
     async def _write(self, subscriber: Subscriber) -> None:
         send_timeout = self.settings.send_timeout
@@ -99,11 +121,12 @@ class Connection:
                     else:  # e.g. resync_required: come back and resume (or resync)
                         await self.websocket.close(CLOSE_TRY_AGAIN_LATER, final["code"])
                     return
+                if subscriber.drained:  # the server is stopping; all was sent
+                    await self._close(CLOSE_SERVICE_RESTART, "server restarting")
+                    return
         except (SlowConsumer, TimeoutError):
             log.info("closing a slow client of room %s", self.room_id)
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1):
-                    await self.websocket.close(CLOSE_TRY_AGAIN_LATER, "too slow; reconnect")
+            await self._close(CLOSE_TRY_AGAIN_LATER, "too slow; reconnect")
 
     async def _read(self, subscriber: Subscriber) -> None:
         max_bytes = self.settings.max_frame_bytes

@@ -47,7 +47,21 @@ const conversation = new Conversation(ui.messages, {
   onRegenerate: (messageId, temperature) =>
     act({ type: "regenerate", message_id: messageId, ...(temperature == null ? {} : { temperature }) }),
   onChange: () => updateControls(),
+  onLoadEarlier: () => loadEarlier(),
 });
+
+// `ready` holds only the newest messages of a long conversation (docs/protocol.md):
+// the rest comes over REST when asked for.
+async function loadEarlier() {
+  const id = roomId;
+  if (!id) return;
+  try {
+    const { messages } = await api.get(`/api/rooms/${encodeURIComponent(id)}/messages`);
+    if (id === roomId) conversation.prependEarlier(messages);
+  } catch (error) {
+    showNotice(`Could not load the earlier messages: ${error.message}`);
+  }
+}
 
 // --- rooms ----------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ const STATUS_LABELS = {
 export class Conversation {
   /**
    * @param {HTMLElement} list the message list element
-   * @param {{onSelect, onRegenerate, onChange}} actions callbacks for the buttons
+   * @param {{onSelect, onRegenerate, onChange, onLoadEarlier}} actions callbacks for the buttons
    */
   constructor(list, actions) {
     this.list = list;
@@ -23,6 +23,7 @@ export class Conversation {
     this.room = null;
     this.messages = [];
     this.live = null; // {generation_id, message_id, seq} of the running answer
+    this.earlier = false; // the server left older messages of the branch out of `ready`
     this.dirty = new Set();
     this.redrawAll = false;
     this.scheduled = false;
@@ -39,6 +40,7 @@ export class Conversation {
       case "resync":
         this.room = frame.room;
         this.messages = frame.messages;
+        this.earlier = Boolean(frame.earlier);
         this.live = frame.generation
           ? { generation_id: frame.generation.generation_id, message_id: frame.generation.message_id, seq: frame.generation.seq }
           : null;
@@ -76,12 +78,25 @@ export class Conversation {
         break;
       case "branch":
         this.messages = frame.messages;
+        this.earlier = false; // a branch frame carries the whole branch
         this.redrawAll = true;
         break;
       case "room":
         this.room = frame.room;
         break;
     }
+    this.schedule();
+  }
+
+  /** Put the older messages of the branch (`all`, from GET /api/rooms/{id}/messages)
+   * before the ones held; ignored if the branch changed meanwhile. */
+  prependEarlier(all) {
+    const first = this.messages[0];
+    const index = first ? all.findIndex((m) => m.id === first.id) : -1;
+    if (index === -1) return;
+    this.messages = [...all.slice(0, index), ...this.messages];
+    this.earlier = false;
+    this.redrawAll = true;
     this.schedule();
   }
 
@@ -106,6 +121,7 @@ export class Conversation {
   clear() {
     this.room = null;
     this.messages = [];
+    this.earlier = false;
     this.live = null;
     this.redrawAll = true;
     this.schedule();
@@ -129,7 +145,15 @@ export class Conversation {
     if (this.redrawAll) {
       this.redrawAll = false;
       this.dirty.clear();
-      list.replaceChildren(...this.messages.map((m) => this.drawMessage(m)));
+      const items = this.messages.map((m) => this.drawMessage(m));
+      if (this.earlier) {
+        const more = button("Show earlier messages", "Show the earlier messages of this conversation", () =>
+          this.actions.onLoadEarlier?.(),
+        );
+        more.className = "load-earlier";
+        items.unshift(more);
+      }
+      list.replaceChildren(...items);
     } else {
       for (const id of this.dirty) {
         const message = this.find(id);
