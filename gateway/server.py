@@ -159,6 +159,15 @@ class _Guarded:
         start_drain(self.app_state)
         super().shutdown()  # type: ignore[misc]
 
+    _head_tail = b""
+
+    def head_bytes_in(self, data: bytes) -> int:
+        """How much of ``data`` is request head: all of it, or up to the blank line
+        that ends the head (a body sent in the same write is not head)."""
+        tail, self._head_tail = self._head_tail, data[-3:]
+        end = (tail + data).find(b"\r\n\r\n")
+        return len(data) if end < 0 else max(0, end + 4 - len(tail))
+
     def refuse_head(self) -> None:
         """Answer 431 and close: the request's head is over :data:`MAX_HEADER_BYTES`."""
         log.info("refused a request whose headers exceed %d bytes", MAX_HEADER_BYTES)
@@ -184,7 +193,7 @@ if UvicornHttpTools is not None:
         def data_received(self, data: bytes) -> None:
             if self._head_bytes is not None:
                 # httptools buffers a header however long it is: count before feeding.
-                self._head_bytes += len(data)
+                self._head_bytes += self.head_bytes_in(data)
                 if self._head_bytes > MAX_HEADER_BYTES:
                     self._head_bytes = None
                     self.refuse_head()
@@ -192,7 +201,7 @@ if UvicornHttpTools is not None:
             super().data_received(data)
 
         def on_headers_complete(self) -> None:
-            self._head_bytes = None
+            self._head_bytes, self._head_tail = None, b""
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
@@ -214,13 +223,13 @@ class H11Protocol(_Guarded, UvicornH11Protocol):
         # h11 alone refuses a head over h11_max_incomplete_event_size with a 400;
         # count here to answer 431, as for httptools.
         if self.conn.their_state is h11.IDLE:
-            self._head_bytes += len(data)
+            self._head_bytes += self.head_bytes_in(data)
             if self._head_bytes > MAX_HEADER_BYTES:
                 self._head_bytes = 0
                 self.refuse_head()
                 return
         else:
-            self._head_bytes = 0
+            self._head_bytes, self._head_tail = 0, b""
         super().data_received(data)
 
 

@@ -58,3 +58,28 @@ async def test_a_request_head_over_64_kib_is_refused_with_431(
     assert response.status_code == 200
     answer = await asyncio.to_thread(request_with_header, gateway.server.port, 32 * 1024)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_a_large_body_sent_with_its_head_in_one_write_is_not_mistaken_for_a_head(
+    start_gateway: Any, http: str
+) -> None:
+    gateway = start_gateway(http=http)
+    room = await create_room(gateway)
+    body = b'{"content": "%s"}' % (b"x" * 200_000)
+    head = (
+        b"POST /api/rooms/%s/messages HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        % (room["id"].encode(), len(body))
+    )
+
+    def post() -> bytes:
+        with socket.create_connection(("127.0.0.1", gateway.server.port)) as sock:
+            sock.sendall(head + body)  # one write: the server may read both at once
+            return read_all(sock, scaled(10))
+
+    answer = await asyncio.to_thread(post)
+    # Refused for its size as a message (the limit is GATEWAY_MAX_MESSAGE_CHARS), not
+    # as a request head.
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"message_too_long" in answer
