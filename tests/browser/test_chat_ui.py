@@ -451,3 +451,29 @@ async def test_with_api_keys_the_page_asks_for_one_and_then_works(
     urls = await page.evaluate("performance.getEntries().map(e => e.name).join(' ')")
     assert "sk-alice-secret" not in urls
     assert [e for e in page_errors if "401" not in e] == []
+
+
+async def test_a_long_room_shows_its_newest_messages_and_the_earlier_ones_on_request(
+    open_page: Any, start_gateway: Any, upstream: FakeUpstream, page_errors: PageErrors
+) -> None:
+    # ``ready`` carries about 2 KiB of the branch here: the oldest messages are left
+    # out of it, and the page offers to load them.
+    gateway = start_gateway(ready_max_bytes=2048)
+    room = await create_room(gateway)
+    async with httpx2.AsyncClient(base_url=gateway.url, timeout=scaled(10)) as http:
+        for i in range(6):
+            upstream.script(Scenario(tokens=[f"answer{i} ", "x" * 300]))
+            response = await http.post(
+                f"/api/rooms/{room['id']}/messages",
+                json={"content": f"question {i}"},
+                headers={"accept": "text/event-stream"},
+            )
+            assert "event: done" in response.text
+    page = await open_page(f"/#/rooms/{room['id']}", gateway_=gateway)
+    await expect(page.locator(".message.user").last).to_contain_text("question 5")
+    await expect(page.locator(".message.user", has_text="question 0")).to_have_count(0)
+    await page.click(".load-earlier")
+    await expect(page.locator(".message.user")).to_have_count(6)
+    await expect(page.locator(".message.user").first).to_contain_text("question 0")
+    await expect(page.locator(".load-earlier")).to_have_count(0)
+    await screenshot(page, "earlier-loaded")
