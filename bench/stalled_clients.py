@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import os
 import socket
 import subprocess
@@ -40,6 +39,7 @@ from gateway.testing.fake_upstream import (  # noqa: E402
     FakeUpstreamServer,
     Scenario,
 )
+from tests.netutil import ESTABLISHED, open_stalled_socket, tcp_state  # noqa: E402
 
 STALLED = 20
 FLOOD_TOKEN = "x" * 1023 + " "
@@ -54,33 +54,7 @@ def rss_mb(pid: int) -> float:
 
 def held(port: int, socks: list[socket.socket]) -> int:
     """How many of ``socks`` the server side still holds ESTABLISHED."""
-    ours = {s.getsockname()[1] for s in socks}
-    count = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote = int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)
-        if local == port and remote in ours and fields[3] == "01":
-            count += 1
-    return count
-
-
-def stalled_socket(port: int, room_id: str) -> socket.socket:
-    """A WebSocket handshake on a raw socket that then never reads."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET /ws/rooms/{room_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    return sock
+    return sum(tcp_state(port, sock) == ESTABLISHED for sock in socks)
 
 
 async def new_room(http: httpx2.AsyncClient) -> str:
@@ -96,7 +70,7 @@ async def busy_room(port: int, pid: int, upstream: FakeUpstream, settle: float) 
     async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
         room = await new_room(http)
     before = rss_mb(pid)
-    socks = [stalled_socket(port, room) for _ in range(STALLED)]
+    socks = [open_stalled_socket(port, room) for _ in range(STALLED)]
     upstream.script(Scenario(tokens=[FLOOD_TOKEN] * 8000))
     async with websockets.connect(f"ws://127.0.0.1:{port}/ws/rooms/{room}", max_size=None) as ws:
         await ws.recv()
@@ -122,7 +96,7 @@ async def long_history(port: int, pid: int, upstream: FakeUpstream, settle: floa
             )
             response.raise_for_status()
     before = rss_mb(pid)
-    socks = [stalled_socket(port, room) for _ in range(STALLED)]
+    socks = [open_stalled_socket(port, room) for _ in range(STALLED)]
     await asyncio.sleep(1)
     after = rss_mb(pid)
     await asyncio.sleep(settle)

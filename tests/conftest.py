@@ -207,6 +207,14 @@ async def create_room(gateway: Gateway, **persona: Any) -> dict[str, Any]:
     return response.json()
 
 
+async def get_messages(gateway: Gateway, room_id: str) -> list[dict[str, Any]]:
+    """The room's active branch, as ``GET /api/rooms/{id}/messages`` gives it."""
+    async with httpx2.AsyncClient(base_url=gateway.url, timeout=scaled(10)) as client:
+        response = await client.get(f"/api/rooms/{room_id}/messages")
+    assert response.status_code == 200, response.text
+    return response.json()["messages"]
+
+
 @pytest.fixture
 async def room(gateway: Gateway) -> dict[str, Any]:
     return await create_room(gateway)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import struct
@@ -79,3 +80,24 @@ def read_all(sock: socket.socket, timeout: float) -> bytes:
     except ConnectionResetError:
         pass
     return b"".join(chunks)
+
+
+def open_stalled_socket(port: int, room_id: str) -> socket.socket:
+    """Complete a WebSocket handshake on a raw socket, then never read from it."""
+    sock = socket.socket()
+    # A small receive buffer keeps the kernel from absorbing the whole answer.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /ws/rooms/{room_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock

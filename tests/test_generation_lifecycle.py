@@ -5,17 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx2
-
 from gateway.testing.fake_upstream import FakeUpstream, Scenario
-from tests.conftest import create_room
-
-
-async def _stored(gateway: Any, room_id: str) -> list[dict[str, Any]]:
-    async with httpx2.AsyncClient(base_url=gateway.url) as client:
-        response = await client.get(f"/api/rooms/{room_id}/messages")
-    assert response.status_code == 200, response.text
-    return response.json()["messages"]
+from tests.conftest import create_room, get_messages
 
 
 async def test_cancel_sent_right_behind_send_ends_the_answer_and_frees_the_room(
@@ -36,7 +27,7 @@ async def test_cancel_sent_right_behind_send_ends_the_answer_and_frees_the_room(
         assert ended["type"] == "cancelled", ended
         assert ended["generation_id"] == start["generation_id"]
         assert ended["message"]["status"] == "cancelled"
-        stored = await _stored(gateway, room["id"])
+        stored = await get_messages(gateway, room["id"])
         assert [m["status"] for m in stored] == ["complete", "cancelled"]
 
         # The room, and the client's quota, are free again.
@@ -60,7 +51,7 @@ async def test_cancel_sent_right_behind_regenerate_ends_the_new_version(
     ended = await client.until("cancelled", "done", "error")
     assert ended["type"] == "cancelled", ended
     assert ended["generation_id"] == start["generation_id"]
-    stored = await _stored(gateway, room["id"])
+    stored = await get_messages(gateway, room["id"])
     assert stored[-1]["status"] == "cancelled"
     assert len(stored[-1]["siblings"]) == 2
 

@@ -10,14 +10,7 @@ from typing import Any
 import httpx2
 
 from gateway.testing.fake_upstream import FakeUpstream, Scenario
-from tests.conftest import create_room, run_sql, scaled
-
-
-async def get_messages(gateway: Any, room_id: str) -> list[dict[str, Any]]:
-    async with httpx2.AsyncClient(base_url=gateway.url) as http:
-        response = await http.get(f"/api/rooms/{room_id}/messages")
-    assert response.status_code == 200, response.text
-    return response.json()["messages"]
+from tests.conftest import create_room, get_messages, run_sql, scaled
 
 
 async def test_rooms_and_all_versions_survive_a_restart(

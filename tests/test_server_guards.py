@@ -10,8 +10,7 @@ import httpx2
 import pytest
 
 from tests.conftest import create_room, scaled
-from tests.netutil import client_frame, close_code, read_all, server_frames
-from tests.test_slow_clients import open_stalled_socket
+from tests.netutil import client_frame, close_code, open_stalled_socket, read_all, server_frames
 
 
 async def test_invalid_utf8_in_a_text_frame_closes_with_1007_quietly(

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
-import socket
 import time
 from typing import Any
 
@@ -13,27 +10,7 @@ import httpx2
 
 from gateway.testing.fake_upstream import FakeUpstream, Scenario
 from tests.conftest import create_room, scaled
-
-
-def open_stalled_socket(port: int, room_id: str) -> socket.socket:
-    """Complete a WebSocket handshake on a raw socket, then never read from it."""
-    sock = socket.socket()
-    # A small receive buffer keeps the kernel from absorbing the whole answer.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET /ws/rooms/{room_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
+from tests.netutil import open_stalled_socket
 
 
 async def test_stalled_reader_is_dropped_and_others_get_every_token(

@@ -15,8 +15,14 @@ import httpx2
 
 from gateway.testing.fake_upstream import FakeUpstream, Scenario
 from tests.conftest import create_room, scaled
-from tests.netutil import ESTABLISHED, close_code, read_all, server_frames, tcp_state
-from tests.test_slow_clients import open_stalled_socket
+from tests.netutil import (
+    ESTABLISHED,
+    close_code,
+    open_stalled_socket,
+    read_all,
+    server_frames,
+    tcp_state,
+)
 
 FLOOD_TOKEN = "x" * 1023 + " "
 
