@@ -101,6 +101,28 @@ async def test_websocket_needs_a_token_minted_from_a_key(
         assert (await client.until("done"))["message"]["content"] == "tok0 tok1 "
 
 
+async def test_websocket_and_event_stream_take_the_key_as_a_bearer_header_too(
+    locked: Gateway,
+) -> None:
+    """Scripts (``wscat -H``, curl) can send the header a browser cannot."""
+    room = await new_room(locked, AUTH)
+    url = locked.ws_url(room["id"])
+    async with websockets.connect(url, additional_headers=AUTH) as ws:
+        assert (await Client(ws).recv())["type"] == "ready"
+    wrong = {"authorization": "Bearer sk-wrong-0000000000"}
+    closed = await refused_websocket(url, additional_headers=wrong)
+    assert closed.rcvd is not None and closed.rcvd.reason == "unauthorized"
+    # A wrong key is refused even beside a valid token: the header is what was meant.
+    await refused_websocket(f"{url}?token={await token_for(locked)}", additional_headers=wrong)
+
+    path = f"/api/rooms/{room['id']}/events"
+    async with httpx2.AsyncClient(base_url=locked.url, timeout=scaled(10)) as http:
+        async with http.stream("GET", path, headers=AUTH) as response:
+            assert response.status_code == 200
+            assert (await SSEClient(response).next()).type == "ready"
+        assert (await http.get(path, headers=wrong)).status_code == 401
+
+
 async def test_an_expired_token_is_refused(start_gateway: Any) -> None:
     gateway = start_gateway(api_keys=[f"alice={KEY}"], token_ttl=1)
     room = await new_room(gateway, AUTH)

@@ -67,9 +67,14 @@ class AccessGuard:
         path: str = scope["path"]
         if scope["type"] == "websocket":
             self.check_origin(scope)
-            if self.access.enabled:
-                return self.access.check_token(query_param(scope, "token"))
-            return None
+            if not self.access.enabled:
+                return None
+            # A browser can only pass a token in the URL; scripts (wscat -H) may send
+            # the key itself as a header, as for the REST API.
+            key = bearer(scope)
+            if key is not None:
+                return self.access.check_key(key)
+            return self.access.check_token(query_param(scope, "token"))
         if not path.startswith("/api/") or path in OPEN_PATHS or not self.access.enabled:
             return None
         key = bearer(scope)
