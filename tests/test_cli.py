@@ -20,6 +20,7 @@ import httpx2
 import orjson
 import pytest
 from alembic.script import ScriptDirectory
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
@@ -185,6 +186,23 @@ def test_keys_and_tokens_never_appear_in_the_logs(serve: Any) -> None:
     assert "token=[redacted]" in logs, logs
     assert token not in logs
     assert key not in logs
+
+
+def test_secrets_sent_in_other_query_parameters_never_appear_in_the_logs(serve: Any) -> None:
+    """A key wrongly sent as ``?api_key=`` (or ``key=``, ``access_token=``...) is
+    redacted like a token, in the access log and in the WebSocket lines."""
+    key = "sk-misplaced-key-987654"
+    served = serve(GATEWAY_API_KEYS=f"alice={key}")
+    for name in ("api_key", "key", "access_token", "apikey", "password", "secret"):
+        assert httpx2.get(f"{served.url}/api/rooms?{name}={key}&limit=5").status_code == 401
+    url = f"ws://127.0.0.1:{served.port}/ws/rooms/room_x?last_event_id=1&api_key={key}"
+    with ws_connect(url, open_timeout=scaled(10)) as ws, pytest.raises(ConnectionClosed):
+        recv(ws)
+    served.assert_stopped_gracefully(served.terminate())
+    logs = served.logs()
+    assert key not in logs, logs
+    assert "/api/rooms?api_key=[redacted]&limit=5" in logs, logs
+    assert "last_event_id=1&api_key=[redacted]" in logs, logs
 
 
 def test_python_dash_m_gateway_serves(serve: Any) -> None:

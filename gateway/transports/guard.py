@@ -141,10 +141,26 @@ async def refuse_websocket(receive: Receive, send: Send, exc: GatewayError) -> N
     await send({"type": "websocket.close", "code": CLOSE_POLICY_VIOLATION, "reason": exc.code})
 
 
-class RedactTokens(logging.Filter):
-    """Keeps URL tokens out of logs (uvicorn logs each request's path and query)."""
+SECRET_PARAMETERS = "|".join(
+    [
+        r"[\w.-]*token",  # token, access_token, refresh_token, id_token
+        r"(?:[\w.-]*[_.-])?(?:api)?key",  # key, api_key, apikey, x-api-key (not monkey)
+        r"[\w.-]*secret",  # secret, client_secret
+        r"(?:[\w.-]*[_.-])?(?:sig|signature)",  # signed URLs (X-Amz-Signature, sig)
+        r"(?:[\w.-]*[_.-])?auth(?:orization)?",
+        r"[\w.-]*credentials?",
+        r"password|passwd|pwd|passphrase",
+    ]
+)
+"""Query parameters whose values are secrets (case-insensitive)."""
 
-    PATTERN = re.compile(r"(token=)[^&\s\"']+")
+
+class RedactTokens(logging.Filter):
+    """Keeps URL tokens, and keys wrongly sent in a URL (``?api_key=``), out of logs:
+    uvicorn logs each request's path and query."""
+
+    # A parameter starts a query string or follows a separator (not a path's "/").
+    PATTERN = re.compile(rf"(?i)(?<![^?&;\s\"'])((?:{SECRET_PARAMETERS})=)[^&;\s\"']+")
 
     def filter(self, record: logging.LogRecord) -> bool:
         # Redact inside the arguments, keeping their shape: uvicorn's access
@@ -155,7 +171,7 @@ class RedactTokens(logging.Filter):
         return True
 
     def _redact(self, value: Any) -> Any:
-        if isinstance(value, str) and "token=" in value:
+        if isinstance(value, str) and "=" in value:
             return self.PATTERN.sub(r"\1[redacted]", value)
         return value
 
