@@ -9,6 +9,7 @@ killed (its whole process group) in ``finally``.
 from __future__ import annotations
 
 import contextlib
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -312,6 +313,38 @@ def test_bad_port_setting_exits_2_naming_the_variable(
     assert "notaport" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "g.db").exists()
+
+
+def test_serving_beyond_loopback_without_allowed_hosts_warns_at_start(
+    tmp_path: Path, upstream_server: FakeUpstreamServer
+) -> None:
+    # Port taken on loopback: binding 0.0.0.0 then fails, so nothing is ever exposed;
+    # the warning has been logged by then.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        warned = run_cli(tmp_path, upstream_server, "serve", "--host", "0.0.0.0", "--port", port)
+        configured = run_cli(
+            tmp_path,
+            upstream_server,
+            *("serve", "--host", "0.0.0.0", "--port", port),
+            GATEWAY_ALLOWED_HOSTS="chat.example.com",
+        )
+    assert "WARNING gateway: listening on 0.0.0.0, but GATEWAY_ALLOWED_HOSTS" in warned.stderr
+    assert "GATEWAY_ALLOWED_HOSTS=chat.example.com" in warned.stderr, warned.stderr
+    assert "GATEWAY_ALLOWED_HOSTS" not in configured.stderr, configured.stderr
+    assert "address already in use" in configured.stderr.lower(), configured.stderr
+
+
+def test_a_bad_allowed_host_exits_2_naming_the_variable(
+    tmp_path: Path, upstream_server: FakeUpstreamServer
+) -> None:
+    result = run_cli(
+        tmp_path, upstream_server, "serve", GATEWAY_ALLOWED_HOSTS="https://chat.example.com"
+    )
+    assert result.returncode == 2
+    assert "GATEWAY_ALLOWED_HOSTS" in result.stderr and "no scheme" in result.stderr
 
 
 def test_several_workers_without_redis_is_refused_with_a_clear_error(

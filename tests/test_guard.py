@@ -1,4 +1,4 @@
-"""The guard's pure parts, with literal strings: log redaction and host matching."""
+"""The guard's pure parts, with literal strings: log redaction and Host matching."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from gateway.transports.guard import RedactTokens
+from gateway.settings import SettingsError, load_settings
+from gateway.transports.guard import HostCheck, RedactTokens, host_name
 
 
 def redacted(message: str, *args: object) -> str:
@@ -46,3 +47,51 @@ def test_the_access_log_keeps_its_arguments_shape() -> None:
     message = '%s - "%s %s HTTP/%s" %d'
     args = ("127.0.0.1:5", "GET", "/x?api_key=sk-1", "1.1", 401)
     assert redacted(message, *args) == '127.0.0.1:5 - "GET /x?api_key=[redacted] HTTP/1.1" 401'
+
+
+@pytest.mark.parametrize(
+    ("header", "name"),
+    [
+        ("localhost:8000", "localhost"),
+        ("LocalHost.", "localhost"),
+        ("[::1]:8000", "[::1]"),
+        ("[::1]", "[::1]"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("chat.example.com:443", "chat.example.com"),
+    ],
+)
+def test_host_name_drops_the_port_and_case(header: str, name: str) -> None:
+    assert host_name(header) == name
+
+
+@pytest.mark.parametrize(
+    ("allowed", "host", "served"),
+    [
+        (["localhost"], b"localhost:8000", True),
+        (["localhost"], b"127.0.0.1:8000", True),  # addresses cannot be rebound
+        (["localhost"], b"[::1]:8000", True),
+        (["localhost"], b"192.168.1.20", True),
+        (["localhost"], b"rebind.evil.example:8000", False),
+        (["localhost"], b"localhost.evil.example", False),
+        (["localhost"], b"", False),
+        (["localhost"], None, True),  # no Host at all: not a browser
+        (["chat.example.com"], b"CHAT.example.com.:443", True),
+        (["chat.example.com"], b"localhost", False),
+        (["*.example.com"], b"a.b.example.com", True),
+        (["*.example.com"], b"example.com", False),
+        (["*.example.com"], b"evilexample.com", False),
+        (["*"], b"anything.example", True),
+        ([], b"localhost", False),
+        ([], b"127.0.0.1", True),
+    ],
+)
+def test_host_check(allowed: list[str], host: bytes | None, served: bool) -> None:
+    assert HostCheck(load_settings(allowed_hosts=allowed).allowed_hosts).allows(host) is served
+
+
+@pytest.mark.parametrize(
+    "entry", ["https://chat.example.com", "chat.example.com:8000", "chat.*.com", "a/b", "*x.com"]
+)
+def test_an_allowed_host_is_a_name_without_scheme_port_or_path(entry: str) -> None:
+    with pytest.raises(SettingsError, match="GATEWAY_ALLOWED_HOSTS"):
+        load_settings(allowed_hosts=[entry])
