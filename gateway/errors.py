@@ -6,7 +6,8 @@ and SSE, and whether retrying the same request later may succeed::
     GatewayError
     ├── CheckFailed                400  input_rejected, output_blocked (with its rule)
     ├── BadRequest                 400  invalid_json, invalid_frame, unknown_type,
-    │                                   binary_not_supported, message_too_long, ...
+    │                                   binary_not_supported, message_too_long,
+    │                                   host_not_allowed, ...
     ├── Forbidden                  403  not_room_owner, origin_not_allowed
     ├── NotFound                   404  room_not_found, message_not_found,
     │                                   generation_not_found, not_found
@@ -18,6 +19,11 @@ and SSE, and whether retrying the same request later may succeed::
         │                               context_too_long
         ├── ModelBusy              503  busy (the local model's queue is full)
         └── NoProvider             503  no_provider
+
+Defined beside their only raiser: ``Unauthorized`` (401, :mod:`gateway.access`),
+``RateLimited`` (429, :mod:`gateway.quotas`), ``BrokerUnavailable`` (503,
+:mod:`gateway.broker.redis`) and ``AccessCheckFailed`` (503 ``access_check_failed``,
+:mod:`gateway.chat`).
 
 Third-party exceptions (openai, SQLAlchemy) are translated into this tree once, at the
 adapter that sees them; nothing above an adapter catches a library's own types.
