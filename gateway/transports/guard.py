@@ -83,12 +83,12 @@ class AccessGuard:
         app: ASGIApp,
         access: AccessControl,
         allowed_origins: list[str],
-        allowed_hosts: list[str] | None = None,
+        allowed_hosts: list[str],
     ) -> None:
         self.app = app
         self.access = access
         self.allowed_origins = set(allowed_origins)
-        self.hosts = HostCheck(["*"] if allowed_hosts is None else allowed_hosts)
+        self.hosts = HostCheck(allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
