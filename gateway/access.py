@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
@@ -46,6 +48,17 @@ class Viewer:
             return True
         return self.key_name is not None and (
             self.key_name == room.owner or self.key_name in room.granted
+        )
+
+    def sees_in(self, view: Mapping[str, Any]) -> bool:
+        """Whether a room's client view (``Room.to_dict()``, as in a ``room`` frame)
+        shows that this viewer may see the room. False for a private room it does not
+        own: the view has no grants (they are the owner's business), so only the room
+        itself can tell."""
+        return (
+            not self.enforced
+            or not view.get("private")
+            or (self.key_name is not None and self.key_name == view.get("owner"))
         )
 
     def owns(self, room: Room) -> bool:

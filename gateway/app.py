@@ -281,7 +281,12 @@ def create_app(
             Middleware(SecurityHeaders),
             # Outside the guard: a CORS preflight carries no credentials.
             *cors(settings.allowed_origins),
-            Middleware(AccessGuard, access=access, allowed_origins=settings.allowed_origins),
+            Middleware(
+                AccessGuard,
+                access=access,
+                allowed_origins=settings.allowed_origins,
+                allowed_hosts=settings.allowed_hosts,
+            ),
         ],
     )
 

@@ -24,7 +24,15 @@ from gateway import protocol
 from gateway.access import OPEN, Viewer
 from gateway.broker.base import Broker, Orphan, Position
 from gateway.checks import CheckPipeline, SecretLeak, build_pipeline
-from gateway.errors import BadRequest, Busy, Conflict, GatewayError, NotFound, Stopping
+from gateway.errors import (
+    BadRequest,
+    Busy,
+    Conflict,
+    GatewayError,
+    NotFound,
+    Stopping,
+    Unavailable,
+)
 from gateway.generation import CHECK_EVERY, INTERRUPTED, GenerationTask, rejected
 from gateway.hub import RoomHub, Subscriber
 from gateway.prompt import Turn, build_prompt, estimate_tokens
@@ -171,8 +179,13 @@ class ChatService:
         self._checkpointer: asyncio.Task[None] | None = None
         self._closing = False
         self._draining = False
+        # Rooms whose access is being checked again: how many changes were announced
+        # since the check began (see _check_access).
+        self._access_asks: dict[str, int] = {}
+        self._access_checks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        self.hub.on_room_frame = self._room_frame
         await self.broker.start(self.hub, self._stop_requested)
         self._checkpointer = asyncio.create_task(self._checkpoint_loop(), name="checkpoints")
 
@@ -225,10 +238,62 @@ class ChatService:
             yield
 
     def room_changed(self, room: Room, view: dict[str, Any]) -> None:
-        """The room's name or persona was updated: tell its members, and reload it on
-        next use (a bigger context budget may need history the cache has trimmed)."""
+        """The room's name, persona or access was updated: tell its members (on every
+        process; those shut out are disconnected, see :meth:`_room_frame`), and reload
+        it on next use (a bigger context budget may need history the cache trimmed)."""
         self._cache.drop(room.id)
         self.broker.publish(room.id, protocol.room_frame(view))
+
+    def _room_frame(self, room_id: str, view: protocol.Frame, members: list[Subscriber]) -> None:
+        """A ``room`` frame is reaching this process's members of the room (from any
+        process). Those the frame does not show still allowed in — a private room they
+        do not own; the frame has no grants — are held until the room is read again.
+        Nothing is read for an open gateway, a public room, or the owner."""
+        doubtful = [s for s in members if not s.viewer.sees_in(view)]
+        for subscriber in doubtful:
+            subscriber.suspend()
+        asks = self._access_asks.get(room_id)
+        if not doubtful and asks is None:
+            return
+        self._access_asks[room_id] = (asks or 0) + 1
+        if asks is None:  # else the running check reads the room again
+            task = asyncio.create_task(self._check_access(room_id), name="access check")
+            self._access_checks.add(task)
+            task.add_done_callback(self._access_checks.discard)
+
+    async def _check_access(self, room_id: str) -> None:
+        """Read the room, then end the held subscriptions of viewers who may no longer
+        see it (``room_not_found``, as for a room they never saw) and let the others
+        go on. One read per change, never per event; read again while more changes
+        come (the read may predate a later change's commit)."""
+        room: Room | None = None
+        failed = False
+        try:
+            while True:
+                asks = self._access_asks[room_id]
+                try:
+                    async with self.db.read() as session:
+                        room = await MessageStore(session).room(room_id)
+                    failed = False
+                except Exception:
+                    log.exception("room %s: reading it to check access failed", room_id)
+                    failed = True
+                if self._access_asks[room_id] == asks:
+                    break
+        finally:
+            del self._access_asks[room_id]
+        for subscriber in self.hub.subscribers(room_id):
+            if not subscriber.suspended:
+                continue
+            if room is not None and subscriber.viewer.can_see(room):
+                subscriber.resume()
+            elif failed:  # unsure: let the client come back and be checked on joining
+                error = Unavailable(
+                    "could not check access to the room; reconnect", code="access_check_failed"
+                )
+                subscriber.close(protocol.error_frame(error))
+            else:
+                subscriber.close(protocol.error_frame(room_not_found(room_id)))
 
     # --- joining -------------------------------------------------------------------
 
@@ -242,7 +307,9 @@ class ChatService:
         if not viewer.enforced:
             return
         state = self._cache.get(room_id)
-        if state is not None:
+        # The cached room is current only if no change has begun since (another
+        # process may have made it private).
+        if state is not None and state.version == (await self.broker.changes(room_id))[0]:
             room = state.room
         else:
             async with self.db.read() as session:
@@ -264,11 +331,15 @@ class ChatService:
 
         The snapshot and the subscription are taken together under the room lock, and
         the live text of a running answer is read in the same step as subscribing.
+
+        Access is checked once this process listens to the room: a change committed
+        before is seen here, and one announced after reaches the subscription (see
+        :meth:`_room_frame`).
         """
-        await self.authorize(room_id, viewer)
-        subscriber = self.hub.subscribe(room_id)  # from here on, nothing is missed
+        subscriber = self.hub.subscribe(room_id, viewer)  # from here on, nothing is missed
         try:
             await self.broker.listen(room_id)
+            await self.authorize(room_id, viewer)
             if after is not None:
                 missed = await self.broker.replay(room_id, after)
                 # Tokens are merged in the queue; other events each take a slot. A
@@ -282,6 +353,8 @@ class ChatService:
             async with self._lock(room_id):
                 room, branch, messages, position = await self._snapshot(room_id)
                 earlier = len(messages) < len(branch)
+                if not viewer.can_see(room):  # changed since authorize()
+                    raise room_not_found(room_id)
                 if self._cache.get(room_id) is None:
                     # Someone is about to chat here: spare their first send the reads.
                     self._remember(room, branch, position.begun)
@@ -327,10 +400,11 @@ class ChatService:
             log.warning("room %s: a change seems stuck; snapshot taken as it is", room_id)
         return room, branch, messages, position
 
-    async def watch(self, room_id: str) -> Subscriber:
+    async def watch(self, room_id: str, viewer: Viewer = OPEN) -> Subscriber:
         """Subscribe to a room's events from now on, with no first frame: for a client
-        about to start a generation and follow just that one."""
-        subscriber = self.hub.subscribe(room_id)
+        about to start a generation and follow just that one (``viewer`` was allowed
+        in by :meth:`authorize`)."""
+        subscriber = self.hub.subscribe(room_id, viewer)
         try:
             await self.broker.listen(room_id)
         except BaseException:
@@ -541,6 +615,8 @@ class ChatService:
         for generation in generations:
             generation.stop("interrupted")
         await asyncio.gather(*(g.wait() for g in generations))
+        for task in list(self._access_checks):
+            task.cancel()
         if self._checkpointer is not None:
             # Also a flag: a cancellation that some library swallows (seen with
             # redis-py) must not keep the loop, and so the shutdown, going forever.

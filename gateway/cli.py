@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
 import sys
 from typing import Any
 
-from gateway.settings import SettingsError, load_settings
+from gateway.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("gateway")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"chat-gateway: {exc}", file=sys.stderr)
         return 2
+    warning = host_warning(settings)
+    if warning is not None:
+        log.warning(warning)
     print(f"chat-gateway listening on http://{settings.host}:{settings.port}", flush=True)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with
     # the previous handlers restored. Make those no-ops, so a clean shutdown exits 0
@@ -106,6 +112,29 @@ def main(argv: list[str] | None = None) -> int:
         **uvicorn_options(settings),
     )
     return 0
+
+
+def host_warning(settings: Settings) -> str | None:
+    """What to tell an operator who binds beyond loopback (``--host 0.0.0.0``) but
+    left ``GATEWAY_ALLOWED_HOSTS`` at its default; None otherwise."""
+    if settings.allowed_hosts_set or is_loopback(settings.host):
+        return None
+    return (
+        f"listening on {settings.host}, but GATEWAY_ALLOWED_HOSTS is not set: requests "
+        "addressed to a host name other than localhost are refused (400 "
+        "host_not_allowed; IP addresses are served). Set GATEWAY_ALLOWED_HOSTS to the "
+        "names clients use, e.g. GATEWAY_ALLOWED_HOSTS=chat.example.com (or '*' behind "
+        "a proxy that checks the Host itself)."
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def configure_logging(level: str) -> None:

@@ -7,7 +7,8 @@ same request may succeed later (``retryable``)::
     GatewayError                   500  1011  internal_error (details only in the log)
     ├── BadRequest                 400  4400  invalid_json, invalid_frame, unknown_type,
     │   │                                     binary_not_supported, message_too_long,
-    │   │                                     invalid_character, invalid_target, ...
+    │   │                                     invalid_character, invalid_target,
+    │   │                                     host_not_allowed, ...
     │   └── CheckFailed            400  4400  input_rejected, output_blocked (+ rule)
     ├── Unauthorized               401  1008  unauthorized
     ├── Forbidden                  403  1008  not_room_owner, origin_not_allowed, ...
@@ -17,7 +18,8 @@ same request may succeed later (``retryable``)::
     │   └── Busy                   409  1013  busy (retryable)
     ├── PayloadTooLarge            413  1009  frame_too_large, body_too_large
     ├── RateLimited                429  1013  rate_limited, ... (retryable, retry_after)
-    ├── Unavailable                503  1013  broker_unavailable, store_failed (retryable)
+    ├── Unavailable                503  1013  broker_unavailable, store_failed,
+    │   │                                     access_check_failed (retryable)
     │   └── Stopping               503  1013  server_restarting (retryable)
     └── UpstreamError              502  1013  upstream_error, upstream_unavailable,
         │                                     upstream_timeout, upstream_bad_response,

@@ -18,14 +18,22 @@ Shutdown: :meth:`RoomHub.stop` asks every subscription to end once its queue is 
 
 The hub knows only this process's subscribers: events reach it through the broker
 (:mod:`gateway.broker`), which gives them their ids and carries them between processes.
+
+Access: each subscriber knows its :class:`~gateway.access.Viewer`. When a ``room``
+frame (the room's settings changed) arrives, :attr:`RoomHub.on_room_frame` is called
+before the frame is queued, so it can hold (:meth:`Subscriber.suspend`) the members
+the change may have shut out until their access is checked again: nothing the room
+publishes after the change reaches them meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 from gateway import protocol
+from gateway.access import OPEN, Viewer
 from gateway.protocol import Frame
 
 
@@ -89,10 +97,17 @@ class Subscriber:
     """A client's view of a room: a bounded queue of events and a wake-up signal."""
 
     def __init__(
-        self, room_id: str, limit: int, *, joining: bool = False, stopping: bool = False
+        self,
+        room_id: str,
+        limit: int,
+        *,
+        joining: bool = False,
+        stopping: bool = False,
+        viewer: Viewer = OPEN,
     ) -> None:
         self.room_id = room_id
         self.limit = limit
+        self.viewer = viewer
         self.overflowed = False
         self.closed_with: Frame | None = None
         self.stopping = stopping
@@ -105,6 +120,8 @@ class Subscriber:
             self._ready.set()
         # While joining, events are held (unfiltered, unmerged) until begin().
         self._held: list[Event] | None = [] if joining else None
+        # While suspended (access being checked), events wait here until resume().
+        self._suspended: list[Event] | None = None
 
     def begin(self, first: list[Event], after: int) -> None:
         """Start the subscription: ``first`` (replayed events), then the events that
@@ -118,8 +135,17 @@ class Subscriber:
                 self.push(event)
 
     def push(self, event: Event) -> None:
+        if self.closed_with is not None:
+            return  # ended: nothing more goes out, only the final frame
         if self._held is not None:  # still joining: see begin()
             self._held.append(event)
+            return
+        if self._suspended is not None:  # access being checked: see suspend()
+            if len(self._suspended) >= self.limit:
+                self.overflowed = True
+                self._ready.set()
+            else:
+                self._suspended.append(event)
             return
         queue = self._queue
         frame = event.frame
@@ -142,8 +168,10 @@ class Subscriber:
         self._ready.set()
 
     def close(self, final: Frame) -> None:
-        """End this subscription after ``final`` has been sent (e.g. room deleted)."""
+        """End this subscription after ``final`` has been sent (e.g. room deleted).
+        Events queued before now still go out first; suspended ones never do."""
         self.closed_with = final
+        self._suspended = None
         self._ready.set()
 
     def stop(self) -> None:
@@ -156,6 +184,23 @@ class Subscriber:
         """Stopping, and everything queued was taken: time to end the connection."""
         return self.stopping and not self._queue and self._held is None
 
+    def suspend(self) -> None:
+        """Hold every event from now on, unsent, until :meth:`resume` (still allowed)
+        or :meth:`close` (shut out): the room's access changed, and whether this
+        viewer may still see it is being checked."""
+        if self._suspended is None and self.closed_with is None:
+            self._suspended = []
+
+    @property
+    def suspended(self) -> bool:
+        return self._suspended is not None
+
+    def resume(self) -> None:
+        """Queue the events held since :meth:`suspend`, and those to come."""
+        held, self._suspended = self._suspended or [], None
+        for event in held:
+            self.push(event)
+
     async def next_batch(self) -> list[Event | TokenRun]:
         """Wait for events and take all that are queued (possibly none, once
         stopping). Raises SlowConsumer."""
@@ -166,6 +211,11 @@ class Subscriber:
         batch = list(self._queue)
         self._queue.clear()
         return batch
+
+
+RoomFrameHook = Callable[[str, Frame, list[Subscriber]], None]
+"""Called with ``(room_id, room view, the room's subscribers here)`` as a ``room``
+frame is delivered, before it is queued; never awaits."""
 
 
 class RoomHub:
@@ -180,11 +230,15 @@ class RoomHub:
         # Generations whose last frame (done/cancelled/error) a shutdown waits for.
         self._awaited_ends: set[str] = set()
         self._ends_delivered = asyncio.Event()
+        self.on_room_frame: RoomFrameHook | None = None
+        """Set by the chat service: re-checks access when a room's settings change."""
 
-    def subscribe(self, room_id: str) -> Subscriber:
+    def subscribe(self, room_id: str, viewer: Viewer = OPEN) -> Subscriber:
         """Join the room: every event delivered from now on is kept for the
         subscription, which starts when :meth:`Subscriber.begin` is called."""
-        subscriber = Subscriber(room_id, self.queue_limit, joining=True, stopping=self.stopping)
+        subscriber = Subscriber(
+            room_id, self.queue_limit, joining=True, stopping=self.stopping, viewer=viewer
+        )
         self._rooms.setdefault(room_id, set()).add(subscriber)
         return subscriber
 
@@ -204,6 +258,10 @@ class RoomHub:
         """Queue ``event`` for every member of the room; never awaits."""
         members = self._rooms.get(room_id)
         if members:
+            if event.frame["type"] == "room" and self.on_room_frame is not None:
+                # First: a member the change shuts out must not get this frame (it
+                # may reveal the room's new settings), nor anything after it.
+                self.on_room_frame(room_id, event.frame["room"], list(members))
             for subscriber in members:
                 subscriber.push(event)
         if self._awaited_ends:
@@ -262,6 +320,10 @@ class RoomHub:
         """End every subscription to the room with ``final`` (room deleted)."""
         for subscriber in self._rooms.pop(room_id, set()):
             subscriber.close(final)
+
+    def subscribers(self, room_id: str) -> list[Subscriber]:
+        """The room's subscribers here."""
+        return list(self._rooms.get(room_id, ()))
 
     def rooms(self) -> list[str]:
         """The rooms with subscribers here."""

@@ -6,6 +6,7 @@ instead of surfacing later as a confusing runtime error.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -18,6 +19,16 @@ CommaList = Annotated[list[str], NoDecode]
 """A list given as ``a,b,c`` in the environment."""
 
 ORIGIN = re.compile(r"^https?://[^/\s*]+$")
+HOST_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
+
+
+def is_ip_address(host: str) -> bool:
+    """``127.0.0.1``, ``::1`` or ``[::1]``: an address, which DNS cannot rebind."""
+    try:
+        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
 
 
 class Settings(BaseSettings):
@@ -109,6 +120,12 @@ class Settings(BaseSettings):
     # Origins (scheme://host[:port]) allowed to open WebSockets and to call the API
     # cross-site (CORS). Empty: same origin only. Exact matches; no wildcards.
     allowed_origins: CommaList = []
+    # Host names the gateway answers to (the Host header, any port); other names get
+    # 400 host_not_allowed. Stops DNS rebinding: a page on a domain re-pointed at this
+    # machine would otherwise be "same origin" with it. IP addresses are always
+    # allowed (they cannot be rebound). "*.example.com": its subdomains; "*": any.
+    # The list replaces the default (localhost).
+    allowed_hosts: CommaList = ["localhost"]
 
     # Several gateway processes as one: a Redis server ("redis://host:6379/0") carries
     # room events, resume history and generation leases between them (see
@@ -163,7 +180,7 @@ class Settings(BaseSettings):
             limits.parse_many(value)  # raises ValueError naming the bad part
         return value
 
-    @field_validator("api_keys", "allowed_origins", "checks", mode="before")
+    @field_validator("api_keys", "allowed_origins", "allowed_hosts", "checks", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -180,6 +197,26 @@ class Settings(BaseSettings):
                     "no wildcard)"
                 )
         return [origin.rstrip("/") for origin in origins]
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, hosts: list[str]) -> list[str]:
+        names = []
+        for host in hosts:
+            name = host.lower().rstrip(".")
+            if name != "*" and not is_ip_address(name):
+                if not HOST_NAME.match(name.removeprefix("*.")):
+                    raise ValueError(
+                        f"{host!r} is not a host name like chat.example.com or *.example.com "
+                        "(no scheme, port or path)"
+                    )
+            names.append(name)
+        return names
+
+    @property
+    def allowed_hosts_set(self) -> bool:
+        """Whether ``GATEWAY_ALLOWED_HOSTS`` was given (not the loopback default)."""
+        return "allowed_hosts" in self.model_fields_set
 
 
 def load_settings(**overrides: object) -> Settings:

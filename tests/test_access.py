@@ -101,6 +101,28 @@ async def test_websocket_needs_a_token_minted_from_a_key(
         assert (await client.until("done"))["message"]["content"] == "tok0 tok1 "
 
 
+async def test_websocket_and_event_stream_take_the_key_as_a_bearer_header_too(
+    locked: Gateway,
+) -> None:
+    """Scripts (``wscat -H``, curl) can send the header a browser cannot."""
+    room = await new_room(locked, AUTH)
+    url = locked.ws_url(room["id"])
+    async with websockets.connect(url, additional_headers=AUTH) as ws:
+        assert (await Client(ws).recv())["type"] == "ready"
+    wrong = {"authorization": "Bearer sk-wrong-0000000000"}
+    closed = await refused_websocket(url, additional_headers=wrong)
+    assert closed.rcvd is not None and closed.rcvd.reason == "unauthorized"
+    # A wrong key is refused even beside a valid token: the header is what was meant.
+    await refused_websocket(f"{url}?token={await token_for(locked)}", additional_headers=wrong)
+
+    path = f"/api/rooms/{room['id']}/events"
+    async with httpx2.AsyncClient(base_url=locked.url, timeout=scaled(10)) as http:
+        async with http.stream("GET", path, headers=AUTH) as response:
+            assert response.status_code == 200
+            assert (await SSEClient(response).next()).type == "ready"
+        assert (await http.get(path, headers=wrong)).status_code == 401
+
+
 async def test_an_expired_token_is_refused(start_gateway: Any) -> None:
     gateway = start_gateway(api_keys=[f"alice={KEY}"], token_ttl=1)
     room = await new_room(gateway, AUTH)
@@ -191,3 +213,71 @@ async def test_cors_allows_exactly_the_configured_origins(start_gateway: Any) ->
         keyed = await http.get("/api/rooms", headers={"origin": "https://app.example.com", **AUTH})
         assert keyed.status_code == 200
         assert keyed.headers["access-control-allow-origin"] == "https://app.example.com"
+
+
+# --------------------------------------------------------------------------- Host
+
+
+async def refused_host(gateway: Gateway, host: str) -> None:
+    """Every route but /healthz refuses ``host`` (DNS rebinding): REST, the UI, SSE
+    with 400 ``host_not_allowed``, WebSocket with 1008; nothing is created."""
+    origin = f"http://{host}"  # the page's own origin, as a rebound page has
+    headers = {"host": host, "origin": origin}
+    async with httpx2.AsyncClient(base_url=gateway.url, timeout=scaled(10)) as http:
+        rooms = (await http.get("/api/rooms")).json()["rooms"]
+        for method, path in [
+            ("POST", "/api/rooms"),
+            ("GET", "/api/rooms"),
+            ("GET", "/"),
+            ("GET", "/api/rooms/room_x/events"),
+            ("POST", "/api/tokens"),
+            ("GET", "/readyz"),
+        ]:
+            response = await http.request(method, path, headers=headers, json={"name": "r"})
+            assert response.status_code == 400, (host, path, response.text)
+            assert response.json()["error"]["code"] == "host_not_allowed"
+        assert (await http.get("/healthz", headers=headers)).status_code == 200
+        assert (await http.get("/api/rooms")).json()["rooms"] == rooms
+    port = gateway.server.port
+    closed = await refused_websocket(
+        f"ws://{host}/ws/rooms/room_x", host="127.0.0.1", port=port, origin=origin
+    )
+    assert closed.rcvd is not None and closed.rcvd.reason == "host_not_allowed"
+
+
+async def allowed_host(gateway: Gateway, host: str) -> None:
+    async with httpx2.AsyncClient(base_url=gateway.url, timeout=scaled(10)) as http:
+        response = await http.post(
+            "/api/rooms", json={"name": "r"}, headers={"host": host, "origin": f"http://{host}"}
+        )
+        assert response.status_code == 201, (host, response.text)
+    url = f"ws://{host}/ws/rooms/{response.json()['id']}"
+    async with websockets.connect(
+        url, host="127.0.0.1", port=gateway.server.port, origin=f"http://{host.lower()}"
+    ) as ws:
+        assert (await Client(ws).recv())["type"] == "ready", host
+
+
+async def test_by_default_only_loopback_names_and_addresses_are_served(gateway: Gateway) -> None:
+    port = gateway.server.port
+    for host in [f"rebind.evil.example:{port}", "localhost.evil.example", "evil.localhost"]:
+        await refused_host(gateway, host)
+    # IP addresses cannot be rebound: any is served (a load balancer's probe, a LAN).
+    for host in [
+        f"localhost:{port}",
+        "LocalHost.",
+        f"127.0.0.1:{port}",
+        f"[::1]:{port}",
+        "10.0.0.7",
+    ]:
+        await allowed_host(gateway, host)
+
+
+async def test_allowed_hosts_name_the_hosts_of_a_deployment(start_gateway: Any) -> None:
+    gateway = start_gateway(allowed_hosts=["chat.example.com", "*.example.org"])
+    for host in ["chat.example.com:8443", "a.b.example.org", "[::1]"]:
+        await allowed_host(gateway, host)
+    for host in ["example.org", "chat.example.com.evil.example", "localhost", "evilexample.org"]:
+        await refused_host(gateway, host)
+    anything = start_gateway(allowed_hosts=["*"])
+    await allowed_host(anything, "rebind.evil.example")

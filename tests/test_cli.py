@@ -9,6 +9,7 @@ killed (its whole process group) in ``finally``.
 from __future__ import annotations
 
 import contextlib
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -189,6 +190,23 @@ def test_keys_and_tokens_never_appear_in_the_logs(serve: Any) -> None:
     assert key not in logs
 
 
+def test_secrets_sent_in_other_query_parameters_never_appear_in_the_logs(serve: Any) -> None:
+    """A key wrongly sent as ``?api_key=`` (or ``key=``, ``access_token=``...) is
+    redacted like a token, in the access log and in the WebSocket lines."""
+    key = "sk-misplaced-key-987654"
+    served = serve(GATEWAY_API_KEYS=f"alice={key}")
+    for name in ("api_key", "key", "access_token", "apikey", "password", "secret"):
+        assert httpx2.get(f"{served.url}/api/rooms?{name}={key}&limit=5").status_code == 401
+    url = f"ws://127.0.0.1:{served.port}/ws/rooms/room_x?last_event_id=1&api_key={key}"
+    with ws_connect(url, open_timeout=scaled(10)) as ws, pytest.raises(ConnectionClosed):
+        recv(ws)
+    served.assert_stopped_gracefully(served.terminate())
+    logs = served.logs()
+    assert key not in logs, logs
+    assert "/api/rooms?api_key=[redacted]&limit=5" in logs, logs
+    assert "last_event_id=1&api_key=[redacted]" in logs, logs
+
+
 def test_python_dash_m_gateway_serves(serve: Any) -> None:
     served = serve([sys.executable, "-m", "gateway", "serve"])
     code = served.terminate()
@@ -296,6 +314,38 @@ def test_bad_port_setting_exits_2_naming_the_variable(
     assert "notaport" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "g.db").exists()
+
+
+def test_serving_beyond_loopback_without_allowed_hosts_warns_at_start(
+    tmp_path: Path, upstream_server: FakeUpstreamServer
+) -> None:
+    # Port taken on loopback: binding 0.0.0.0 then fails, so nothing is ever exposed;
+    # the warning has been logged by then.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        warned = run_cli(tmp_path, upstream_server, "serve", "--host", "0.0.0.0", "--port", port)
+        configured = run_cli(
+            tmp_path,
+            upstream_server,
+            *("serve", "--host", "0.0.0.0", "--port", port),
+            GATEWAY_ALLOWED_HOSTS="chat.example.com",
+        )
+    assert "WARNING gateway: listening on 0.0.0.0, but GATEWAY_ALLOWED_HOSTS" in warned.stderr
+    assert "GATEWAY_ALLOWED_HOSTS=chat.example.com" in warned.stderr, warned.stderr
+    assert "GATEWAY_ALLOWED_HOSTS" not in configured.stderr, configured.stderr
+    assert "address already in use" in configured.stderr.lower(), configured.stderr
+
+
+def test_a_bad_allowed_host_exits_2_naming_the_variable(
+    tmp_path: Path, upstream_server: FakeUpstreamServer
+) -> None:
+    result = run_cli(
+        tmp_path, upstream_server, "serve", GATEWAY_ALLOWED_HOSTS="https://chat.example.com"
+    )
+    assert result.returncode == 2
+    assert "GATEWAY_ALLOWED_HOSTS" in result.stderr and "no scheme" in result.stderr
 
 
 def test_several_workers_without_redis_is_refused_with_a_clear_error(

@@ -471,6 +471,67 @@ async def test_deleting_a_room_on_a_disconnects_its_clients_on_b(
     assert on_b.ws.close_code == 4404
 
 
+async def test_a_room_made_private_on_a_disconnects_the_keys_shut_out_on_b(
+    cluster: Any, http: httpx2.AsyncClient, upstream: FakeUpstream
+) -> None:
+    alice = {"authorization": "Bearer sk-alice-0123456789"}
+    bob = {"authorization": "Bearer sk-bob-9876543210"}
+    a, b = cluster(
+        2, GATEWAY_API_KEYS="alice=sk-alice-0123456789,bob=sk-bob-9876543210,carol=sk-carol-0"
+    )
+    upstream.script(Scenario(count=400, delay=0.005))
+    response = await http.post(f"{a.url}/api/rooms", json={"name": "r"}, headers=alice)
+    rid = response.json()["id"]
+
+    async def token(served: Any, headers: dict[str, str]) -> str:
+        minted = await http.post(f"{served.url}/api/tokens", headers=headers)
+        return minted.json()["token"]
+
+    async def join(served: Any, headers: dict[str, str], query: str = "") -> Client:
+        url = f"ws://127.0.0.1:{served.port}/ws/rooms/{rid}?token={await token(served, headers)}"
+        client = Client(await stack.enter_async_context(websockets.connect(url + query)))
+        assert (await client.recv(timeout=10))["type"] == "ready"
+        return client
+
+    async with contextlib.AsyncExitStack() as stack:
+        owner, bob_ws = await join(a, alice), await join(b, bob)
+        events = f"{b.url}/api/rooms/{rid}/events?token={await token(b, bob)}"
+        bob_sse = SSEClient(await stack.enter_async_context(http.stream("GET", events)))
+        assert (await bob_sse.next(timeout=10)).type == "ready"
+        await owner.send({"type": "send", "content": "a long one"})
+        await bob_ws.until("token")
+        await bob_sse.until("token")
+
+        patched = await http.patch(
+            f"{a.url}/api/rooms/{rid}", json={"private": True}, headers=alice
+        )
+        assert patched.status_code == 200
+        changed = (await owner.until("room"))["event_id"]
+        error = await bob_ws.until("error", timeout=1)
+        assert error["code"] == "room_not_found"
+        with pytest.raises(websockets.ConnectionClosed):
+            await bob_ws.recv(timeout=1)
+        assert bob_ws.ws.close_code == 4404
+        streamed = await bob_sse.rest(timeout=1)
+        assert (streamed[-1].type, streamed[-1].data["code"]) == ("error", "room_not_found")
+        assert max(f.get("event_id", 0) for f in bob_ws.frames) < changed
+        assert max(e.id or 0 for e in bob_sse.events) < changed
+        assert (await owner.until("token"))["event_id"] > changed  # the owner goes on
+
+        # B had the room cached as public: it must not let Bob back in by it.
+        last = max(f.get("event_id", 0) for f in bob_ws.frames)
+        url = f"ws://127.0.0.1:{b.port}/ws/rooms/{rid}?token={await token(b, bob)}"
+        async with websockets.connect(f"{url}&last_event_id={last}") as ws:
+            assert (await Client(ws).recv())["code"] == "room_not_found"
+        assert ws.close_code == 4404
+        sent = await http.post(
+            f"{b.url}/api/rooms/{rid}/messages", json={"content": "hi"}, headers=bob
+        )
+        assert sent.status_code == 404
+        await owner.send({"type": "cancel"})
+        await owner.until("cancelled")
+
+
 async def test_rate_limits_are_shared_through_the_brokers_redis(
     cluster: Any, http: httpx2.AsyncClient
 ) -> None:

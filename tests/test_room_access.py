@@ -6,13 +6,14 @@ not granted to: 404 ``room_not_found`` everywhere, and absent from the room list
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2
 import pytest
 import websockets
 
-from gateway.testing.fake_upstream import FakeUpstream
+from gateway.testing.fake_upstream import FakeUpstream, Scenario
 from tests.conftest import Client, Gateway, SSEClient, scaled
 
 KEYS = ["alice=sk-alice-123456", "bob=sk-bob-654321", "carol=sk-carol-000000"]
@@ -145,3 +146,100 @@ async def test_without_keys_there_are_no_owners_and_every_room_is_open(
         room = (await http.post("/api/rooms", json={"name": "r", "private": True})).json()
         assert room["owner"] is None
         assert (await http.get(f"/api/rooms/{room['id']}")).status_code == 200
+
+
+# ------------------------------------------------------------ access changed while open
+
+
+@pytest.fixture
+async def member(locked: Gateway, http: httpx2.AsyncClient) -> AsyncIterator[Any]:
+    """``client = await member(room_id, headers)``: a WebSocket in the room for that
+    key, past its ``ready``."""
+    opened: list[Any] = []
+
+    async def join(rid: str, headers: dict) -> Client:
+        ws = await websockets.connect(f"{locked.ws_url(rid)}?token={await token(http, headers)}")
+        opened.append(ws)
+        client = Client(ws)
+        assert (await client.recv())["type"] == "ready"
+        return client
+
+    yield join
+    for ws in opened:
+        await ws.close()
+
+
+async def assert_shut_out(client: Client) -> None:
+    """The next frame is ``room_not_found`` (as for a room never seen), then close
+    4404, within a second; nothing of the room after the change came before it."""
+    error = await client.until("error", timeout=1)
+    assert error["code"] == "room_not_found" and "event_id" not in error
+    with pytest.raises(websockets.ConnectionClosed):
+        await client.recv(timeout=1)
+    assert client.ws.close_code == 4404
+    assert client.of_type("room") == []
+
+
+async def assert_stream_shut_out(stream: SSEClient) -> None:
+    events = await stream.rest(timeout=1)  # the server ends the stream
+    assert [(e.type, e.data.get("code")) for e in events[-1:]] == [("error", "room_not_found")]
+    assert [e for e in stream.events if e.type == "room"] == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"private": True, "grants": ["carol"]}, {"grants": ["carol"]}],
+    ids=["made-private", "grant-removed"],
+)
+async def test_a_key_that_loses_access_is_disconnected_and_the_others_stay(
+    locked: Gateway, http: httpx2.AsyncClient, member: Any, change: dict
+) -> None:
+    # Public (everyone in), or private with Bob and Carol granted; then only Carol.
+    fields = {} if "private" in change else {"private": True, "grants": ["bob", "carol"]}
+    rid = (await make_room(http, **fields))["id"]
+    alice, bob, carol = [await member(rid, h) for h in (ALICE, BOB, CAROL)]
+    path = f"/api/rooms/{rid}/events?token={await token(http, BOB)}"
+    async with http.stream("GET", path) as response:
+        bob_stream = SSEClient(response)
+        assert (await bob_stream.next()).type == "ready"
+
+        patched = await http.patch(f"/api/rooms/{rid}", json=change, headers=ALICE)
+        assert patched.status_code == 200, patched.text
+        await assert_shut_out(bob)
+        await assert_stream_shut_out(bob_stream)
+
+    for client in (alice, carol):
+        assert (await client.until("room"))["room"]["private"] is True
+        assert "grants" not in client.of_type("room")[0]["room"]  # for the owner's REST only
+    await carol.send({"type": "send", "content": "still here [[fake count=2]]"})
+    for client in (alice, carol):
+        assert (await client.until("done"))["message"]["content"] == "tok0 tok1 "
+    async with websockets.connect(f"{locked.ws_url(rid)}?token={await token(http, BOB)}") as ws:
+        assert (await Client(ws).recv())["code"] == "room_not_found"
+
+
+async def test_a_revoked_key_gets_no_token_published_after_the_change(
+    http: httpx2.AsyncClient, upstream: FakeUpstream, member: Any
+) -> None:
+    upstream.script(Scenario(count=400, delay=0.005))
+    rid = (await make_room(http))["id"]
+    alice, bob = [await member(rid, h) for h in (ALICE, BOB)]
+    path = f"/api/rooms/{rid}/events?token={await token(http, BOB)}"
+    async with http.stream("GET", path) as response:
+        bob_stream = SSEClient(response)
+        await alice.send({"type": "send", "content": "a long one"})
+        for _ in range(5):
+            await bob.until("token")
+            await bob_stream.until("token")
+
+        patched = await http.patch(f"/api/rooms/{rid}", json={"private": True}, headers=ALICE)
+        assert patched.status_code == 200
+        changed = (await alice.until("room"))["event_id"]
+        await assert_shut_out(bob)
+        await assert_stream_shut_out(bob_stream)
+    # Tokens published before the change may still arrive; none after it.
+    assert max(f.get("event_id", 0) for f in bob.frames) < changed
+    assert max(e.id or 0 for e in bob_stream.events) < changed
+    assert (await alice.until("token"))["event_id"] > changed  # the answer goes on
+    await alice.send({"type": "cancel"})
+    await alice.until("cancelled")

@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import orjson
 import pytest
 
@@ -23,12 +24,14 @@ from tests.conftest import Gateway, covered_seqs, scaled
 pytestmark = pytest.mark.slow
 
 
-def run_wscat(wscat: str, url: str, frame: str, workdir: Path) -> tuple[int, str, str]:
-    """Run the README command; return (exit status, stdout, stderr)."""
+def run_wscat(
+    wscat: str, url: str, frame: str, workdir: Path, *options: str
+) -> tuple[int, str, str]:
+    """Run the README command (plus ``options``); return (exit status, stdout, stderr)."""
     stdout_path, stderr_path = workdir / "wscat.stdout", workdir / "wscat.stderr"
     with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
         process = subprocess.Popen(
-            [wscat, "-c", url, "-x", frame, "-w", "3"],
+            [wscat, "-c", url, *options, "-x", frame, "-w", "3"],
             # stdin stays open: wscat quits at once, printing nothing, on end of input.
             stdin=subprocess.PIPE,
             stdout=out,
@@ -83,3 +86,32 @@ async def test_readme_wscat_example(
     ]
     assert stored[0]["content"] == "Hello! [[fake count=5 delay=0.01]]"
     assert stored[1]["content"] == text
+
+
+async def test_wscat_with_the_key_as_a_header(start_gateway: Any, tmp_path: Path) -> None:
+    """``wscat -H "Authorization: Bearer $KEY"``: no token needed by a script."""
+    wscat = shutil.which("wscat")
+    if wscat is None:
+        pytest.skip("wscat not installed: npm install -g wscat")
+    key = "sk-alice-0123456789"
+    gateway = start_gateway(api_keys=[f"alice={key}"])
+    room = await create_room_as(gateway, key)
+    frame = orjson.dumps({"type": "ping", "id": "p-1"}).decode()
+    url = gateway.ws_url(room["id"])
+
+    code, stdout, stderr = await asyncio.to_thread(
+        run_wscat, wscat, url, frame, tmp_path, "-H", f"Authorization: Bearer {key}"
+    )
+
+    assert code == 0, (code, stdout, stderr)
+    kinds = [orjson.loads(line)["type"] for line in stdout.splitlines() if line.strip()]
+    assert kinds == ["ready", "pong"], (stdout, stderr)
+
+
+async def create_room_as(gateway: Gateway, key: str) -> dict[str, Any]:
+    async with httpx2.AsyncClient(base_url=gateway.url, timeout=scaled(10)) as http:
+        response = await http.post(
+            "/api/rooms", json={"name": "r"}, headers={"authorization": f"Bearer {key}"}
+        )
+    assert response.status_code == 201, response.text
+    return response.json()

@@ -1,8 +1,9 @@
-"""Access checks in front of every route: API keys, URL tokens, WebSocket Origin.
+"""Access checks in front of every route: Host, API keys, URL tokens, WebSocket Origin.
 
-Runs before any route, so a refused request never reaches room data: HTTP gets a 401
-JSON error, a WebSocket is accepted only to be closed at once with 1008 (policy
-violation) and a reason — a browser shows nothing useful for a refused handshake.
+Runs before any route, so a refused request never reaches room data: HTTP gets a JSON
+error (400 for a host not served, 401 without a valid key), a WebSocket is accepted
+only to be closed at once with 1008 (policy violation) and a reason — a browser shows
+nothing useful for a refused handshake.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import protocol
 from gateway.access import OPEN, AccessControl, Client, Unauthorized, Viewer
-from gateway.errors import Forbidden, GatewayError
+from gateway.errors import BadRequest, Forbidden, GatewayError
+from gateway.settings import is_ip_address
 
 CLOSE_POLICY_VIOLATION = 1008
 
 OPEN_PATHS = ("/healthz",)
-"""HTTP paths outside ``/api`` (the UI's files, health checks) need no key."""
+"""HTTP paths outside ``/api`` (the UI's files, health checks) need no key. The
+liveness check answers any Host too (probes may use a name of their own); it tells
+nothing about rooms."""
 
 # Paths a browser opens without being able to set headers: they take ?token=.
 TOKEN_PATHS = re.compile(r"^/api/rooms/[^/]+/events$")
@@ -36,13 +40,55 @@ def own_origin(scope: Scope) -> str | None:
     return f"{'https' if secure else 'http'}://{host.decode('latin-1')}"
 
 
-class AccessGuard:
-    """ASGI middleware enforcing :class:`AccessControl` and the Origin allow-list."""
+def host_name(header: str) -> str:
+    """The name in a ``Host`` header, without the port, lower case, no final dot."""
+    header = header.strip().lower()
+    if header.startswith("["):  # [::1]:8000
+        return header[: header.find("]") + 1] or header
+    return header.partition(":")[0].rstrip(".")
 
-    def __init__(self, app: ASGIApp, access: AccessControl, allowed_origins: list[str]) -> None:
+
+class HostCheck:
+    """Which ``Host`` headers are served: the configured names (``*.example.com``
+    for subdomains, ``*`` for any), and IP addresses.
+
+    Why: DNS rebinding. A page on ``rebind.evil.example`` whose name is then pointed
+    at 127.0.0.1 reaches the gateway as the same origin as itself (Origin checks
+    compare with the Host it sent); only the Host name gives it away. An address
+    cannot be rebound, so addresses are always served (as Vite does).
+    """
+
+    def __init__(self, allowed: list[str]) -> None:
+        self.any = "*" in allowed
+        self.names = {name for name in allowed if not name.startswith("*.")}
+        self.suffixes = tuple(name[1:] for name in allowed if name.startswith("*."))
+
+    def allows(self, header: bytes | None) -> bool:
+        if self.any or header is None:  # no Host: HTTP/1.0, not a browser
+            return True
+        name = host_name(header.decode("latin-1"))
+        return (
+            name in self.names
+            or (bool(self.suffixes) and name.endswith(self.suffixes))
+            or is_ip_address(name)
+        )
+
+
+class AccessGuard:
+    """ASGI middleware enforcing the Host allow-list, :class:`AccessControl` and the
+    Origin allow-list."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        access: AccessControl,
+        allowed_origins: list[str],
+        allowed_hosts: list[str],
+    ) -> None:
         self.app = app
         self.access = access
         self.allowed_origins = set(allowed_origins)
+        self.hosts = HostCheck(allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -63,19 +109,36 @@ class AccessGuard:
         await self.app(scope, receive, send)
 
     def authenticate(self, scope: Scope) -> Client | None:
-        """The caller, None where no check applies; raises Unauthorized/Forbidden."""
+        """The caller, None where no check applies; raises Unauthorized/Forbidden,
+        or BadRequest for a host not served."""
         path: str = scope["path"]
+        if path not in OPEN_PATHS or scope["type"] == "websocket":
+            self.check_host(scope)
         if scope["type"] == "websocket":
             self.check_origin(scope)
-            if self.access.enabled:
-                return self.access.check_token(query_param(scope, "token"))
-            return None
+            if not self.access.enabled:
+                return None
+            # A browser can only pass a token in the URL; scripts (wscat -H) may send
+            # the key itself as a header, as for the REST API.
+            key = bearer(scope)
+            if key is not None:
+                return self.access.check_key(key)
+            return self.access.check_token(query_param(scope, "token"))
         if not path.startswith("/api/") or path in OPEN_PATHS or not self.access.enabled:
             return None
         key = bearer(scope)
         if key is None and TOKEN_PATHS.match(path) and scope["method"] == "GET":
             return self.access.check_token(query_param(scope, "token"))
         return self.access.check_key(key)
+
+    def check_host(self, scope: Scope) -> None:
+        host = dict(scope["headers"]).get(b"host")
+        if not self.hosts.allows(host):
+            name = host_name((host or b"").decode("latin-1"))[:100]
+            raise BadRequest(
+                f"host {name!r} is not served here (GATEWAY_ALLOWED_HOSTS)",
+                code="host_not_allowed",
+            )
 
     def check_origin(self, scope: Scope) -> None:
         """Stop cross-site WebSocket hijacking: a page on another site must not open
@@ -136,10 +199,26 @@ async def refuse_websocket(receive: Receive, send: Send, exc: GatewayError) -> N
     await send({"type": "websocket.close", "code": CLOSE_POLICY_VIOLATION, "reason": exc.code})
 
 
-class RedactTokens(logging.Filter):
-    """Keeps URL tokens out of logs (uvicorn logs each request's path and query)."""
+SECRET_PARAMETERS = "|".join(
+    [
+        r"[\w.-]*token",  # token, access_token, refresh_token, id_token
+        r"(?:[\w.-]*[_.-])?(?:api)?key",  # key, api_key, apikey, x-api-key (not monkey)
+        r"[\w.-]*secret",  # secret, client_secret
+        r"(?:[\w.-]*[_.-])?(?:sig|signature)",  # signed URLs (X-Amz-Signature, sig)
+        r"(?:[\w.-]*[_.-])?auth(?:orization)?",
+        r"[\w.-]*credentials?",
+        r"password|passwd|pwd|passphrase",
+    ]
+)
+"""Query parameters whose values are secrets (case-insensitive)."""
 
-    PATTERN = re.compile(r"(token=)[^&\s\"']+")
+
+class RedactTokens(logging.Filter):
+    """Keeps URL tokens, and keys wrongly sent in a URL (``?api_key=``), out of logs:
+    uvicorn logs each request's path and query."""
+
+    # A parameter starts a query string or follows a separator (not a path's "/").
+    PATTERN = re.compile(rf"(?i)(?<![^?&;\s\"'])((?:{SECRET_PARAMETERS})=)[^&;\s\"']+")
 
     def filter(self, record: logging.LogRecord) -> bool:
         # Redact inside the arguments, keeping their shape: uvicorn's access
@@ -150,7 +229,7 @@ class RedactTokens(logging.Filter):
         return True
 
     def _redact(self, value: Any) -> Any:
-        if isinstance(value, str) and "token=" in value:
+        if isinstance(value, str) and "=" in value:
             return self.PATTERN.sub(r"\1[redacted]", value)
         return value
 

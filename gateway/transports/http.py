@@ -131,7 +131,7 @@ async def post_message(request: Request) -> Response:
         return JSON({"message": message, **asdict(started)}, status_code=202)
     # Subscribe first: the message and the answer's first tokens are published while
     # send() runs.
-    subscriber = await chat.watch(room_id)
+    subscriber = await chat.watch(room_id, _viewer(request))
     try:
         message, started = await chat.send(room_id, body.content, body.id, sender_of(request.scope))
     except BaseException:
@@ -149,7 +149,9 @@ async def regenerate(request: Request) -> Response:
     chat = await _room_chat(request)
     room_id, message_id = request.path_params["room_id"], request.path_params["message_id"]
     body = parse_body(RegenerateBody, await read_body(request), optional=True)
-    subscriber = await chat.watch(room_id) if wants_event_stream(request) else None
+    subscriber = (
+        await chat.watch(room_id, _viewer(request)) if wants_event_stream(request) else None
+    )
     try:
         started = await chat.regenerate(
             room_id, message_id, body.temperature, sender_of(request.scope)

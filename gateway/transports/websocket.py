@@ -7,10 +7,11 @@ Only the writer sends, draining the connection's bounded queue (see
 ``?last_event_id=N`` resumes: the events missed after N are replayed, then live
 ones follow (or ``resync`` when N is too old; see :mod:`gateway.eventlog`).
 
-Close codes: 4404 unknown or deleted room; 4400 a bad ``last_event_id``; 1013 the
-client fell too far behind (reconnect, resuming); 1012 the server is restarting
-(after the last frames of the room, e.g. the ``interrupted`` end of an answer); 1009
-a frame over the server's hard size limit (closed by uvicorn).
+Close codes: 4404 unknown or deleted room, or one this client may no longer see (its
+access was revoked); 4400 a bad ``last_event_id``; 1013 the client fell too far
+behind (reconnect, resuming); 1012 the server is restarting (after the last frames of
+the room, e.g. the ``interrupted`` end of an answer); 1009 a frame over the server's
+hard size limit (closed by uvicorn).
 
 Every send, the ``ready`` snapshot's too, is bounded by ``GATEWAY_SEND_TIMEOUT``; the
 close that follows a timeout is written even though the client does not read, and the
@@ -118,6 +119,8 @@ class Connection:
                     await self.websocket.send_text(protocol.encode(final))
                     if final.get("code") == "room_deleted":
                         await self.websocket.close(CLOSE_ROOM_GONE, "room deleted")
+                    elif final.get("code") == "room_not_found":  # access revoked
+                        await self.websocket.close(CLOSE_ROOM_GONE, "room_not_found")
                     else:  # e.g. resync_required: come back and resume (or resync)
                         await self.websocket.close(CLOSE_TRY_AGAIN_LATER, final["code"])
                     return
