@@ -304,6 +304,11 @@ def cancelled_frame(generation_id: str, message: Frame) -> Frame:
     return {"type": "cancelled", "generation_id": generation_id, "message": message}
 
 
+def error_body(error: GatewayError) -> Frame:
+    """A REST (and refused request's) error body: ``{"error": {code, message, retryable}}``."""
+    return {"error": {**error.to_dict(), "retryable": error.retryable}}
+
+
 def error_frame(
     error: GatewayError,
     *,

@@ -17,10 +17,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import protocol
 from gateway.access import OPEN, AccessControl, Client, Unauthorized, Viewer
-from gateway.errors import BadRequest, Forbidden, GatewayError
+from gateway.errors import CLOSE_POLICY_VIOLATION, BadRequest, Forbidden, GatewayError
 from gateway.settings import is_ip_address
-
-CLOSE_POLICY_VIOLATION = 1008
 
 OPEN_PATHS = ("/healthz",)
 """HTTP paths outside ``/api`` (the UI's files, health checks) need no key. The
@@ -183,7 +181,7 @@ def query_param(scope: Scope, name: str) -> str | None:
 
 
 async def refuse_http(send: Send, exc: GatewayError) -> None:
-    body = protocol.encode({"error": exc.to_dict()}).encode()
+    body = protocol.encode(protocol.error_body(exc)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if isinstance(exc, Unauthorized):
         headers.append((b"www-authenticate", b'Bearer realm="chat-gateway"'))

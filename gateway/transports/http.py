@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway import protocol
 from gateway.access import AccessControl, Client, Viewer
 from gateway.chat import ChatService
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, RateLimited, internal_error
@@ -36,8 +37,7 @@ class JSON(JSONResponse):
 
 
 def error_response(exc: GatewayError) -> JSON:
-    body = {"error": {**exc.to_dict(), "retryable": exc.retryable}}
-    response = JSON(body, status_code=exc.status)
+    response = JSON(protocol.error_body(exc), status_code=exc.status)
     if isinstance(exc, RateLimited):
         response.headers["retry-after"] = str(exc.retry_after)
     return response
