@@ -116,8 +116,9 @@ class GenerationTask:
         self._task.add_done_callback(self._after_task)
 
     def stop(self, status: str = "cancelled") -> bool:
-        """Stop streaming; the partial text is stored with ``status`` (for ``lost``,
-        nothing is stored or published: another process has ended the answer).
+        """Stop streaming; the partial text is stored with ``status`` (for ``lost``:
+        stored as ``interrupted`` and not announced, as another process has ended the
+        answer in the room).
 
         Returns False when the answer is already being finalised (nothing to stop).
         """
@@ -262,8 +263,9 @@ class GenerationTask:
             if not await self._store(final):
                 # The room moves on; the stored row stays "streaming" until the next
                 # start marks it interrupted. Clients hear what happened, not why.
+                status = "error"
                 error = Unavailable("the answer could not be saved", code="store_failed")
-                final.update(status="error", error=error.to_dict())
+                final.update(status=status, error=error.to_dict())
             for field, value in final.items():
                 setattr(self.answer, field, value)
             view = {**self.message_view, **final}

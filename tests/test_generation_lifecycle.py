@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.testing.fake_upstream import FakeUpstream, Scenario
-from tests.conftest import create_room, get_messages
+from tests.conftest import create_room, get_messages, run_sql
 
 
 async def test_cancel_sent_right_behind_send_ends_the_answer_and_frees_the_room(
@@ -58,3 +58,42 @@ async def test_cancel_sent_right_behind_regenerate_ends_the_new_version(
     upstream.script(Scenario(count=3))
     await client.send({"type": "regenerate", "message_id": first["message"]["id"]})
     assert (await client.until("done", "error"))["type"] == "done"
+
+
+async def test_an_answer_that_cannot_be_stored_ends_with_store_failed_and_frees_the_room(
+    connect: Any, room: dict, upstream: FakeUpstream, database_url: str
+) -> None:
+    # The database refuses to store this one answer's end (every attempt), as a full
+    # disk or a broken replica would.
+    if database_url.startswith("sqlite"):
+        await run_sql(
+            database_url,
+            "CREATE TRIGGER refuse_poison BEFORE UPDATE ON messages "
+            "WHEN NEW.content LIKE '%poison%' AND NEW.status != 'streaming' "
+            "BEGIN SELECT RAISE(ABORT, 'disk full (simulated)'); END",
+        )
+    else:
+        await run_sql(
+            database_url,
+            "CREATE FUNCTION refuse_poison() RETURNS trigger AS $$ BEGIN "
+            "IF NEW.content LIKE '%poison%' AND NEW.status <> 'streaming' THEN "
+            "RAISE EXCEPTION 'disk full (simulated)'; END IF; RETURN NEW; END $$ "
+            "LANGUAGE plpgsql",
+        )
+        await run_sql(
+            database_url,
+            "CREATE TRIGGER refuse_poison BEFORE UPDATE ON messages "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+        )
+    client = await connect(room["id"])
+    upstream.script(Scenario(tokens=["poison ", "pill"]))
+    await client.send({"type": "send", "content": "x"})
+    ended = await client.until("done", "cancelled", "error", timeout=15)  # after retries
+    assert (ended["type"], ended["code"], ended["retryable"]) == ("error", "store_failed", True)
+    assert ended["answer"]["status"] == "error"
+    assert "simulated" not in str(ended)  # the database's words stay in the log
+
+    upstream.script(Scenario(tokens=["fine"]))
+    await client.send({"type": "send", "content": "and now?"})
+    done = await client.until("done", "error")
+    assert done["type"] == "done", done
