@@ -111,6 +111,9 @@ class ClosingTransport:
         self._transport = transport
         self._loop = loop
         self._watch: asyncio.TimerHandle | None = None
+        # Called for every frame sent: bound here, not looked up through __getattr__.
+        self.write = transport.write
+        self.is_closing = transport.is_closing
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
