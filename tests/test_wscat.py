@@ -50,12 +50,18 @@ def run_wscat(
     return code, stdout_path.read_text(), stderr_path.read_text()
 
 
-async def test_readme_wscat_example(
-    gateway: Gateway, room: dict[str, Any], http: Any, tmp_path: Path
-) -> None:
-    wscat = shutil.which("wscat")
-    if wscat is None:
+@pytest.fixture
+def wscat() -> str:
+    """The wscat command (CI installs it: .ci/run)."""
+    found = shutil.which("wscat")
+    if found is None:
         pytest.skip("wscat not installed: npm install -g wscat")
+    return found
+
+
+async def test_readme_wscat_example(
+    wscat: str, gateway: Gateway, room: dict[str, Any], http: Any, tmp_path: Path
+) -> None:
     frame = orjson.dumps({"type": "send", "content": "Hello! [[fake count=5 delay=0.01]]"})
 
     code, stdout, stderr = await asyncio.to_thread(
@@ -88,11 +94,10 @@ async def test_readme_wscat_example(
     assert stored[1]["content"] == text
 
 
-async def test_wscat_with_the_key_as_a_header(start_gateway: Any, tmp_path: Path) -> None:
+async def test_wscat_with_the_key_as_a_header(
+    wscat: str, start_gateway: Any, tmp_path: Path
+) -> None:
     """``wscat -H "Authorization: Bearer $KEY"``: no token needed by a script."""
-    wscat = shutil.which("wscat")
-    if wscat is None:
-        pytest.skip("wscat not installed: npm install -g wscat")
     key = "sk-alice-0123456789"
     gateway = start_gateway(api_keys=[f"alice={key}"])
     room = await create_room_as(gateway, key)

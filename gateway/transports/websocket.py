@@ -1,4 +1,4 @@
-"""The WebSocket endpoint ``/ws/rooms/{room_id:id}``.
+"""The WebSocket endpoint ``/ws/rooms/{room_id}``.
 
 Each connection runs a reader and a writer; whichever ends first ends the other.
 Only the writer sends, draining the connection's bounded queue (see
@@ -117,12 +117,11 @@ class Connection:
                 final = subscriber.closed_with
                 if final is not None:
                     await self.websocket.send_text(protocol.encode(final))
-                    if final.get("code") == "room_deleted":
-                        await self.websocket.close(CLOSE_ROOM_GONE, "room deleted")
-                    elif final.get("code") == "room_not_found":  # access revoked
-                        await self.websocket.close(CLOSE_ROOM_GONE, "room_not_found")
-                    else:  # e.g. resync_required: come back and resume (or resync)
-                        await self.websocket.close(CLOSE_TRY_AGAIN_LATER, final["code"])
+                    # Retryable (resync_required, access_check_failed): come back and
+                    # resume. Otherwise the room is gone for this client (room_deleted,
+                    # room_not_found after its access was revoked).
+                    code = CLOSE_TRY_AGAIN_LATER if final.get("retryable") else CLOSE_ROOM_GONE
+                    await self.websocket.close(code, final["code"])
                     return
                 if subscriber.drained:  # the server is stopping; all was sent
                     await self._close(CLOSE_SERVICE_RESTART, "server restarting")
