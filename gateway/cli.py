@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.server import uvicorn_options
+    from gateway.server import tune_gc, uvicorn_options
 
     if args.workers < 1:
         print("chat-gateway: --workers must be at least 1", file=sys.stderr)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         # line's choices on to it that way.
         for key, value in overrides.items():
             os.environ[f"GATEWAY_{key.upper()}"] = str(value)
-        uvicorn.run(
+        uvicorn.run(  # each worker tunes its collector in worker_app()
             "gateway.cli:worker_app",
             factory=True,
             workers=args.workers,
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             **uvicorn_options(settings),
         )
         return 0
+    tune_gc()
     uvicorn.run(
         app,
         host=settings.host,
@@ -147,10 +148,13 @@ def configure_logging(level: str) -> None:
 def worker_app() -> Any:
     """The app of one ``serve --workers N`` process (settings from the environment)."""
     from gateway.app import create_app
+    from gateway.server import tune_gc
 
     settings = load_settings()
     configure_logging(settings.log_level)
-    return create_app(settings)
+    app = create_app(settings)
+    tune_gc()
+    return app
 
 
 if __name__ == "__main__":

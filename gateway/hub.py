@@ -2,8 +2,14 @@
 
 Why not ``await ws.send()`` for each client in turn: one client that stops reading
 would then stall every other member of the room (backpressure does not work for
-fan-out). Instead each subscriber gets a bounded queue that :meth:`RoomHub.publish`
+fan-out). Instead each subscriber gets a bounded queue that :meth:`RoomHub.deliver`
 fills without awaiting, and a writer of its own drains it.
+
+Write-through: while a subscriber's queue is empty and its connection takes bytes
+(the kernel's buffer has room), an event is written to the connection at once,
+without waking its writer (:attr:`Subscriber.direct`): that is the common case, a
+client that keeps up, and it costs one ``transport.write`` of bytes encoded once
+for every client. Only a client that falls behind has its events queued.
 
 Slow-consumer policy: while a subscriber's writer is busy, consecutive tokens of one
 generation queued for it are coalesced into a single pending ``token`` frame (same
@@ -38,55 +44,95 @@ from gateway.protocol import Frame
 
 
 class Event:
-    """One published frame; encoded at most once however many clients receive it."""
+    """One published frame; encoded at most once per wire format however many clients
+    receive it (the JSON, the WebSocket frame, the SSE event)."""
 
-    __slots__ = ("_text", "frame")
+    __slots__ = ("_json", "_sse", "_websocket", "frame")
 
-    def __init__(self, frame: Frame, text: str | None = None) -> None:
+    def __init__(self, frame: Frame, data: bytes | None = None) -> None:
         self.frame = frame
-        self._text = text
+        self._json = data
+        self._websocket: bytes | None = None
+        self._sse: bytes | None = None
 
     @classmethod
-    def decode(cls, text: str | bytes) -> Event:
+    def decode(cls, data: str | bytes) -> Event:
         """The event as another process encoded it (sent on as it came)."""
-        if isinstance(text, bytes):
-            text = text.decode()
-        return cls(protocol.decode(text), text)
+        if isinstance(data, str):
+            data = data.encode()
+        return cls(protocol.decode(data), data)
 
     @property
     def event_id(self) -> int:
         return self.frame.get("event_id") or 0
 
     @property
+    def json(self) -> bytes:
+        if self._json is None:
+            self._json = protocol.encode_bytes(self.frame)
+        return self._json
+
+    @property
     def text(self) -> str:
-        if self._text is None:
-            self._text = protocol.encode(self.frame)
-        return self._text
+        return self.json.decode()
+
+    @property
+    def websocket(self) -> bytes:
+        """The WebSocket text frame, header included."""
+        if self._websocket is None:
+            self._websocket = protocol.websocket_text(self.json)
+        return self._websocket
+
+    @property
+    def sse(self) -> bytes:
+        if self._sse is None:
+            frame = self.frame
+            self._sse = protocol.sse_event(frame["type"], self.json, frame.get("event_id"))
+        return self._sse
 
 
 class TokenRun:
     """Consecutive tokens of one generation waiting for a busy subscriber; once taken
-    from the queue, sent as one merged ``token`` frame."""
+    from the queue, sent as one merged ``token`` frame (encoded for that one client)."""
 
     __slots__ = ("_merged", "frames")
 
     def __init__(self, first: Frame, second: Frame) -> None:
         self.frames = [first, second]
-        self._merged: Frame | None = None
+        self._merged: Event | None = None
 
     @property
-    def frame(self) -> Frame:
+    def _event(self) -> Event:
         if self._merged is None:
-            self._merged = protocol.merge_tokens(self.frames)
+            self._merged = Event(protocol.merge_tokens(self.frames))
         return self._merged
 
     @property
+    def frame(self) -> Frame:
+        return self._event.frame
+
+    @property
     def text(self) -> str:
-        return protocol.encode(self.frame)
+        return self._event.text
+
+    @property
+    def websocket(self) -> bytes:
+        return self._event.websocket
+
+    @property
+    def sse(self) -> bytes:
+        return self._event.sse
 
 
 ENDS = ("done", "cancelled", "error")
 """The frame types that end a generation."""
+
+
+DirectWrite = Callable[["Event"], bool]
+"""A transport's way to send an event at once, without awaiting: True when it was
+written (or the connection is gone and it is dropped), False when the connection's
+buffer is full and it must wait in the queue. Used only while the queue is empty, so
+order is kept: the writer takes queued events only when it can write them at once."""
 
 
 class SlowConsumer(Exception):
@@ -122,6 +168,9 @@ class Subscriber:
         self._held: list[Event] | None = [] if joining else None
         # While suspended (access being checked), events wait here until resume().
         self._suspended: list[Event] | None = None
+        self.direct: DirectWrite | None = None
+        """Set by the transport once the client has its first frame: events then go
+        straight to the connection while nothing is queued (see :data:`DirectWrite`)."""
 
     def begin(self, first: list[Event], after: int) -> None:
         """Start the subscription: ``first`` (replayed events), then the events that
@@ -148,6 +197,10 @@ class Subscriber:
                 self._suspended.append(event)
             return
         queue = self._queue
+        if not queue:
+            direct = self.direct
+            if direct is not None and direct(event):
+                return
         frame = event.frame
         if queue and frame["type"] == "token":
             last = queue[-1]
@@ -172,6 +225,10 @@ class Subscriber:
         Events queued before now still go out first; suspended ones never do."""
         self.closed_with = final
         self._suspended = None
+        self._ready.set()
+
+    def wake(self) -> None:
+        """Wake the writer with nothing queued (something it watches has changed)."""
         self._ready.set()
 
     def stop(self) -> None:
@@ -201,16 +258,25 @@ class Subscriber:
         for event in held:
             self.push(event)
 
-    async def next_batch(self) -> list[Event | TokenRun]:
-        """Wait for events and take all that are queued (possibly none, once
-        stopping). Raises SlowConsumer."""
+    async def wait(self) -> None:
+        """Wait until something is queued (or the subscription ends or stops).
+        Raises SlowConsumer."""
         await self._ready.wait()
         self._ready.clear()
         if self.overflowed:
             raise SlowConsumer(self.room_id)
+
+    def take(self) -> list[Event | TokenRun]:
+        """Take everything queued (possibly nothing)."""
         batch = list(self._queue)
         self._queue.clear()
         return batch
+
+    async def next_batch(self) -> list[Event | TokenRun]:
+        """Wait for events and take all that are queued (possibly none, once
+        stopping). Raises SlowConsumer."""
+        await self.wait()
+        return self.take()
 
 
 RoomFrameHook = Callable[[str, Frame, list[Subscriber]], None]

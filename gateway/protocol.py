@@ -3,7 +3,9 @@
 Client frames are JSON text objects with a ``type``; :func:`parse_client_frame` turns
 one into a typed frame or raises :class:`~gateway.errors.BadRequest` with a stable code.
 Server frames are built by the ``*_frame`` functions and encoded once by
-:func:`encode`, so fanning one event out to many clients costs one serialisation.
+:func:`encode_bytes`, so fanning one event out to many clients costs one
+serialisation; :func:`websocket_text` and :func:`sse_event` then give the bytes each
+transport puts on the wire, also once per event however many clients receive it.
 
 Nothing here awaits or imports a transport; tests feed it literal strings.
 """
@@ -234,7 +236,32 @@ def encode(frame: Frame) -> str:
     return orjson.dumps(frame).decode()
 
 
-def decode(text: str) -> Frame:
+def encode_bytes(frame: Frame) -> bytes:
+    """:func:`encode`, as the UTF-8 bytes that go on the wire."""
+    return orjson.dumps(frame)
+
+
+def websocket_text(payload: bytes) -> bytes:
+    """One unfragmented WebSocket text frame (RFC 6455 §5.2) carrying ``payload``
+    (UTF-8), as a server sends it: unmasked, no extension (the gateway offers no
+    compression: per-token frames cost more CPU to deflate than they save)."""
+    size = len(payload)
+    if size < 126:
+        return b"\x81%c%b" % (size, payload)
+    if size < 65536:
+        return b"\x81\x7e%b%b" % (size.to_bytes(2, "big"), payload)
+    return b"\x81\x7f%b%b" % (size.to_bytes(8, "big"), payload)
+
+
+def sse_event(kind: str, data: bytes, event_id: int | None = None) -> bytes:
+    """One Server-Sent Event: ``id:`` (logged room events only), ``event:`` (the frame's
+    type) and ``data:`` (a frame's JSON, which never contains a newline)."""
+    if event_id is not None:
+        return b"id: %d\nevent: %b\ndata: %b\n\n" % (event_id, kind.encode(), data)
+    return b"event: %b\ndata: %b\n\n" % (kind.encode(), data)
+
+
+def decode(text: str | bytes) -> Frame:
     """A server frame from its JSON text (as another gateway process sent it)."""
     frame: Frame = orjson.loads(text)
     return frame

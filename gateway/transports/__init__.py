@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.convertors import Convertor, register_url_convertor
 
@@ -27,6 +27,38 @@ register_url_convertor("id", IdConvertor())
 ABORT_EXTENSION = "gateway.abort"
 """``scope["extensions"]`` key of a callable that aborts the request's connection at
 once (set by :mod:`gateway.server`'s protocols; absent under a plain uvicorn)."""
+
+
+WIRE_EXTENSION = "gateway.wire"
+"""``scope["extensions"]`` key of the connection's :class:`Wire` (set by
+:mod:`gateway.server`'s protocols: WebSocket once the handshake is accepted, HTTP for
+a chunked response; absent under a plain uvicorn, where everything goes through ASGI
+``send``)."""
+
+
+class Wire(Protocol):
+    """Direct access to a connection's outgoing bytes, bypassing the ASGI ``send``
+    path (a message dict, a state machine and an ``await`` per event): the gateway's
+    hot path writes events encoded once for every member of a room."""
+
+    @property
+    def is_open(self) -> bool:
+        """Frames may still be sent: no close frame sent or received, not lost."""
+        ...
+
+    def can_write(self) -> bool:
+        """Open, and the transport's buffer is below its high-water mark."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Write complete WebSocket frames (see :func:`gateway.protocol.websocket_text`),
+        or a piece of the response body; never awaits. Only while :meth:`can_write`."""
+        ...
+
+    async def wait_writable(self) -> None:
+        """Wait until the buffer has drained below its low-water mark (or the
+        connection is lost)."""
+        ...
 
 
 async def until_first_done(*tasks: asyncio.Task[Any]) -> set[asyncio.Task[Any]]:

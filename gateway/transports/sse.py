@@ -33,9 +33,9 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import protocol
 from gateway.chat import ChatService, Started
-from gateway.hub import Event, SlowConsumer, Subscriber, TokenRun
+from gateway.hub import Event, SlowConsumer, Subscriber
 from gateway.protocol import Frame
-from gateway.transports import ABORT_EXTENSION, until_first_done
+from gateway.transports import ABORT_EXTENSION, WIRE_EXTENSION, Wire, until_first_done
 from gateway.transports.guard import sender_of, viewer_of
 
 log = logging.getLogger(__name__)
@@ -52,23 +52,12 @@ RETRY_MS = 1000
 HEARTBEAT = b": keepalive\n\n"
 
 
-def format_event(kind: str, data: str, event_id: int | None = None) -> bytes:
-    """One SSE event. ``data`` is a frame's JSON, which never contains a newline."""
-    head = f"id: {event_id}\nevent: {kind}\n" if event_id is not None else f"event: {kind}\n"
-    return f"{head}data: {data}\n\n".encode()
-
-
 def format_frame(frame: Frame) -> bytes:
     """A frame that is not a logged room event (``ready``, ``resumed``, ``error``...).
     ``ready``/``resync`` carry the id they are current as of, so a client that drops
     right after them resumes from there."""
     event_id = frame.get("last_event_id") if frame["type"] in ("ready", "resync") else None
-    return format_event(frame["type"], protocol.encode(frame), event_id)
-
-
-def format_item(item: Event | TokenRun) -> bytes:
-    frame = item.frame
-    return format_event(frame["type"], item.text, frame.get("event_id"))
+    return protocol.sse_event(frame["type"], protocol.encode_bytes(frame), event_id)
 
 
 class GenerationFilter:
@@ -121,6 +110,7 @@ class EventStream(Response):
         self.heartbeat = heartbeat
         self.send_timeout = send_timeout
         self.cleanup = cleanup or contextlib.ExitStack()
+        self.wire: Wire | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -128,6 +118,10 @@ class EventStream(Response):
             preamble = f"retry: {RETRY_MS}\n\n".encode()
             try:
                 await self._send(send, preamble + b"".join(map(format_frame, self.first)))
+                wire: Wire | None = scope.get("extensions", {}).get(WIRE_EXTENSION)
+                if wire is not None and wire.is_open:  # else: ASGI send (h11, HTTP/1.0)
+                    self.wire = wire
+                    self.subscriber.direct = self._write_now
                 outcome = await self._stream(send, receive)
             except TimeoutError:  # the snapshot was not read
                 room_id = self.subscriber.room_id
@@ -172,26 +166,56 @@ class EventStream(Response):
         async with asyncio.timeout(self.send_timeout):
             await send({"type": "http.response.body", "body": body, "more_body": more})
 
+    def _write_now(self, event: Event) -> bool:
+        """The subscription's :attr:`~gateway.hub.Subscriber.direct` write."""
+        wire, only = self.wire, self.only
+        assert wire is not None
+        if not wire.can_write():
+            return not wire.is_open  # gone: nothing to queue for (the listener ends it)
+        if only is None:
+            wire.write(event.sse)
+        elif not only.ended and only(event.frame):
+            wire.write(event.sse)
+            if only.ended:
+                self.subscriber.wake()  # the writer ends the stream
+        return True
+
     async def _write(self, send: Send) -> Literal["ended", "stalled"]:
-        subscriber, only = self.subscriber, self.only
+        """Send what the subscription queues (events written through, see
+        :meth:`_write_now`, never pass here), heartbeats while the room is quiet, and
+        the subscription's final frame if it has one."""
+        subscriber, only, wire = self.subscriber, self.only, self.wire
         try:
             while True:
+                if only is not None and only.ended:
+                    return "ended"
                 try:
                     async with asyncio.timeout(self.heartbeat):
-                        batch = await subscriber.next_batch()
+                        await subscriber.wait()
                 except TimeoutError:
                     await self._send(send, HEARTBEAT)
                     continue
+                if wire is not None and not wire.can_write():
+                    # Behind: queued events stay queued, so nothing written through
+                    # overtakes them, until the client has read.
+                    async with asyncio.timeout(self.send_timeout):
+                        await wire.wait_writable()
+                    if not wire.is_open:
+                        return "ended"
+                batch = subscriber.take()
                 chunks: list[bytes] = []
                 for item in batch:
                     if only is None or only(item.frame):
-                        chunks.append(format_item(item))
+                        chunks.append(item.sse)
                         if only is not None and only.ended:
                             break
                 if subscriber.closed_with is not None:
                     chunks.append(format_frame(subscriber.closed_with))
                 if chunks:
-                    await self._send(send, b"".join(chunks))
+                    if wire is not None:
+                        wire.write(b"".join(chunks))
+                    else:
+                        await self._send(send, b"".join(chunks))
                 if (
                     subscriber.closed_with is not None
                     or (only is not None and only.ended)

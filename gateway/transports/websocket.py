@@ -40,7 +40,7 @@ from gateway.errors import (
 )
 from gateway.hub import Event, SlowConsumer, Subscriber
 from gateway.settings import Settings
-from gateway.transports import until_first_done
+from gateway.transports import WIRE_EXTENSION, Wire, until_first_done
 from gateway.transports.guard import sender_of, viewer_of
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class Connection:
         self.settings = settings
         self.room_id = room_id
         self.sender = sender_of(websocket.scope)
+        self.wire: Wire | None = websocket.scope.get("extensions", {}).get(WIRE_EXTENSION)
 
     async def serve(self) -> None:
         await self.websocket.accept()
@@ -81,6 +82,8 @@ class Connection:
             # A snapshot can be large: a client that does not read it is dropped too.
             async with asyncio.timeout(self.settings.send_timeout):
                 await self.websocket.send_text(protocol.encode(ready))
+            if self.wire is not None:
+                subscriber.direct = self._write_now
             cut = asyncio.create_task(subscriber.cut.wait())
             done = await until_first_done(
                 asyncio.create_task(self._read(subscriber)),
@@ -106,14 +109,38 @@ class Connection:
             async with asyncio.timeout(1):
                 await self.websocket.close(code, reason)
 
+    def _write_now(self, event: Event) -> bool:
+        """The subscription's :attr:`~gateway.hub.Subscriber.direct` write."""
+        wire = self.wire
+        assert wire is not None
+        if wire.can_write():
+            wire.write(event.websocket)
+            return True
+        return not wire.is_open  # gone: nothing to queue for (the reader ends it)
+
     async def _write(self, subscriber: Subscriber) -> None:
+        """Send what the subscription queues (events written through, see
+        :meth:`_write_now`, never pass here), then its final frame if it has one."""
         send_timeout = self.settings.send_timeout
+        wire = self.wire
         try:
             while True:
-                batch = await subscriber.next_batch()
-                for item in batch:
-                    async with asyncio.timeout(send_timeout):
-                        await self.websocket.send_text(item.text)
+                await subscriber.wait()
+                if wire is not None:
+                    if not wire.can_write():
+                        # Behind: wait (queued events stay queued, so nothing written
+                        # through overtakes them) and only then take them.
+                        async with asyncio.timeout(send_timeout):
+                            await wire.wait_writable()
+                        if not wire.is_open:
+                            return
+                    batch = subscriber.take()
+                    if batch:
+                        wire.write(b"".join([item.websocket for item in batch]))
+                else:  # a plain uvicorn: every frame through ASGI send
+                    for item in subscriber.take():
+                        async with asyncio.timeout(send_timeout):
+                            await self.websocket.send_text(item.text)
                 final = subscriber.closed_with
                 if final is not None:
                     await self.websocket.send_text(protocol.encode(final))
