@@ -9,18 +9,32 @@ Starts the fake upstream and the gateway as subprocesses, then for each N:
    by default), same token count and delay.
 
 It prints time-to-first-token and inter-token gap (p50/p99) of both side by side,
-relayed tokens/s, the gateway's CPU time per token and peak RSS, and the load
-generator's own event-loop lag. Figures only; nothing passes or fails.
+relayed tokens/s, the gateway's CPU time per token and peak RSS, how many token frames
+the gateway merged (``seq_from``) and tokens per frame, and the load generator's own
+event-loop lag. Figures only; nothing passes or fails.
+
+The clients read as fast as a browser does. The gateway merges the queued tokens of a
+connection that is behind into one frame, so a slow reader makes it send fewer,
+larger frames and flatters its tokens/s and CPU per token. Every default client is
+therefore a raw asyncio ``Protocol`` that parses each socket read as it arrives and
+timestamps it once (all frames in one read share that time, as in
+``peer-bench/load.py``): ``ws`` a hand-written WebSocket client (upgrade with
+``Sec-WebSocket-Accept`` checked, no extension offered, masked frames, ping → pong),
+``sse`` / ``sse-post`` and the direct client httptools + orjson. ``ws-websockets``
+runs the ``websockets`` package's client instead, to cross-check: it reads later on a
+busy loop and timestamps messages, not reads. Merged frames and the loop lag say
+whether a run was limited by the client rather than the gateway.
 
 Pinning: the gateway runs on core 0 (``taskset``); the fake upstream and this
 script (the load generator) share core 1, so the gateway's figures are per core.
 
     .venv/bin/python bench/relay.py --streams 200 500 --tokens 200 --delay 0.02
     .venv/bin/python bench/relay.py --streams 500 --json > results.json
+    .venv/bin/python bench/relay.py --streams 200 --transport ws ws-websockets
 
 Extending: a relay transport is a :class:`StreamClient` class registered in
-:data:`TRANSPORTS` (``ws``, ``sse`` and ``sse-post``); a direct client
-is registered in :data:`DIRECT_CLIENTS`; the gateway is started by
+:data:`TRANSPORTS` (``ws``, ``ws-websockets``, ``sse`` and ``sse-post``); a direct
+client is registered in :data:`DIRECT_CLIENTS`; the gateway is started by
 :func:`launch_gateway` (core list, worker count, env and extra CLI args are
 parameters), and its CPU/RSS are summed over its whole process tree.
 """
@@ -29,9 +43,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import contextlib
 import gc
+import hashlib
 import itertools
 import json
 import math
@@ -339,7 +355,8 @@ class LagMonitor:
 
 @dataclass
 class StreamResult:
-    """What one client saw of one answer. Times are ``perf_counter`` seconds."""
+    """What one client saw of one answer. Times are ``perf_counter`` seconds, taken once
+    per socket read (every frame or event parsed from one read gets that read's time)."""
 
     t_send: float | None = None
     t_start: float | None = None  # relay only: the gateway announced the generation
@@ -347,21 +364,32 @@ class StreamResult:
     t_end: float | None = None
     tokens: int = 0
     frame_times: list[float] = field(default_factory=list)  # one per token-carrying frame
-    coalesced: int = 0  # frames that carried more than one token
+    token_reads: int = 0  # socket reads that carried at least one token
+    merged: int = 0  # gateway frames that carried several tokens (``seq_from``)
+    merged_tokens: int = 0  # tokens in those frames
     error: str | None = None
+
+    def add_frame(self, tokens: int, t: float) -> None:
+        """A frame (event) carrying ``tokens`` tokens, in the socket read taken at ``t``."""
+        self.tokens += tokens
+        if self.t_first is None:
+            self.t_first = t
+        times = self.frame_times
+        if not times or times[-1] != t:
+            self.token_reads += 1
+        times.append(t)
 
     def count_token_frame(self, frame: dict[str, Any], t: float) -> None:
         """A gateway ``token`` frame received at ``t``; a merged one (``seq_from``)
         counts ``seq - seq_from + 1`` tokens."""
         seq_from = frame.get("seq_from")
         if seq_from is None:
-            self.tokens += 1
+            self.add_frame(1, t)
         else:
-            self.tokens += frame["seq"] - seq_from + 1
-            self.coalesced += 1
-        if self.t_first is None:
-            self.t_first = t
-        self.frame_times.append(t)
+            tokens = frame["seq"] - seq_from + 1
+            self.merged += 1
+            self.merged_tokens += tokens
+            self.add_frame(tokens, t)
 
 
 @dataclass
@@ -429,12 +457,16 @@ class _SSEProtocol(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
+        self.t = 0.0  # time of the socket read being parsed
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        # One timestamp per read, for every event in it (httptools calls on_body once
+        # per HTTP chunk, and one read often holds several).
+        self.t = now()
         try:
             self.parser.feed_data(data)
         except Exception as exc:  # httptools errors, bad JSON
@@ -455,7 +487,7 @@ class _SSEProtocol(asyncio.Protocol):
             self._fail(f"HTTP {status}")
 
     def on_body(self, body: bytes) -> None:
-        t = now()
+        t = self.t
         buffer = self.buffer + body
         events = buffer.split(b"\n\n")
         self.buffer = events.pop()
@@ -466,23 +498,17 @@ class _SSEProtocol(asyncio.Protocol):
         """One upstream chunk: count its content token."""
         if not event.startswith(b"data: ") or event == b"data: [DONE]":
             return
-        result = self.result
         choices = orjson.loads(event[6:])["choices"]
         if choices and choices[0]["delta"].get("content"):
-            if result.t_first is None:
-                result.t_first = t
-            result.tokens += 1
-            result.frame_times.append(t)
+            self.result.add_frame(1, t)
 
     def on_message_complete(self) -> None:
         if not self.finished.done():
-            self.result.t_end = now()
+            self.result.t_end = self.t
             self.finished.set_result(None)
 
 
-async def wait_finished(
-    protocol: _SSEProtocol, spec: StreamSpec, result: StreamResult
-) -> StreamResult:
+async def wait_finished(protocol: Any, spec: StreamSpec, result: StreamResult) -> StreamResult:
     """Wait until ``protocol`` has the whole answer (or failed), at most the timeout."""
     try:
         async with asyncio.timeout(spec.timeout):
@@ -567,10 +593,7 @@ class Httpx2DirectClient:
                         t = now()
                         choices = orjson.loads(line[6:])["choices"]
                         if choices and choices[0]["delta"].get("content"):
-                            if result.t_first is None:
-                                result.t_first = t
-                            result.tokens += 1
-                            result.frame_times.append(t)
+                            result.add_frame(1, t)
                 result.t_end = now()
         except TimeoutError:
             result.error = f"timeout after {self.spec.timeout:g} s"
@@ -596,15 +619,246 @@ class RelayTarget:
     options: dict[str, Any] = field(default_factory=dict)  # transport-specific knobs
 
 
-class WsClient:
-    """One room, one ``websockets`` asyncio client (``max_queue=None``).
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 
-    ``prepare`` connects and waits for ``ready``; ``run`` sends one ``send`` frame and
-    reads until the ``done`` of the generation it started. TTFT: send frame written →
-    first ``token`` frame. Coalesced frames count ``seq - seq_from + 1`` tokens.
-    """
 
-    label = "websockets asyncio client, max_queue=None"
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """One final, masked client frame (RFC 6455 §5.3: a client masks every frame)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    key = os.urandom(4)
+    mask = int.from_bytes((key * (n // 4 + 1))[:n], "big")
+    return head + key + (int.from_bytes(payload, "big") ^ mask).to_bytes(n, "big")
+
+
+class _WsProtocol(asyncio.Protocol):
+    """A lean WebSocket client connection, as fast a reader as a browser.
+
+    HTTP/1.1 upgrade (``Sec-WebSocket-Key``, the server's ``Sec-WebSocket-Accept``
+    checked; no extension offered, so none may be accepted), then server frames parsed
+    incrementally in :meth:`data_received`: text (and binary) messages decoded by
+    orjson, fragments joined, ping answered with pong, close answered and reported.
+    Every frame parsed from one socket read gets that read's timestamp. ``ready``
+    resolves :attr:`joined` (with None, or the error that came first); the ``done`` of
+    the generation announced by ``start`` resolves :attr:`finished`."""
+
+    def __init__(self, result: StreamResult, host_port: str, path: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.result = result
+        self.key = base64.b64encode(os.urandom(16))
+        self.handshake = (
+            f"GET {path} HTTP/1.1\r\nHost: {host_port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {self.key.decode()}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.open = False  # the upgrade is done; frames follow
+        self.fragments: bytearray | None = None
+        self.close_sent = False
+        self.t = 0.0  # time of the socket read being parsed
+        self.generation_id: str | None = None
+        self.joined: asyncio.Future[str | None] = loop.create_future()  # error, or None
+        self.finished: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.write(self.handshake)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(f"connection lost: {exc!r}" if exc else "connection closed before done")
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _fail(self, message: str) -> None:
+        if not self.joined.done():
+            self.joined.set_result(message)
+        if not self.finished.done():
+            self.result.error = message
+            self.finished.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.t = now()
+        self.buffer += data
+        try:
+            if self.open or self._upgrade():
+                self._frames()
+        except Exception as exc:  # a protocol violation, bad JSON
+            self._fail(f"bad data from the server: {exc!r}")
+            if self.transport is not None:
+                self.transport.close()
+
+    def _upgrade(self) -> bool:
+        """Parse the handshake response once it is complete; True when it was."""
+        buffer = self.buffer
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        status_line, *lines = bytes(buffer[:end]).split(b"\r\n")
+        del buffer[: end + 4]
+        status = int(status_line.split(b" ", 2)[1])
+        if status != 101:
+            raise ValueError(f"HTTP {status} instead of 101")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        accept = base64.b64encode(hashlib.sha1(self.key + _WS_GUID).digest())
+        if headers.get(b"sec-websocket-accept") != accept:
+            raise ValueError("wrong Sec-WebSocket-Accept")
+        if headers.get(b"upgrade", b"").lower() != b"websocket":
+            raise ValueError("no Upgrade: websocket")
+        if b"sec-websocket-extensions" in headers:
+            raise ValueError("the server chose an extension that was not offered")
+        self.open = True
+        return True
+
+    def _frames(self) -> None:
+        buffer = self.buffer
+        size, pos = len(buffer), 0
+        while size - pos >= 2:
+            b0, b1 = buffer[pos], buffer[pos + 1]
+            length, head = b1 & 0x7F, 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length, head = int.from_bytes(buffer[pos + 2 : pos + 4], "big"), 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length, head = int.from_bytes(buffer[pos + 2 : pos + 10], "big"), 10
+            if b1 & 0x80:
+                raise ValueError("masked frame from the server")
+            if b0 & 0x70:
+                raise ValueError("RSV bits set, no extension was negotiated")
+            if size - pos < head + length:
+                break
+            payload = bytes(buffer[pos + head : pos + head + length])
+            pos += head + length
+            opcode = b0 & 0x0F
+            if opcode == 0x9:  # ping → pong, same payload
+                self.transport.write(ws_frame(0xA, payload))
+                continue
+            if opcode == 0xA:  # pong (unsolicited)
+                continue
+            if opcode == 0x8:
+                self._on_close(payload)
+                break
+            if opcode == 0x0:
+                if self.fragments is None:
+                    raise ValueError("continuation frame outside a message")
+                self.fragments += payload
+                if not b0 & 0x80:
+                    continue
+                payload, self.fragments = bytes(self.fragments), None
+            elif opcode in (0x1, 0x2):
+                if self.fragments is not None:
+                    raise ValueError("new message inside a fragmented one")
+                if not b0 & 0x80:
+                    self.fragments = bytearray(payload)
+                    continue
+            else:
+                raise ValueError(f"unknown opcode {opcode}")
+            self.on_message(payload)
+        del buffer[:pos]
+
+    def on_message(self, payload: bytes) -> None:
+        data = orjson.loads(payload)
+        kind, t, result = data["type"], self.t, self.result
+        if kind == "token":
+            if self.generation_id is None or data["generation_id"] == self.generation_id:
+                result.count_token_frame(data, t)
+        elif kind == "start":
+            self.generation_id = data["generation_id"]
+            result.t_start = t
+        elif kind == "done":
+            if data["generation_id"] == self.generation_id and not self.finished.done():
+                result.t_end = t
+                self.finished.set_result(None)
+        elif kind == "ready":
+            if not self.joined.done():
+                self.joined.set_result(None)
+        elif kind in ("error", "cancelled"):
+            self._fail(f"{kind} frame: {data.get('code')}: {data.get('message')}")
+
+    def _on_close(self, payload: bytes) -> None:
+        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+        self._fail(f"closed by the server: {code} {payload[2:].decode(errors='replace')}")
+        self.send_close(payload[:2])
+        self.transport.close()
+
+    def send_close(self, code: bytes = (1000).to_bytes(2, "big")) -> None:
+        if not self.close_sent and self.transport is not None:
+            self.close_sent = True
+            self.transport.write(ws_frame(0x8, code))
+
+
+class RawWsClient:
+    """One room, one lean WebSocket client (:class:`_WsProtocol`: raw asyncio Protocol,
+    no extension offered, per-read timestamps), the default ``ws`` transport.
+
+    ``prepare`` connects, upgrades and waits for ``ready``; ``run`` writes one ``send``
+    frame and waits for the ``done`` of the generation it started. TTFT: send frame
+    written → first socket read carrying a ``token`` frame. Merged frames count
+    ``seq - seq_from + 1`` tokens."""
+
+    label = "raw asyncio Protocol + orjson (no extension offered, timestamps per socket read)"
+
+    def __init__(self, target: RelayTarget, room_id: str, spec: StreamSpec) -> None:
+        self.host_port = target.base_url.removeprefix("http://")
+        self.host, port = self.host_port.rsplit(":", 1)
+        self.port = int(port)
+        self.path = f"/ws/rooms/{room_id}"
+        self.spec = spec
+        self.result = StreamResult()
+        self.protocol: _WsProtocol | None = None
+        self.send_frame = ws_frame(0x1, orjson.dumps({"type": "send", "content": spec.content}))
+
+    async def prepare(self) -> None:
+        loop = asyncio.get_running_loop()
+        _, self.protocol = await loop.create_connection(
+            lambda: _WsProtocol(self.result, self.host_port, self.path), self.host, self.port
+        )
+        error = await asyncio.wait_for(asyncio.shield(self.protocol.joined), 30)
+        if error is not None:
+            raise RuntimeError(error)
+
+    async def run(self) -> StreamResult:
+        protocol = self.protocol
+        assert protocol is not None and protocol.transport is not None
+        self.result.t_send = now()
+        protocol.transport.write(self.send_frame)
+        return await wait_finished(protocol, self.spec, self.result)
+
+    async def close(self) -> None:
+        """Close handshake: our close frame, then up to 5 s for the server's."""
+        protocol = self.protocol
+        if protocol is None or protocol.transport is None:
+            return
+        if not protocol.transport.is_closing():
+            protocol.send_close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(protocol.closed), 5)
+        protocol.transport.close()
+
+
+class WebsocketsClient:
+    """One room, one ``websockets`` asyncio client (``max_queue=None``): the
+    ``ws-websockets`` transport, to cross-check :class:`RawWsClient`.
+
+    Heavier per frame (its reader task queues every message, then this loop picks it
+    up), so on a busy load generator it reads later and the gateway merges more tokens
+    per frame; timestamps are taken per message as this loop gets it, not per socket
+    read. Offers permessage-deflate unless ``--ws-compression none`` (the gateway
+    declines it). TTFT: send frame written → first ``token`` frame."""
+
+    label = "websockets asyncio client, max_queue=None (timestamps per message)"
 
     def __init__(self, target: RelayTarget, room_id: str, spec: StreamSpec) -> None:
         self.url = target.base_url.replace("http://", "ws://") + f"/ws/rooms/{room_id}"
@@ -787,7 +1041,12 @@ class SseClient(SsePostClient):
 
 
 # Relay transports: name -> client class taking (RelayTarget, room_id, StreamSpec).
-TRANSPORTS: dict[str, type] = {"ws": WsClient, "sse": SseClient, "sse-post": SsePostClient}
+TRANSPORTS: dict[str, type] = {
+    "ws": RawWsClient,
+    "ws-websockets": WebsocketsClient,
+    "sse": SseClient,
+    "sse-post": SsePostClient,
+}
 
 
 # --------------------------------------------------------------------------- phases
@@ -802,8 +1061,13 @@ class PhaseResult:
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
     tokens: int = 0
-    frames: int = 0
-    coalesced_frames: int = 0
+    frames: int = 0  # token-carrying frames (events)
+    merged_frames: int = 0  # frames with ``seq_from``: tokens the gateway merged
+    merged_tokens: int = 0  # tokens in those frames
+    tokens_per_frame: float | None = None
+    tokens_per_merged_frame: float | None = None
+    token_reads: int = 0  # socket reads (websockets client: messages) carrying tokens
+    coalesced_tokens_pct: float | None = None  # tokens read with an earlier one, % (load.py)
     peak_active: int = 0  # most streams between first and last token at the same time
     wall_s: float = 0.0
     send_spread_ms: float = 0.0
@@ -881,7 +1145,9 @@ async def run_phase(
             phase.ok_streams += 1
         phase.tokens += r.tokens
         phase.frames += len(r.frame_times)
-        phase.coalesced_frames += r.coalesced
+        phase.merged_frames += r.merged
+        phase.merged_tokens += r.merged_tokens
+        phase.token_reads += r.token_reads
         if r.t_first is not None and r.t_send is not None:
             ttfts.append(r.t_first - r.t_send)
         if r.t_start is not None and r.t_send is not None:
@@ -907,6 +1173,13 @@ async def run_phase(
     phase.wall_s = round(end - start, 4)
     phase.send_spread_ms = round((max(sends) - min(sends)) * 1000, 2) if sends else 0.0
     phase.tokens_per_s = round(phase.tokens / phase.wall_s, 1) if phase.wall_s > 0 else 0.0
+    if phase.frames:
+        phase.tokens_per_frame = round(phase.tokens / phase.frames, 3)
+    if phase.merged_frames:
+        phase.tokens_per_merged_frame = round(phase.merged_tokens / phase.merged_frames, 2)
+    if phase.tokens:
+        coalesced = phase.tokens - phase.token_reads
+        phase.coalesced_tokens_pct = round(100 * coalesced / phase.tokens, 2)
     phase.ttft_ms = summary_ms(ttfts)
     phase.gap_ms = summary_ms(gaps)
     phase.last_to_end_ms = summary_ms(last_to_end)
@@ -1105,6 +1378,10 @@ def _signed(value: float | None) -> str:
     return "—" if value is None else f"{value:+,.1f}"
 
 
+CLIENT_LAG_WARN_MS = 5.0  # load generator lag p99 above this: the client may be the limit
+CLIENT_BUSY_WARN_PCT = 90.0  # ... or core 1 (fake upstream + load generator) this busy
+
+
 def format_result(result: dict[str, Any], config: RunConfig) -> str:
     d = result["direct"]
     lines = [
@@ -1127,10 +1404,15 @@ def format_result(result: dict[str, Any], config: RunConfig) -> str:
             ("wall s (1st send → last done)", lambda p: _f(p["wall_s"], 2)),
             ("errors (streams)", lambda p: f"{p['errors']} / {p['streams']}"),
             ("peak streams receiving tokens", lambda p: f"{p['peak_active']:,}"),
-            ("coalesced frames", lambda p: f"{p['coalesced_frames']:,}"),
+            ("token frames", lambda p: f"{p['frames']:,}"),
+            ("  merged (seq_from) frames", lambda p: f"{p['merged_frames']:,}"),
+            ("  tokens/frame (merged only)", lambda p: "{} ({})".format(
+                _f(p["tokens_per_frame"], 3), _f(p["tokens_per_merged_frame"], 2))),
+            ("tokens sharing a read %", lambda p: _f(p["coalesced_tokens_pct"])),
             ("loadgen lag p50/p99/max ms", lambda p: "{} / {} / {}".format(
                 _f(p["loadgen_lag_ms"]["p50"]), _f(p["loadgen_lag_ms"]["p99"]),
                 _f(p["loadgen_lag_ms"]["max"]))),
+            ("loadgen CPU s", lambda p: _f(p["loadgen_cpu_s"], 2)),
             ("core 1 busy % (fake+loadgen)", lambda p: _f(p["core1_busy_pct"], 0)),
         ]  # fmt: skip
         width = 30
@@ -1146,6 +1428,14 @@ def format_result(result: dict[str, Any], config: RunConfig) -> str:
             f"{_f(100 * g['system_s'] / g['cpu_s'] if g.get('cpu_s') else None, 0)} % kernel; "
             f"core 0 busy {_f(g.get('busy_pct'), 0)} %) · peak RSS {_f(g.get('peak_rss_mb'))} MB"
         )
+        lag_p99 = r["loadgen_lag_ms"].get("p99")
+        if (lag_p99 or 0) > CLIENT_LAG_WARN_MS or r["core1_busy_pct"] > CLIENT_BUSY_WARN_PCT:
+            lines.append(
+                f"  ! load generator lag p99 {_f(lag_p99)} ms, core 1 busy "
+                f"{_f(r['core1_busy_pct'], 0)} %: the client side (or other load on the "
+                "machine) may limit these figures; a client that reads late gets more "
+                "tokens merged per frame"
+            )
         for sample in (d["error_samples"] + r["error_samples"])[:3]:
             lines.append(f"  error: {sample}")
     summary = result.get("gateway_log") or {}
@@ -1176,12 +1466,18 @@ def header(config: RunConfig) -> str:
     return (
         f"relay benchmark {datetime.now(UTC):%Y-%m-%d %H:%M UTC} · {os.cpu_count()} CPUs · "
         f"python {sys.version.split()[0]} · load generator loop: {_loop_name()}\n"
-        f"pinning: {pin}\ndirect client: {direct}\nrelay client: {relays} "
-        f"(permessage-deflate {'on' if config.ws_compression == 'deflate' else 'off'})\n"
+        f"pinning: {pin}\ndirect client: {direct}\nrelay client: {relays}"
+        + (
+            f" (ws-websockets offers permessage-deflate: "
+            f"{'yes' if config.ws_compression == 'deflate' else 'no'})"
+            if "ws-websockets" in config.transports
+            else ""
+        )
+        + "\n"
         + (f"gateway env: {config.gateway_env}\n" if config.gateway_env else "")
         + (f"gateway args: {config.gateway_args}\n" if config.gateway_args else "")
         + "fresh fake upstream + gateway + SQLite per N; TTFT = request/send frame written → "
-        "first token; gap = between token-carrying frames"
+        "first token; gap = between token-carrying frames; one timestamp per socket read"
     )
 
 
@@ -1201,7 +1497,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ws-compression",
         default="deflate",
         choices=["deflate", "none"],
-        help="offer permessage-deflate like browsers do (default), or not",
+        help="ws-websockets only: offer permessage-deflate like browsers do (default), or "
+        "not (the lean ws client offers no extension; the gateway declines it anyway)",
     )
     parser.add_argument("--warmup", type=int, default=5, help="warm-up streams per side")
     parser.add_argument("--timeout", type=float, help="seconds per stream (default 30+5×length)")
