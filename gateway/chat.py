@@ -26,7 +26,7 @@ from gateway.hub import RoomHub
 from gateway.joining import Joining
 from gateway.planning import Defaults
 from gateway.providers.base import ChatProvider
-from gateway.providers.moderation import Moderator
+from gateway.providers.moderation import Moderation
 from gateway.quotas import Quotas
 from gateway.roomstate import RoomCache, RoomLocks
 from gateway.screening import Screening
@@ -56,7 +56,7 @@ class ChatService:
         provider: ChatProvider,
         settings: Settings,
         quotas: Quotas | None = None,
-        moderator: Moderator | None = None,
+        moderator: Moderation | None = None,
     ) -> None:
         self.db = db
         self.hub = hub

@@ -13,7 +13,7 @@ from gateway.broker.base import Broker
 from gateway.checks import CheckPipeline, Verdict
 from gateway.errors import CheckFailed, GatewayError, Unavailable, UpstreamError, internal_error
 from gateway.providers.base import ChatProvider, CompletionRequest
-from gateway.providers.moderation import Moderator
+from gateway.providers.moderation import Moderation
 from gateway.store.writer import WriteBatch, Writer
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class GenerationTask:
         request: CompletionRequest,
         provider: ChatProvider,
         checks: CheckPipeline | None,
-        moderator: Moderator | None,
+        moderator: Moderation | None,
         writer: Writer,
         broker: Broker,
         owner: GenerationOwner,

@@ -13,7 +13,7 @@ import logging
 
 from gateway.checks import CheckPipeline, SecretLeak, build_pipeline
 from gateway.generation import CHECK_EVERY, rejected
-from gateway.providers.moderation import Moderator
+from gateway.providers.moderation import Moderation
 from gateway.store.models import Room
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class Screening:
     """The gateway's default checks and moderator, applied room by room."""
 
     def __init__(
-        self, default_checks: list[str], *, max_chars: int, moderator: Moderator | None = None
+        self, default_checks: list[str], *, max_chars: int, moderator: Moderation | None = None
     ) -> None:
         self.default_checks = default_checks
         self.max_chars = max_chars
@@ -68,7 +68,7 @@ class Screening:
         if moderator is not None:
             rejected(await moderator.check(content), "input_rejected", "message")
 
-    def moderator_of(self, room: Room) -> Moderator | None:
+    def moderator_of(self, room: Room) -> Moderation | None:
         """The moderation endpoint, when the room's checks include ``moderation``."""
         if "moderation" not in self.names(room):
             return None
