@@ -25,8 +25,7 @@ from gateway.generations import GenerationRegistry
 from gateway.hub import RoomHub
 from gateway.joining import Joining
 from gateway.planning import Defaults
-from gateway.providers.base import ChatProvider
-from gateway.providers.moderation import Moderation
+from gateway.providers.base import ChatProvider, Moderation
 from gateway.quotas import Quotas
 from gateway.roomstate import RoomCache, RoomLocks
 from gateway.screening import Screening

@@ -12,8 +12,7 @@ from gateway import protocol
 from gateway.broker.base import Broker
 from gateway.checks import CheckPipeline, Verdict
 from gateway.errors import CheckFailed, GatewayError, Unavailable, UpstreamError, internal_error
-from gateway.providers.base import ChatProvider, CompletionRequest
-from gateway.providers.moderation import Moderation
+from gateway.providers.base import ChatProvider, CompletionRequest, Moderation
 from gateway.store.writer import WriteBatch, Writer
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import logging
 
 from gateway.checks import CheckPipeline, SecretLeak, build_pipeline
 from gateway.generation import CHECK_EVERY, rejected
-from gateway.providers.moderation import Moderation
+from gateway.providers.base import Moderation
 from gateway.store.models import Room
 
 log = logging.getLogger(__name__)

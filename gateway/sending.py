@@ -13,7 +13,8 @@ from the database: the persona and the branch come from the
 ``client_id``) while it is in the cached part of the branch. Any other retry is caught
 by the database: ``(room_id, client_id)`` is unique, so storing it again fails, and
 only then is the stored one read. Screening the message (checks, moderation: slow)
-runs before the room's lock is taken.
+runs while the send holds the room's lease (one send or answer at a time, on every
+process), but before it takes the room's lock, which joins and other changes wait for.
 """
 
 from __future__ import annotations
@@ -95,30 +96,30 @@ class Sending:
         if client_id is not None and (known := await self._known(room_id, client_id)):
             return known, None
         room = await self._room(room_id)
-        while True:
-            await self.screening.check_message(room, content)  # slow: not under the lock
-            async with self.locks(room_id), contextlib.AsyncExitStack() as held:
-                if client_id is not None and (known := await self._known(room_id, client_id)):
-                    return known, None  # sent twice at once: the other one was first
-                generation_id = new_id("gen")
-                try:
-                    claim = self.generations.claimed(room_id, generation_id)
-                    version = await held.enter_async_context(claim)
-                except Busy:
-                    # Perhaps answering this very message (sent to another process).
-                    if client_id is not None and (stored := await self._stored(room_id, client_id)):
-                        return stored, None
-                    raise
-                state = await self._state(room_id, version)
-                if client_id is not None and (message := state.sent(client_id)) is not None:
-                    return message.to_dict(), None
-                if self.screening.rules_of(state.room) != self.screening.rules_of(room):
-                    room = state.room  # its checks changed meanwhile: screen it again
-                    continue
-                try:
-                    return await self._send(state, content, client_id, sender, generation_id)
-                except _AlreadySent as already:
-                    return already.view, None
+        generation_id = new_id("gen")
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                claim = self.generations.claimed(room_id, generation_id)
+                version = await held.enter_async_context(claim)
+            except Busy:
+                # Perhaps answering this very message (sent to another process).
+                if client_id is not None and (stored := await self._stored(room_id, client_id)):
+                    return stored, None
+                raise
+            while True:
+                # Slow: under the room's lease (one send at a time), not its lock.
+                await self.screening.check_message(room, content)
+                async with self.locks(room_id):
+                    state = await self._state(room_id, version)
+                    if client_id is not None and (message := state.sent(client_id)) is not None:
+                        return message.to_dict(), None
+                    if self.screening.rules_of(state.room) != self.screening.rules_of(room):
+                        room = state.room  # its checks changed meanwhile: screen it again
+                        continue
+                    try:
+                        return await self._send(state, content, client_id, sender, generation_id)
+                    except _AlreadySent as already:
+                        return already.view, None
 
     async def _send(
         self,

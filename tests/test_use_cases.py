@@ -86,6 +86,11 @@ class Parts:
         assert ready["type"] == "ready"
         return Member(subscriber)
 
+    async def answered(self, member: Member, content: str, client_id: str | None = None) -> str:
+        """Send ``content`` to ``member``'s room and wait for the answer; its id."""
+        await self.chat.sending.send(member.subscriber.room_id, content, client_id)
+        return (await member.until("done"))[-1]["message"]["id"]
+
     async def stored(self, room_id: str) -> list[Message]:
         """Every message of the room, oldest first."""
         async with self.db.read() as session:
@@ -195,8 +200,7 @@ async def test_a_send_is_stored_published_and_answered(
 async def test_a_send_to_a_joined_room_reads_nothing_from_the_database(parts: Parts) -> None:
     room_id = await parts.new_room()
     member = await parts.member(room_id)  # joining caches the room
-    await parts.chat.sending.send(room_id, "one", "c1")
-    await member.until("done")
+    await parts.answered(member, "one", "c1")
 
     reads = parts.reads()
     _, started = await parts.chat.sending.send(room_id, "two", "c2")
@@ -213,10 +217,8 @@ async def test_the_next_send_answers_after_the_previous_answer(
 ) -> None:
     room_id = await parts.new_room()
     member = await parts.member(room_id)
-    await parts.chat.sending.send(room_id, "one")
-    await member.until("done")
-    await parts.chat.sending.send(room_id, "two")
-    await member.until("done")
+    await parts.answered(member, "one")
+    await parts.answered(member, "two")
 
     assert [m["content"] for m in provider.requests[1].messages] == ["one", "Hello, world", "two"]
     rows = await parts.stored(room_id)
@@ -256,10 +258,8 @@ async def test_a_retry_while_its_answer_streams_is_a_duplicate(
 async def test_a_retry_off_the_active_branch_is_found_by_the_database(parts: Parts) -> None:
     room_id = await parts.new_room()
     member = await parts.member(room_id)
-    await parts.chat.sending.send(room_id, "one", "c1")
-    first_answer = (await member.until("done"))[-1]["message"]["id"]
-    await parts.chat.sending.send(room_id, "two", "c2")
-    await member.until("done")
+    first_answer = await parts.answered(member, "one", "c1")
+    await parts.answered(member, "two", "c2")
     await parts.chat.sending.regenerate(room_id, first_answer)  # "two" is now off the branch
     await member.until("done")
 
@@ -323,12 +323,10 @@ async def test_a_persona_change_applies_to_the_next_send(
 ) -> None:
     room_id = await parts.new_room(persona=PersonaUpdate(system_prompt="Old."))
     member = await parts.member(room_id)
-    await parts.chat.sending.send(room_id, "one")
-    await member.until("done")
+    await parts.answered(member, "one")
 
     await parts.rooms.update(room_id, RoomUpdate(persona=PersonaUpdate(system_prompt="New.")))
-    await parts.chat.sending.send(room_id, "two")
-    await member.until("done")
+    await parts.answered(member, "two")
 
     assert provider.requests[1].messages[0] == {"role": "system", "content": "New."}
 
@@ -381,8 +379,7 @@ async def test_regenerate_adds_a_version_and_select_goes_back_to_the_first(
 ) -> None:
     room_id = await parts.new_room()
     member = await parts.member(room_id)
-    await parts.chat.sending.send(room_id, "one")
-    first = (await member.until("done"))[-1]["message"]["id"]
+    first = await parts.answered(member, "one")
 
     started = await parts.chat.sending.regenerate(room_id, first, temperature=1.3)
 
@@ -405,16 +402,17 @@ async def test_regenerate_adds_a_version_and_select_goes_back_to_the_first(
 async def test_only_an_answer_can_be_regenerated(parts: Parts) -> None:
     room_id = await parts.new_room()
     member = await parts.member(room_id)
-    message, _ = await parts.chat.sending.send(room_id, "one")
-    await member.until("done")
+    answer = await parts.answered(member, "one")
+    question = (await parts.stored(room_id))[0].id
 
     with pytest.raises(BadRequest) as refused:
-        await parts.chat.sending.regenerate(room_id, message["id"])
+        await parts.chat.sending.regenerate(room_id, question)
     with pytest.raises(NotFound) as missing:
         await parts.chat.sending.regenerate(room_id, "msg_unknown")
 
     assert refused.value.code == "invalid_target"
     assert missing.value.code == "message_not_found"
+    await parts.chat.sending.regenerate(room_id, answer)
 
 
 # --- drain -----------------------------------------------------------------------------

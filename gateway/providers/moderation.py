@@ -9,24 +9,15 @@ a gateway configured to moderate does not silently stop moderating.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import openai
 
 from gateway.checks import ALLOWED, Verdict
 from gateway.errors import UpstreamError
 
 
-class Moderation(Protocol):
-    """What the gateway asks of a moderation endpoint (:class:`Moderator` is the real one)."""
-
-    async def check(self, text: str) -> Verdict:
-        """Whether ``text`` is allowed; raises ``moderation_unavailable`` when unsure."""
-        ...
-
-
 class Moderator:
-    """Asks the endpoint whether a text is flagged, and for which categories."""
+    """The :class:`~gateway.providers.base.Moderation` of an OpenAI-compatible server:
+    asks the endpoint whether a text is flagged, and for which categories."""
 
     def __init__(
         self, *, model: str, api_key: str | None, base_url: str | None, timeout: float = 10.0

@@ -74,7 +74,7 @@ class ScriptedProvider:
 
 
 class ScriptedModerator:
-    """A :class:`~gateway.providers.moderation.Moderation` that flags texts containing
+    """A :class:`~gateway.providers.base.Moderation` that flags texts containing
     one of ``flagged``; while :attr:`gate` is held, each check waits."""
 
     def __init__(self, flagged: Sequence[str] = ()) -> None:
