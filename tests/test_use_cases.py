@@ -1,6 +1,7 @@
 """The chat use cases without sockets: join, send, cancel, regenerate, select and drain,
 driven directly on the parts (:class:`~gateway.chat.ChatService` wires them) with the
-memory broker, a SQLite file, and an in-process scripted provider.
+memory broker, a SQLite file (or PostgreSQL, see ``TEST_DATABASE_URL``), and an
+in-process scripted provider.
 
 The end-to-end tests (real servers, real sockets) are the acceptance layer; these say
 what each use case does, and run in a fraction of a second each.
@@ -127,16 +128,19 @@ def moderator() -> ScriptedModerator:
 
 @pytest.fixture
 def open_parts(
-    tmp_path: Path, migrated: Path, provider: ScriptedProvider, moderator: ScriptedModerator
+    database_url: str, migrated: Path, provider: ScriptedProvider, moderator: ScriptedModerator
 ) -> Callable[[], Any]:
     """``async with open_parts() as parts``: a process's chat parts, started, over this
-    test's database (open it again for a process that starts afresh)."""
-    path = tmp_path / "gateway.db"
-    shutil.copy(migrated, path)
+    test's database (open it again for a process that starts afresh). SQLite, or
+    PostgreSQL with TEST_DATABASE_URL."""
+    if database_url.startswith("sqlite"):
+        shutil.copy(migrated, database_url.split(":///", 1)[1])
+    else:
+        upgrade(database_url)
 
     @asynccontextmanager
     async def opened() -> AsyncIterator[Parts]:
-        settings = Settings(_env_file=None, database_url=f"sqlite+aiosqlite:///{path}")  # type: ignore[call-arg]
+        settings = Settings(_env_file=None, database_url=database_url)  # type: ignore[call-arg]
         db = Database(settings.database_url)
         writer = Writer(db)
         writer.start()
