@@ -54,7 +54,7 @@ ACTIVITIES: list[tuple[str, tuple[str, ...]]] = [
         ("GenerationTask._finish", "GenerationTask._write_checkpoint"),
     ),
     ("WebSocket writer: coalesce + send frames", ("Connection._write",)),
-    ("WebSocket reader: parse frame + ChatService.send (DB)", ("Connection._read",)),
+    ("WebSocket reader: parse frame + Sending.send", ("Connection._read",)),
     ("WebSocket connect / join (DB)", ("Connection.serve", "room_socket")),
     ("HTTP API (rooms)", ("create_room", "list_rooms", "get_room")),
 ]

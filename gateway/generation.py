@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
 from gateway import protocol
 from gateway.broker.base import Broker
 from gateway.checks import CheckPipeline, Verdict
 from gateway.errors import CheckFailed, GatewayError, Unavailable, UpstreamError, internal_error
-from gateway.providers.base import ChatProvider, CompletionRequest
-from gateway.providers.moderation import Moderator
-from gateway.store.models import Message
+from gateway.providers.base import ChatProvider, CompletionRequest, Moderation
 from gateway.store.writer import WriteBatch, Writer
 
 log = logging.getLogger(__name__)
@@ -40,12 +38,26 @@ def rejected(verdict: Verdict, code: str, what: str) -> None:
         )
 
 
+class GenerationOwner(Protocol):
+    """What a generation needs from whoever launched it (the generation registry)."""
+
+    def finishing(self, generation: GenerationTask) -> AbstractAsyncContextManager[None]:
+        """Bracket storing and announcing the end as one change of the room: no other
+        change of the room, and no snapshot of it, runs meanwhile. On leaving, the
+        room's cached state takes :attr:`GenerationTask.final`."""
+        ...
+
+    def exited(self, generation: GenerationTask) -> None:
+        """The generation is over, however it ended: its room and quota are free."""
+        ...
+
+
 class GenerationTask:
     """Streams one assistant message into a room.
 
-    Owned by the chat service, not by any connection: a client that disconnects never
-    stops a generation for the others. Tokens are published as they arrive; the chat
-    service checkpoints :attr:`text` periodically (never once per token), and the
+    Owned by the generation registry, not by any connection: a client that disconnects
+    never stops a generation for the others. Tokens are published as they arrive; the
+    registry checkpoints :attr:`text` periodically (never once per token), and the
     final state is stored before ``done``/``cancelled``/``error`` is published.
     """
 
@@ -54,25 +66,23 @@ class GenerationTask:
         *,
         generation_id: str,
         room_id: str,
-        answer: Message,
         message_view: dict[str, Any],
         request: CompletionRequest,
         provider: ChatProvider,
         checks: CheckPipeline | None,
-        moderator: Moderator | None,
+        moderator: Moderation | None,
         writer: Writer,
         broker: Broker,
-        room_lock: asyncio.Lock,
-        on_exit: Callable[[GenerationTask], None],
+        owner: GenerationOwner,
         sender: str = "anonymous",
         hold_back: int = 0,
     ) -> None:
         self.id = generation_id
         self.sender = sender  # who started it: its quotas are released at the end
         self.room_id = room_id
-        self.answer = answer  # kept current: the chat service caches it in the branch
-        self.message_id = answer.id
+        self.message_id: str = message_view["id"]
         self.message_view = message_view  # the stored message as it was at start
+        self.final: dict[str, Any] | None = None  # the answer's final row, once stored
         self.request = request
         self.seq = 0
         self.checkpointed_seq = 0
@@ -90,12 +100,11 @@ class GenerationTask:
         self._moderator = moderator
         self._writer = writer
         self._broker = broker
-        self._room_lock = room_lock
-        self._on_exit = on_exit
+        self._owner = owner
         self._stop_status = "cancelled"
         self._finishing = False
         self._running = False  # the task's body has begun
-        self._exited = False  # on_exit has been called
+        self._exited = False  # the owner has been told
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -214,7 +223,7 @@ class GenerationTask:
     def _exit(self) -> None:
         if not self._exited:
             self._exited = True
-            self._on_exit(self)
+            self._owner.exited(self)
 
     def _after_task(self, task: asyncio.Task[None]) -> None:
         """However the task ended, the room and the sender's quota are given back."""
@@ -259,15 +268,14 @@ class GenerationTask:
         final = self._final(status, finish_reason, usage, error)
         # Store, then publish, as one change: a client joining meanwhile sees either
         # the answer streaming plus this frame, or the stored answer alone.
-        async with self._room_lock, self._broker.changing(self.room_id):
+        async with self._owner.finishing(self):
             if not await self._store(final):
                 # The room moves on; the stored row stays "streaming" until the next
                 # start marks it interrupted. Clients hear what happened, not why.
                 status = "error"
                 error = Unavailable("the answer could not be saved", code="store_failed")
                 final.update(status=status, error=error.to_dict())
-            for field, value in final.items():
-                setattr(self.answer, field, value)
+            self.final = final
             view = {**self.message_view, **final}
             if status == "complete":
                 frame = protocol.done_frame(self.id, view, finish_reason, usage)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.access import OPEN, Viewer
-from gateway.chat import ChatService, load_room, room_not_found
+from gateway.chat import ChatService
 from gateway.errors import Forbidden
 from gateway.protocol import RoomCreate, RoomUpdate
 from gateway.store.db import Database
 from gateway.store.models import Room, RoomGrant, new_id
-from gateway.store.repository import MessageStore
+from gateway.store.repository import MessageStore, load_room, room_not_found
 
 
 class RoomService:

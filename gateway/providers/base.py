@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from gateway.checks import Verdict
+
 
 @dataclass(frozen=True, slots=True)
 class CompletionRequest:
@@ -48,4 +50,13 @@ class ChatProvider(Protocol):
 
     async def aclose(self) -> None:
         """Release connections and workers."""
+        ...
+
+
+class Moderation(Protocol):
+    """A moderation endpoint (:class:`gateway.providers.moderation.Moderator`): a
+    network call, made once per user message and once per answer."""
+
+    async def check(self, text: str) -> Verdict:
+        """Whether ``text`` is allowed; raises ``moderation_unavailable`` when unsure."""
         ...

@@ -16,7 +16,8 @@ from gateway.errors import UpstreamError
 
 
 class Moderator:
-    """Asks the endpoint whether a text is flagged, and for which categories."""
+    """The :class:`~gateway.providers.base.Moderation` of an OpenAI-compatible server:
+    asks the endpoint whether a text is flagged, and for which categories."""
 
     def __init__(
         self, *, model: str, api_key: str | None, base_url: str | None, timeout: float = 10.0

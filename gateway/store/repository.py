@@ -1,5 +1,6 @@
 """Queries over rooms and messages. Functions flush, never commit: the caller owns the
-transaction (see :meth:`gateway.store.db.Database.transaction`)."""
+transaction (see :meth:`gateway.store.db.Database.transaction`). What clients asked for
+and is not there is ``room_not_found``/``message_not_found`` (:func:`load_room`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Collection, Sequence
 from sqlalchemy import literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.errors import NotFound
 from gateway.store.models import Message, Room, RoomGrant
 
 
@@ -145,3 +147,28 @@ class MessageStore:
             Message.room_id == room_id, Message.generation_id == generation_id
         )
         return (await self.session.scalars(query)).first()
+
+
+def room_not_found(room_id: str) -> NotFound:
+    return NotFound(f"no room with id {room_id!r}", code="room_not_found")
+
+
+def message_not_found(message_id: str) -> NotFound:
+    return NotFound(f"no message with id {message_id!r} in this room", code="message_not_found")
+
+
+async def load_room(store: MessageStore, room_id: str) -> Room:
+    """The room, or ``room_not_found``."""
+    room = await store.room(room_id)
+    if room is None:
+        raise room_not_found(room_id)
+    return room
+
+
+async def load_message(store: MessageStore, room_id: str, message_id: str) -> tuple[Room, Message]:
+    """The room and one of its messages, or ``room_not_found``/``message_not_found``."""
+    room = await load_room(store, room_id)
+    message = await store.message(room_id, message_id)
+    if message is None:
+        raise message_not_found(message_id)
+    return room, message

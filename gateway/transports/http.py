@@ -63,7 +63,7 @@ def _rooms(request: Request) -> RoomService:
 async def _room_chat(request: Request) -> ChatService:
     """The chat service, once the caller is known to be allowed into the room."""
     chat: ChatService = request.state.chat
-    await chat.authorize(request.path_params["room_id"], _viewer(request))
+    await chat.joining.authorize(request.path_params["room_id"], _viewer(request))
     return chat
 
 
@@ -125,20 +125,24 @@ async def post_message(request: Request) -> Response:
     room_id = request.path_params["room_id"]
     body = parse_body(MessageCreate, await read_body(request))
     if not wants_event_stream(request):
-        message, started = await chat.send(room_id, body.content, body.id, sender_of(request.scope))
+        message, started = await chat.sending.send(
+            room_id, body.content, body.id, sender_of(request.scope)
+        )
         if started is None:
             return JSON({"message": message, "duplicate": True})
         return JSON({"message": message, **asdict(started)}, status_code=202)
     # Subscribe first: the message and the answer's first tokens are published while
     # send() runs.
-    subscriber = await chat.watch(room_id, _viewer(request))
+    subscriber = await chat.joining.watch(room_id, _viewer(request))
     try:
-        message, started = await chat.send(room_id, body.content, body.id, sender_of(request.scope))
+        message, started = await chat.sending.send(
+            room_id, body.content, body.id, sender_of(request.scope)
+        )
     except BaseException:
-        chat.leave(subscriber)
+        chat.joining.leave(subscriber)
         raise
     if started is None:
-        chat.leave(subscriber)
+        chat.joining.leave(subscriber)
         return JSON({"message": message, "duplicate": True})
     only = GenerationFilter(started, message["id"])
     return event_stream(chat, subscriber, only=only)
@@ -150,15 +154,15 @@ async def regenerate(request: Request) -> Response:
     room_id, message_id = request.path_params["room_id"], request.path_params["message_id"]
     body = parse_body(RegenerateBody, await read_body(request), optional=True)
     subscriber = (
-        await chat.watch(room_id, _viewer(request)) if wants_event_stream(request) else None
+        await chat.joining.watch(room_id, _viewer(request)) if wants_event_stream(request) else None
     )
     try:
-        started = await chat.regenerate(
+        started = await chat.sending.regenerate(
             room_id, message_id, body.temperature, sender_of(request.scope)
         )
     except BaseException:
         if subscriber is not None:
-            chat.leave(subscriber)
+            chat.joining.leave(subscriber)
         raise
     if subscriber is None:
         return JSON(asdict(started), status_code=202)
@@ -168,14 +172,14 @@ async def regenerate(request: Request) -> Response:
 async def cancel(request: Request) -> Response:
     """Stop a running generation; its partial answer is stored as ``cancelled``."""
     room_id, generation_id = request.path_params["room_id"], request.path_params["generation_id"]
-    await (await _room_chat(request)).cancel(room_id, generation_id)
+    await (await _room_chat(request)).sending.cancel(room_id, generation_id)
     return JSON({"generation_id": generation_id, "status": "cancelling"}, status_code=202)
 
 
 async def select(request: Request) -> Response:
     """Make the branch through ``message_id`` (down to its newest leaf) active."""
     room_id, message_id = request.path_params["room_id"], request.path_params["message_id"]
-    branch = await (await _room_chat(request)).select(room_id, message_id)
+    branch = await (await _room_chat(request)).sending.select(room_id, message_id)
     return JSON({"active_leaf_id": branch[-1]["id"] if branch else None, "messages": branch})
 
 

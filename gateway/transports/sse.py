@@ -32,7 +32,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gateway import protocol
-from gateway.chat import ChatService, Started
+from gateway.chat import ChatService
+from gateway.generations import Started
 from gateway.hub import Event, SlowConsumer, Subscriber
 from gateway.protocol import Frame
 from gateway.transports import ABORT_EXTENSION, WIRE_EXTENSION, Wire, until_first_done
@@ -133,7 +134,7 @@ class EventStream(Response):
             elif outcome == "stalled":
                 await self._abort(scope, receive, send)
         finally:
-            self.chat.leave(self.subscriber)
+            self.chat.joining.leave(self.subscriber)
             self.cleanup.close()
 
     async def _stream(self, send: Send, receive: Receive) -> Literal["ended", "stalled", "gone"]:
@@ -256,7 +257,7 @@ async def room_events(request: Request) -> Response:
     held = contextlib.ExitStack()  # this client's connection quota, while streaming
     held.enter_context(chat.quotas.connection(sender_of(request.scope)))
     try:
-        first, subscriber = await chat.join(
+        first, subscriber = await chat.joining.join(
             request.path_params["room_id"], after, viewer_of(request.scope)
         )
     except BaseException:

@@ -71,7 +71,7 @@ class Connection:
     async def _serve(self) -> None:
         try:
             after = protocol.parse_event_id(self.websocket.query_params.get("last_event_id"))
-            ready, subscriber = await self.chat.join(
+            ready, subscriber = await self.chat.joining.join(
                 self.room_id, after, viewer_of(self.websocket.scope)
             )
         except GatewayError as exc:
@@ -100,7 +100,7 @@ class Connection:
         except WebSocketDisconnect:
             pass
         finally:
-            self.chat.leave(subscriber)
+            self.chat.joining.leave(subscriber)
 
     async def _close(self, code: int, reason: str) -> None:
         """Close, whatever state the connection is in (the peer may be gone or stalled:
@@ -190,17 +190,19 @@ class Connection:
         """Run one client frame; returns a frame for this client only, if any."""
         match frame:
             case protocol.Send(content=content, id=client_id):
-                message, started = await self.chat.send(
+                message, started = await self.chat.sending.send(
                     self.room_id, content, client_id, self.sender
                 )
                 if started is None:
                     return {**protocol.message_frame(message, client_id), "duplicate": True}
             case protocol.Cancel(generation_id=generation_id):
-                await self.chat.cancel(self.room_id, generation_id)
+                await self.chat.sending.cancel(self.room_id, generation_id)
             case protocol.Regenerate(message_id=message_id, temperature=temperature):
-                await self.chat.regenerate(self.room_id, message_id, temperature, self.sender)
+                await self.chat.sending.regenerate(
+                    self.room_id, message_id, temperature, self.sender
+                )
             case protocol.Select(message_id=message_id):
-                await self.chat.select(self.room_id, message_id)
+                await self.chat.sending.select(self.room_id, message_id)
             case protocol.Ping(id=client_id):
                 return protocol.pong_frame(client_id)
         return None

@@ -1,0 +1,249 @@
+"""Joining rooms: who may, the snapshot a new member starts from, resuming after a
+dropped connection, leaving, and access checked again when a room's access changes.
+
+A snapshot and the subscription are taken together under the room's lock, and inside
+no change of the broker's :meth:`~gateway.broker.base.Broker.changing` bracket, so a
+client joining while a change is committed and published (on this process or
+another) gets either the old state plus the event, or the new state without it —
+never a gap or a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from gateway import protocol
+from gateway.access import OPEN, Viewer
+from gateway.broker.base import Broker, Position
+from gateway.errors import Unavailable
+from gateway.hub import RoomHub, Subscriber
+from gateway.roomstate import RoomCache, RoomLocks
+from gateway.store.db import Database
+from gateway.store.models import Message, Room
+from gateway.store.repository import MessageStore, load_room, room_not_found
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_TRIES = 8
+"""Attempts at a snapshot with no change under way before taking one anyway (a
+change begun by a process that then died never ends)."""
+
+MESSAGE_OVERHEAD_BYTES = 512
+"""About what a message's view takes on the wire besides its content (ids, times...)."""
+
+
+def newest_within(branch: list[Message], budget: int) -> list[Message]:
+    """The newest messages of ``branch`` whose views fit in about ``budget`` bytes, and
+    at least the newest one (a running answer is always last). A snapshot per joining
+    client is built and sent whole: without a cap, a long room's history would be held
+    once per client that joins and does not read it."""
+    used = 0
+    for i in range(len(branch) - 1, -1, -1):
+        used += len(branch[i].content.encode()) + MESSAGE_OVERHEAD_BYTES
+        if used > budget and i < len(branch) - 1:
+            return branch[i + 1 :]
+    return branch
+
+
+class Joining:
+    """Subscriptions to rooms, on top of the hub (this process) and the broker (every
+    process)."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        hub: RoomHub,
+        broker: Broker,
+        cache: RoomCache,
+        locks: RoomLocks,
+        ready_max_bytes: int,
+    ) -> None:
+        self.db = db
+        self.hub = hub
+        self.broker = broker
+        self.cache = cache
+        self.locks = locks
+        self.ready_max_bytes = ready_max_bytes
+        # Rooms whose access is being checked again: how many changes were announced
+        # since the check began (see _check_access).
+        self._access_asks: dict[str, int] = {}
+        self._access_checks: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self.hub.on_room_frame = self._room_frame
+
+    def shutdown(self) -> None:
+        for task in list(self._access_checks):
+            task.cancel()
+
+    async def authorize(self, room_id: str, viewer: Viewer) -> None:
+        """Raise ``room_not_found`` unless ``viewer`` may see the room (a private room
+        must look like no room at all to others)."""
+        if not viewer.enforced:
+            return
+        state = self.cache.get(room_id)
+        # The cached room is current only if no change has begun since (another
+        # process may have made it private).
+        if state is not None and state.version == (await self.broker.changes(room_id))[0]:
+            room = state.room
+        else:
+            async with self.db.read() as session:
+                room = await load_room(MessageStore(session), room_id)
+        if not viewer.can_see(room):
+            raise room_not_found(room_id)
+
+    async def join(
+        self, room_id: str, after: int | None = None, viewer: Viewer = OPEN
+    ) -> tuple[protocol.Frame, Subscriber]:
+        """Subscribe to a room; returns the first frame for the client and the
+        subscription.
+
+        A new client (``after`` None) gets ``ready``: the active branch, with the text
+        so far of a running answer, as of the newest event id; every later event
+        follows exactly once. A client coming back after event ``after`` gets
+        ``resumed`` and every event it missed, from the room's log, then live ones; or,
+        when the log no longer has them all, ``resync`` (like ``ready``).
+
+        The snapshot and the subscription are taken together under the room lock, and
+        the live text of a running answer is read in the same step as subscribing.
+
+        Access is checked once this process listens to the room: a change committed
+        before is seen here, and one announced after reaches the subscription (see
+        :meth:`_room_frame`).
+        """
+        subscriber = self.hub.subscribe(room_id, viewer)  # from here on, nothing is missed
+        try:
+            await self.broker.listen(room_id)
+            await self.authorize(room_id, viewer)
+            if after is not None:
+                missed = await self.broker.replay(room_id, after)
+                # Tokens are merged in the queue; other events each take a slot. A
+                # replay that would overflow the queue at once is better as a resync.
+                if missed is not None and (
+                    sum(event.frame["type"] != "token" for event in missed)
+                    <= self.hub.queue_limit // 2
+                ):
+                    subscriber.begin(missed, missed[-1].event_id if missed else after)
+                    return protocol.resumed_frame(room_id, after, len(missed)), subscriber
+            async with self.locks(room_id):
+                room, branch, messages, position = await self._snapshot(room_id)
+                earlier = len(messages) < len(branch)
+                if not viewer.can_see(room):  # changed since authorize()
+                    raise room_not_found(room_id)
+                if self.cache.get(room_id) is None:
+                    # Someone is about to chat here: spare their first send the reads.
+                    self.cache.remember(room, branch, position.begun)
+            subscriber.begin([], position.last_event_id)
+        except BaseException:
+            self.leave(subscriber)
+            raise
+        live = position.live
+        if live is not None:
+            for message in messages:
+                if message["id"] == live["message_id"]:
+                    message["content"] = live["text"]
+        ready = protocol.ready_frame(
+            room.to_dict(),
+            messages,
+            live,
+            position.last_event_id,
+            resync=after is not None,
+            earlier=earlier,
+        )
+        return ready, subscriber
+
+    async def _snapshot(
+        self, room_id: str
+    ) -> tuple[Room, list[Message], list[dict[str, Any]], Position]:
+        """The room, its active branch (and the views of its newest messages, up to
+        ``GATEWAY_READY_MAX_BYTES``) from the database, and the broker's position, all
+        as of the same change: retried while a change is between its commit and its
+        publication (possibly on another process)."""
+        for attempt in range(SNAPSHOT_TRIES):
+            begun, ended = await self.broker.changes(room_id)
+            async with self.db.read() as session:
+                store = MessageStore(session)
+                room = await load_room(store, room_id)
+                branch = await store.branch(room.active_leaf_id)
+                shown = newest_within(branch, self.ready_max_bytes)
+                messages = await store.views(room_id, shown)
+            position = await self.broker.position(room_id)
+            if begun == ended and (position.begun, position.ended) == (begun, ended):
+                break
+            await asyncio.sleep(0.002 * 2**attempt)
+        else:
+            log.warning("room %s: a change seems stuck; snapshot taken as it is", room_id)
+        return room, branch, messages, position
+
+    async def watch(self, room_id: str, viewer: Viewer = OPEN) -> Subscriber:
+        """Subscribe to a room's events from now on, with no first frame: for a client
+        about to start a generation and follow just that one (``viewer`` was allowed
+        in by :meth:`authorize`)."""
+        subscriber = self.hub.subscribe(room_id, viewer)
+        try:
+            await self.broker.listen(room_id)
+        except BaseException:
+            self.leave(subscriber)
+            raise
+        subscriber.begin([], 0)
+        return subscriber
+
+    def leave(self, subscriber: Subscriber) -> None:
+        if self.hub.unsubscribe(subscriber):
+            self.broker.forget(subscriber.room_id)
+
+    # --- access changes ------------------------------------------------------------
+
+    def _room_frame(self, room_id: str, view: protocol.Frame, members: list[Subscriber]) -> None:
+        """A ``room`` frame is reaching this process's members of the room (from any
+        process). Those the frame does not show still allowed in — a private room they
+        do not own; the frame has no grants — are held until the room is read again.
+        Nothing is read for an open gateway, a public room, or the owner."""
+        doubtful = [s for s in members if not s.viewer.sees_in(view)]
+        for subscriber in doubtful:
+            subscriber.suspend()
+        asks = self._access_asks.get(room_id)
+        if not doubtful and asks is None:
+            return
+        self._access_asks[room_id] = (asks or 0) + 1
+        if asks is None:  # else the running check reads the room again
+            task = asyncio.create_task(self._check_access(room_id), name="access check")
+            self._access_checks.add(task)
+            task.add_done_callback(self._access_checks.discard)
+
+    async def _check_access(self, room_id: str) -> None:
+        """Read the room, then end the held subscriptions of viewers who may no longer
+        see it (``room_not_found``, as for a room they never saw) and let the others
+        go on. One read per change, never per event; read again while more changes
+        come (the read may predate a later change's commit)."""
+        room: Room | None = None
+        failed = False
+        try:
+            while True:
+                asks = self._access_asks[room_id]
+                try:
+                    async with self.db.read() as session:
+                        room = await MessageStore(session).room(room_id)
+                    failed = False
+                except Exception:
+                    log.exception("room %s: reading it to check access failed", room_id)
+                    failed = True
+                if self._access_asks[room_id] == asks:
+                    break
+        finally:
+            del self._access_asks[room_id]
+        for subscriber in self.hub.subscribers(room_id):
+            if not subscriber.suspended:
+                continue
+            if room is not None and subscriber.viewer.can_see(room):
+                subscriber.resume()
+            elif failed:  # unsure: let the client come back and be checked on joining
+                error = Unavailable(
+                    "could not check access to the room; reconnect", code="access_check_failed"
+                )
+                subscriber.close(protocol.error_frame(error))
+            else:
+                subscriber.close(protocol.error_frame(room_not_found(room_id)))

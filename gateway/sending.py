@@ -1,0 +1,301 @@
+"""Conversation use cases: send a message, regenerate an answer, select a branch,
+cancel the running answer.
+
+Every change that clients see is committed first and published second, under the
+room's lock and inside the broker's :meth:`~gateway.broker.base.Broker.changing`
+bracket (see :mod:`gateway.joining` for why). Reads use read sessions; writes go
+through the group-committing :class:`~gateway.store.writer.Writer`, one batch per
+change.
+
+A send is the hot path. With the room's state cached and current it reads nothing
+from the database: the persona and the branch come from the
+:class:`~gateway.roomstate.RoomState`, and so does a retried message (the same
+``client_id``) while it is in the cached part of the branch. Any other retry is caught
+by the database: ``(room_id, client_id)`` is unique, so storing it again fails, and
+only then is the stored one read. Screening the message (checks, moderation: slow)
+runs while the send holds the room's lease (one send or answer at a time, on every
+process), but before it takes the room's lock, which joins and other changes wait for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from gateway import protocol
+from gateway.broker.base import Broker
+from gateway.errors import BadRequest, Busy, Conflict, NotFound
+from gateway.generations import GenerationRegistry, Started
+from gateway.planning import Defaults, plan
+from gateway.roomstate import RoomCache, RoomLocks, RoomState
+from gateway.screening import Screening
+from gateway.store.db import Database
+from gateway.store.models import Message, Room, message_row, new_id, utcnow
+from gateway.store.repository import MessageStore, load_message, load_room
+from gateway.store.writer import WriteBatch, Writer
+
+
+class _AlreadySent(Exception):
+    """The message being sent was stored before (found on storing it again)."""
+
+    def __init__(self, view: dict[str, Any]) -> None:
+        self.view = view
+
+
+class Sending:
+    """What members do in a room: send, regenerate, select, cancel."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        writer: Writer,
+        broker: Broker,
+        cache: RoomCache,
+        locks: RoomLocks,
+        generations: GenerationRegistry,
+        screening: Screening,
+        defaults: Defaults,
+        max_message_chars: int,
+    ) -> None:
+        self.db = db
+        self.writer = writer
+        self.broker = broker
+        self.cache = cache
+        self.locks = locks
+        self.generations = generations
+        self.screening = screening
+        self.defaults = defaults
+        self.max_message_chars = max_message_chars
+
+    async def send(
+        self,
+        room_id: str,
+        content: str,
+        client_id: str | None = None,
+        sender: str = "anonymous",
+    ) -> tuple[dict[str, Any], Started | None]:
+        """Store a user message and start answering it.
+
+        Returns the stored message and the generation started for it; None for a
+        duplicate (a retry with a ``client_id`` already used in this room: nothing new
+        is stored or generated).
+        Raises ``Busy`` while the room is generating: queued messages would reach
+        the model out of order with the answers, so the client retries instead; and
+        ``RateLimited`` when ``sender`` (or the room) is over a quota, and
+        ``input_rejected`` when the message fails the room's checks. Either way
+        nothing is stored.
+        """
+        if not content.strip():
+            raise BadRequest("message content is empty", code="empty_message")
+        if len(content) > self.max_message_chars:
+            raise BadRequest(
+                f"message has {len(content)} characters; the limit is {self.max_message_chars}",
+                code="message_too_long",
+            )
+        if client_id is not None and (known := await self._known(room_id, client_id)):
+            return known, None
+        room = await self._room(room_id)
+        generation_id = new_id("gen")
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                claim = self.generations.claimed(room_id, generation_id)
+                version = await held.enter_async_context(claim)
+            except Busy:
+                # Perhaps answering this very message (sent to another process).
+                if client_id is not None and (stored := await self._stored(room_id, client_id)):
+                    return stored, None
+                raise
+            while True:
+                # Slow: under the room's lease (one send at a time), not its lock.
+                await self.screening.check_message(room, content)
+                async with self.locks(room_id):
+                    state = await self._state(room_id, version)
+                    if client_id is not None and (message := state.sent(client_id)) is not None:
+                        return message.to_dict(), None
+                    if self.screening.rules_of(state.room) != self.screening.rules_of(room):
+                        room = state.room  # its checks changed meanwhile: screen it again
+                        continue
+                    try:
+                        return await self._send(state, content, client_id, sender, generation_id)
+                    except _AlreadySent as already:
+                        return already.view, None
+
+    async def _send(
+        self,
+        state: RoomState,
+        content: str,
+        client_id: str | None,
+        sender: str,
+        generation_id: str,
+    ) -> tuple[dict[str, Any], Started]:
+        """Store the screened message and its streaming answer, publish the message
+        and launch the answer (the caller holds the room's lock and lease)."""
+        room = state.room
+        await self.generations.admit(sender, room.id)
+        now = utcnow()
+        user = Message(
+            id=new_id("msg"),
+            room_id=room.id,
+            parent_id=room.active_leaf_id,
+            role="user",
+            content=content,
+            status="complete",
+            client_id=client_id,
+            created_at=now,
+            updated_at=now,
+        )
+        async with (
+            self.generations.releasing_on_error(sender),
+            self.broker.changing(room.id) as changed,
+        ):
+            planned = plan(
+                room,
+                [*state.branch, user],
+                self.defaults,
+                generation_id=generation_id,
+                message_id=new_id("msg"),
+                now=now,
+            )
+            answer = planned.answer
+            batch = WriteBatch(
+                inserts=[message_row(user), message_row(answer)], leaves={room.id: answer.id}
+            )
+            try:
+                await self.writer.write(batch)
+            except Conflict:
+                # The unique (room_id, client_id): sent before, beyond what is cached.
+                if client_id is not None and (stored := await self._stored(room.id, client_id)):
+                    raise _AlreadySent(stored) from None
+                raise
+            state.extend(user, answer)
+            state.version = changed
+            room.active_leaf_id = answer.id
+            user_view = user.to_dict()
+            self.broker.publish(room.id, protocol.message_frame(user_view, client_id))
+            view = answer.to_dict([answer.id])
+            return user_view, self.generations.launch(
+                room, generation_id, view, planned.request, sender
+            )
+
+    async def regenerate(
+        self,
+        room_id: str,
+        message_id: str,
+        temperature: float | None = None,
+        sender: str = "anonymous",
+    ) -> Started:
+        """Answer the same user message again as a new sibling."""
+        generation_id = new_id("gen")
+        async with self.locks(room_id), self.generations.claimed(room_id, generation_id):
+            async with self.db.read() as session:
+                store = MessageStore(session)
+                room, target = await load_message(store, room_id, message_id)
+                if target.role != "assistant" or target.parent_id is None:
+                    raise BadRequest(
+                        "only an assistant message can be regenerated", code="invalid_target"
+                    )
+                await self.generations.admit(sender, room_id)
+                history = await store.branch(target.parent_id)
+                branch = await store.views(room_id, history)
+                siblings = await store.sibling_ids(room_id, target.parent_id, "assistant")
+            async with (
+                self.generations.releasing_on_error(sender),
+                self.broker.changing(room_id) as version,
+            ):
+                planned = plan(
+                    room,
+                    history,
+                    self.defaults,
+                    generation_id=generation_id,
+                    message_id=new_id("msg"),
+                    now=utcnow(),
+                    temperature=temperature,
+                )
+                answer = planned.answer
+                await self.writer.write(
+                    WriteBatch(inserts=[message_row(answer)], leaves={room_id: answer.id})
+                )
+                room.active_leaf_id = answer.id
+                self.cache.remember(room, [*history, answer], version)
+                view = answer.to_dict([*siblings, answer.id])
+                branch.append(view)
+                self.broker.publish(room_id, protocol.branch_frame(branch, answer.id))
+                return self.generations.launch(room, generation_id, view, planned.request, sender)
+
+    async def select(self, room_id: str, message_id: str) -> list[dict[str, Any]]:
+        """Make the branch through ``message_id`` (down to its newest leaf) active."""
+        async with self.locks(room_id), self.generations.claimed(room_id, new_id("select")):
+            async with self.db.read() as session:
+                store = MessageStore(session)
+                room, target = await load_message(store, room_id, message_id)
+                leaf = await store.newest_leaf_under(target)
+                messages = await store.branch(leaf)
+                branch = await store.views(room_id, messages)
+            async with self.broker.changing(room_id) as version:
+                await self.writer.write(WriteBatch(leaves={room_id: leaf}))
+                room.active_leaf_id = leaf
+                self.cache.remember(room, messages, version)
+                self.broker.publish(room_id, protocol.branch_frame(branch, leaf))
+        return branch
+
+    async def cancel(self, room_id: str, generation_id: str | None = None) -> str:
+        """Stop the room's running generation; returns its id.
+
+        The partial answer is stored with status ``cancelled`` and announced with a
+        ``cancelled`` frame by the generation itself.
+        """
+        stopped = await self.generations.stop(room_id, generation_id)
+        if stopped is not None:
+            return stopped
+        async with self.db.read() as session:
+            store = MessageStore(session)
+            await load_room(store, room_id)
+            if generation_id is None:
+                raise Conflict("nothing is being generated in this room", code="not_running")
+            known = await store.by_generation_id(room_id, generation_id)
+        if known is None:
+            raise NotFound(f"no generation with id {generation_id!r}", code="generation_not_found")
+        raise Conflict(f"generation {generation_id!r} has already ended", code="not_running")
+
+    # --- the room's state ----------------------------------------------------------
+
+    async def _room(self, room_id: str) -> Room:
+        """The room to screen a message for: as cached (checked again once the room's
+        lock is held), else read."""
+        state = self.cache.get(room_id)
+        if state is not None:
+            return state.room
+        async with self.db.read() as session:
+            return await load_room(MessageStore(session), room_id)
+
+    async def _state(self, room_id: str, version: int) -> RoomState:
+        """The room's state as of change ``version``: cached, or read when not cached
+        or older (another process changed the room). Caller holds the room's lock."""
+        state = self.cache.get(room_id)
+        if state is None or state.version != version:
+            async with self.db.read() as session:
+                store = MessageStore(session)
+                room = await load_room(store, room_id)
+                branch = await store.branch(room.active_leaf_id)
+            state = self.cache.remember(room, branch, version)
+        return state
+
+    async def _known(self, room_id: str, client_id: str) -> dict[str, Any] | None:
+        """The message already sent with ``client_id``, when the cached state has it and
+        is current (the room may have been deleted on another process since)."""
+        state = self.cache.get(room_id)
+        message = state.sent(client_id) if state is not None else None
+        if message is None or state is None:
+            return None
+        if state.version != (await self.broker.changes(room_id))[0]:
+            return None
+        return message.to_dict()
+
+    async def _stored(self, room_id: str, client_id: str) -> dict[str, Any] | None:
+        """The message already sent with ``client_id``, from the database."""
+        async with self.db.read() as session:
+            store = MessageStore(session)
+            await load_room(store, room_id)
+            existing = await store.by_client_id(room_id, client_id)
+            return await store.message_view(existing) if existing is not None else None
