@@ -1,9 +1,9 @@
 """Conversation use cases: join, send, cancel, regenerate, select.
 
-Owns the rule "one generation per room at a time", through the broker's lease, so
+Owns the rule "one generation per room at a time", through the room's lease, so
 that it holds across gateway processes. Every change that clients see is committed
-first and published second, under the room's lock and inside the broker's
-:meth:`~gateway.broker.base.Broker.changing` bracket, so a client joining concurrently
+first and published second, under the room's lock and inside the event bus's
+:meth:`~gateway.broker.base.EventBus.changing` bracket, so a client joining concurrently
 (on this process or another) gets either the old state plus the event, or the new
 state without it — never a gap or a duplicate. Reads use read sessions; writes go
 through the group-committing :class:`~gateway.store.writer.Writer`.
@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from gateway import protocol
 from gateway.access import OPEN, Viewer
-from gateway.broker.base import Broker, Orphan, Position
+from gateway.broker.base import EventBus, Orphan, Position, RoomLeases
 from gateway.checks import CheckPipeline, SecretLeak, build_pipeline
 from gateway.errors import (
     BadRequest,
@@ -122,7 +122,7 @@ class RoomState:
     room: Room
     branch: list[Message]
     version: int = 0
-    """The room's change count (see :meth:`Broker.claim`) this state is current at."""
+    """The room's change count (see :meth:`RoomLeases.claim`) this state is current at."""
 
 
 class RoomCache:
@@ -157,7 +157,8 @@ class ChatService:
         db: Database,
         writer: Writer,
         hub: RoomHub,
-        broker: Broker,
+        bus: EventBus,
+        leases: RoomLeases,
         provider: ChatProvider,
         settings: Settings,
         quotas: Quotas | None = None,
@@ -168,13 +169,18 @@ class ChatService:
         self.moderator = moderator
         self.writer = writer
         self.hub = hub
-        self.broker = broker
+        self.bus = bus
+        self.leases = leases
         self.provider = provider
         self.settings = settings
         # Weak: a room's lock lives while someone holds it (a caller, or a running
         # generation), so probing many unknown room ids leaves nothing behind.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._running: dict[str, GenerationTask] = {}
+        # Rooms whose lease is claimed here for a generation not launched yet, and
+        # those of them cancelled meanwhile: they end as cancelled when they start.
+        self._unlaunched: dict[str, str] = {}
+        self._cancel_at_launch: set[str] = set()
         self._cache = RoomCache()
         self._checkpointer: asyncio.Task[None] | None = None
         self._closing = False
@@ -186,7 +192,8 @@ class ChatService:
 
     async def start(self) -> None:
         self.hub.on_room_frame = self._room_frame
-        await self.broker.start(self.hub, self._stop_requested)
+        await self.bus.start(self.hub)
+        await self.leases.start(self._stop_requested)
         self._checkpointer = asyncio.create_task(self._checkpoint_loop(), name="checkpoints")
 
     def _lock(self, room_id: str) -> asyncio.Lock:
@@ -234,7 +241,7 @@ class ChatService:
     async def changing_room(self, room_id: str) -> AsyncIterator[None]:
         """Bracket an update of the room itself (by the REST API): the caller commits
         it, then :meth:`room_changed` announces it."""
-        async with self._lock(room_id), self.broker.changing(room_id):
+        async with self._lock(room_id), self.bus.changing(room_id):
             yield
 
     def room_changed(self, room: Room, view: dict[str, Any]) -> None:
@@ -242,7 +249,7 @@ class ChatService:
         process; those shut out are disconnected, see :meth:`_room_frame`), and reload
         it on next use (a bigger context budget may need history the cache trimmed)."""
         self._cache.drop(room.id)
-        self.broker.publish(room.id, protocol.room_frame(view))
+        self.bus.publish(room.id, protocol.room_frame(view))
 
     def _room_frame(self, room_id: str, view: protocol.Frame, members: list[Subscriber]) -> None:
         """A ``room`` frame is reaching this process's members of the room (from any
@@ -299,7 +306,7 @@ class ChatService:
 
     async def readiness(self) -> dict[str, bool]:
         """Whether each shared part answers: ``database`` and ``broker``."""
-        return {"database": await self.db.ping(), "broker": self.broker.ready}
+        return {"database": await self.db.ping(), "broker": self.bus.ready}
 
     async def authorize(self, room_id: str, viewer: Viewer) -> None:
         """Raise ``room_not_found`` unless ``viewer`` may see the room (a private room
@@ -309,7 +316,7 @@ class ChatService:
         state = self._cache.get(room_id)
         # The cached room is current only if no change has begun since (another
         # process may have made it private).
-        if state is not None and state.version == (await self.broker.changes(room_id))[0]:
+        if state is not None and state.version == (await self.bus.changes(room_id))[0]:
             room = state.room
         else:
             async with self.db.read() as session:
@@ -338,10 +345,10 @@ class ChatService:
         """
         subscriber = self.hub.subscribe(room_id, viewer)  # from here on, nothing is missed
         try:
-            await self.broker.listen(room_id)
+            await self.bus.listen(room_id)
             await self.authorize(room_id, viewer)
             if after is not None:
-                missed = await self.broker.replay(room_id, after)
+                missed = await self.bus.replay(room_id, after)
                 # Tokens are merged in the queue; other events each take a slot. A
                 # replay that would overflow the queue at once is better as a resync.
                 if missed is not None and (
@@ -381,18 +388,18 @@ class ChatService:
         self, room_id: str
     ) -> tuple[Room, list[Message], list[dict[str, Any]], Position]:
         """The room, its active branch (and the views of its newest messages, up to
-        ``GATEWAY_READY_MAX_BYTES``) from the database, and the broker's position, all
+        ``GATEWAY_READY_MAX_BYTES``) from the database, and the bus's position, all
         as of the same change: retried while a change is between its commit and its
         publication (possibly on another process)."""
         for attempt in range(SNAPSHOT_TRIES):
-            begun, ended = await self.broker.changes(room_id)
+            begun, ended = await self.bus.changes(room_id)
             async with self.db.read() as session:
                 store = MessageStore(session)
                 room = await load_room(store, room_id)
                 branch = await store.branch(room.active_leaf_id)
                 shown = newest_within(branch, self.settings.ready_max_bytes)
                 messages = await store.views(room_id, shown)
-            position = await self.broker.position(room_id)
+            position = await self.bus.position(room_id)
             if begun == ended and (position.begun, position.ended) == (begun, ended):
                 break
             await asyncio.sleep(0.002 * 2**attempt)
@@ -406,7 +413,7 @@ class ChatService:
         in by :meth:`authorize`)."""
         subscriber = self.hub.subscribe(room_id, viewer)
         try:
-            await self.broker.listen(room_id)
+            await self.bus.listen(room_id)
         except BaseException:
             self.leave(subscriber)
             raise
@@ -415,7 +422,7 @@ class ChatService:
 
     def leave(self, subscriber: Subscriber) -> None:
         if self.hub.unsubscribe(subscriber):
-            self.broker.forget(subscriber.room_id)
+            self.bus.forget(subscriber.room_id)
 
     # --- sending -------------------------------------------------------------------
 
@@ -473,7 +480,7 @@ class ChatService:
                 )
                 async with (
                     self._releasing_on_error(sender),
-                    self.broker.changing(room_id) as changed,
+                    self.bus.changing(room_id) as changed,
                 ):
                     generation = self._plan(
                         room,
@@ -494,7 +501,7 @@ class ChatService:
                     state.version = changed
                     room.active_leaf_id = answer.id
                     user_view = user.to_dict()
-                    self.broker.publish(room_id, protocol.message_frame(user_view, client_id))
+                    self.bus.publish(room_id, protocol.message_frame(user_view, client_id))
                     return user_view, self._launch(generation)
 
     async def regenerate(
@@ -518,7 +525,7 @@ class ChatService:
                 history = await store.branch(target.parent_id)
                 branch = await store.views(room_id, history)
                 siblings = await store.sibling_ids(room_id, target.parent_id, "assistant")
-            async with self._releasing_on_error(sender), self.broker.changing(room_id) as version:
+            async with self._releasing_on_error(sender), self.bus.changing(room_id) as version:
                 generation = self._plan(
                     room, history, siblings, generation_id, temperature=temperature, sender=sender
                 )
@@ -529,23 +536,23 @@ class ChatService:
                 room.active_leaf_id = answer.id
                 self._remember(room, [*history, answer], version)
                 branch.append(generation.message_view)
-                self.broker.publish(room_id, protocol.branch_frame(branch, answer.id))
+                self.bus.publish(room_id, protocol.branch_frame(branch, answer.id))
                 return self._launch(generation)
 
     async def select(self, room_id: str, message_id: str) -> list[dict[str, Any]]:
         """Make the branch through ``message_id`` (down to its newest leaf) active."""
-        async with self._lock(room_id), self._claimed(room_id, new_id("select")):
+        async with self._lock(room_id), self._claimed(room_id, new_id("select"), cancellable=False):
             async with self.db.read() as session:
                 store = MessageStore(session)
                 room, target = await load_message(store, room_id, message_id)
                 leaf = await store.newest_leaf_under(target)
                 messages = await store.branch(leaf)
                 branch = await store.views(room_id, messages)
-            async with self.broker.changing(room_id) as version:
+            async with self.bus.changing(room_id) as version:
                 await self.writer.write(WriteBatch(leaves={room_id: leaf}))
                 room.active_leaf_id = leaf
                 self._remember(room, messages, version)
-                self.broker.publish(room_id, protocol.branch_frame(branch, leaf))
+                self.bus.publish(room_id, protocol.branch_frame(branch, leaf))
         return branch
 
     async def cancel(self, room_id: str, generation_id: str | None = None) -> str:
@@ -559,7 +566,7 @@ class ChatService:
             if generation.stop("cancelled"):
                 return generation.id
         elif generation is None:  # perhaps running on another process
-            asked = await self.broker.request_cancel(room_id, generation_id)
+            asked = await self.leases.request_cancel(room_id, generation_id)
             if asked is not None:
                 return asked
         async with self.db.read() as session:
@@ -579,9 +586,9 @@ class ChatService:
             generation.stop("cancelled")
             await generation.wait()
         else:
-            await self.broker.request_cancel(room_id, None)
+            await self.leases.request_cancel(room_id, None)
         self._cache.drop(room_id)
-        await self.broker.close_room(
+        await self.bus.close_room(
             room_id,
             protocol.error_frame(NotFound("this room was deleted", code="room_deleted")),
         )
@@ -627,19 +634,29 @@ class ChatService:
     # --- internals -----------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _claimed(self, room_id: str, generation_id: str) -> AsyncIterator[int]:
+    async def _claimed(
+        self, room_id: str, generation_id: str, *, cancellable: bool = True
+    ) -> AsyncIterator[int]:
         """Hold the room's lease for ``generation_id``, yielding the room's change
         count; raises ``Busy`` while another generation holds it. Released on leaving,
-        unless the generation was launched (it releases the lease when it ends)."""
-        version = await self.broker.claim(room_id, generation_id)
-        if version is None:
-            raise Busy("the room is generating; wait for the answer to end, or cancel it")
+        unless the generation was launched (it releases the lease when it ends).
+        A cancel that comes meanwhile (from any process) is applied at launch."""
+        if cancellable:  # before claiming: a cancel may come back at once
+            self._unlaunched[room_id] = generation_id
         try:
-            yield version
+            version = await self.leases.claim(room_id, generation_id, cancellable=cancellable)
+            if version is None:
+                raise Busy("the room is generating; wait for the answer to end, or cancel it")
+            try:
+                yield version
+            finally:
+                running = self._running.get(room_id)
+                if running is None or running.id != generation_id:
+                    self.leases.release(room_id, generation_id)
         finally:
-            running = self._running.get(room_id)
-            if running is None or running.id != generation_id:
-                self.broker.release(room_id, generation_id)
+            if self._unlaunched.get(room_id) == generation_id:
+                del self._unlaunched[room_id]
+            self._cancel_at_launch.discard(generation_id)
 
     async def _check_input(self, room: Room, content: str) -> None:
         """Run the room's input checks, then its moderation, on a user message."""
@@ -746,7 +763,7 @@ class ChatService:
             checks=self._checks(room),
             moderator=self._moderator(room),
             writer=self.writer,
-            broker=self.broker,
+            bus=self.bus,
             room_lock=self._lock(room.id),
             on_exit=self._on_generation_exit,
             sender=sender,
@@ -774,32 +791,38 @@ class ChatService:
     def _launch(self, generation: GenerationTask) -> Started:
         """Publish ``start`` and run the generation (caller holds the room lock)."""
         self._running[generation.room_id] = generation
-        self.broker.publish(
+        self.bus.publish(
             generation.room_id, protocol.start_frame(generation.id, generation.message_view)
         )
         generation.start()
+        if generation.id in self._cancel_at_launch:
+            generation.stop("cancelled")  # it ends at once, stored and announced
         return Started(generation.id, generation.message_id)
 
     def _on_generation_exit(self, generation: GenerationTask) -> None:
         if self._running.get(generation.room_id) is generation:
             del self._running[generation.room_id]
-        self.broker.release(generation.room_id, generation.id)
+        self.leases.release(generation.room_id, generation.id)
         self.quotas.end_generation(generation.sender)
 
     def _stop_requested(
         self, room_id: str, generation_id: str, why: Literal["cancelled", "lost"]
     ) -> None:
-        """Another process asked to cancel a generation of this one, or took it over."""
+        """A client asked to cancel a generation of this process, or another process
+        took it over. A cancel of a generation claimed but not launched yet is kept
+        for its launch: the client asked before seeing it start, and means it."""
         generation = self._running.get(room_id)
         if generation is not None and generation.id == generation_id:
             generation.stop(why)
+        elif why == "cancelled" and self._unlaunched.get(room_id) == generation_id:
+            self._cancel_at_launch.add(generation_id)
 
     async def _adopt(self, orphan: Orphan) -> None:
         """End a generation whose process died: store what it had published as
         ``interrupted``, and tell the room (its members may regenerate)."""
         room_id = orphan.room_id
         try:
-            async with self._lock(room_id), self.broker.changing(room_id):
+            async with self._lock(room_id), self.bus.changing(room_id):
                 final = {
                     "id": orphan.message_id,
                     "content": orphan.text,
@@ -814,7 +837,7 @@ class ChatService:
                     message = await store.message(room_id, orphan.message_id)
                     view = await store.message_view(message) if message is not None else None
                 error = GatewayError(INTERRUPTED["message"], code="interrupted")
-                self.broker.publish(
+                self.bus.publish(
                     room_id,
                     protocol.error_frame(error, generation_id=orphan.generation_id, answer=view),
                 )
@@ -827,7 +850,7 @@ class ChatService:
         except Exception:
             log.exception("room %s: adopting generation %s failed", room_id, orphan.generation_id)
         finally:
-            self.broker.release(room_id, orphan.generation_id)
+            self.leases.release(room_id, orphan.generation_id)
 
     async def _checkpoint_loop(self) -> None:
         """Every interval, save the text of all running answers in one write (then look
@@ -843,13 +866,13 @@ class ChatService:
             await asyncio.sleep(tick - loop.time())
             await self._checkpoint()
             try:
-                for orphan in await self.broker.orphans():
+                for orphan in await self.leases.orphans():
                     await self._adopt(orphan)
             except Exception:
                 log.exception("looking for generations whose process died failed")
             if tick - pruned_at >= PRUNE_INTERVAL:
                 pruned_at = tick
-                self.broker.prune()
+                self.bus.prune()
 
     async def _checkpoint(self) -> None:
         rows = []

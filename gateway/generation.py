@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway import protocol
-from gateway.broker.base import Broker
+from gateway.broker.base import EventBus
 from gateway.checks import CheckPipeline, Verdict
 from gateway.errors import CheckFailed, GatewayError, Unavailable, UpstreamError, internal_error
 from gateway.providers.base import ChatProvider, CompletionRequest
@@ -61,7 +61,7 @@ class GenerationTask:
         checks: CheckPipeline | None,
         moderator: Moderator | None,
         writer: Writer,
-        broker: Broker,
+        bus: EventBus,
         room_lock: asyncio.Lock,
         on_exit: Callable[[GenerationTask], None],
         sender: str = "anonymous",
@@ -89,7 +89,7 @@ class GenerationTask:
         self._shown = 0  # characters released from _held
         self._moderator = moderator
         self._writer = writer
-        self._broker = broker
+        self._bus = bus
         self._room_lock = room_lock
         self._on_exit = on_exit
         self._stop_status = "cancelled"
@@ -142,7 +142,7 @@ class GenerationTask:
         finish_reason: str | None = None
         usage: dict[str, Any] | None = None
         error: GatewayError | None = None
-        room_id, generation_id, publish = self.room_id, self.id, self._broker.publish
+        room_id, generation_id, publish = self.room_id, self.id, self._bus.publish
         try:
             if self._finishing:  # stopped before this task first ran
                 raise asyncio.CancelledError
@@ -259,7 +259,7 @@ class GenerationTask:
         final = self._final(status, finish_reason, usage, error)
         # Store, then publish, as one change: a client joining meanwhile sees either
         # the answer streaming plus this frame, or the stored answer alone.
-        async with self._room_lock, self._broker.changing(self.room_id):
+        async with self._room_lock, self._bus.changing(self.room_id):
             if not await self._store(final):
                 # The room moves on; the stored row stays "streaming" until the next
                 # start marks it interrupted. Clients hear what happened, not why.
@@ -276,7 +276,7 @@ class GenerationTask:
             else:
                 exc = error or GatewayError(INTERRUPTED["message"], code="interrupted")
                 frame = protocol.error_frame(exc, generation_id=self.id, answer=view)
-            self._broker.publish(self.room_id, frame)
+            self._bus.publish(self.room_id, frame)
 
     def _final(
         self,
