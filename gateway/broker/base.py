@@ -131,8 +131,7 @@ class EventBus(Protocol):
 
     async def replay(self, room_id: str, after: int) -> list[Event] | None:
         """Every logged event after ``after``, or None when the log no longer has them
-        all (too old, dropped, or an id it never gave out). ``after`` 0 is "before the
-        room's first event"."""
+        all (too old, dropped, or an id it never gave out)."""
         ...
 
     def prune(self) -> None:
