@@ -134,8 +134,15 @@ async def stored(http: httpx2.AsyncClient, served: Served, room_id: str) -> list
 
 
 def logged(frames: list[dict[str, Any]]) -> list[tuple[int, str]]:
-    """``(event_id, type)`` of every broadcast frame, in the order received."""
-    return [(f["event_id"], f["type"]) for f in frames if "event_id" in f]
+    """``(event_id, type)`` of every broadcast event, in the order received. A busy
+    client gets consecutive tokens merged into one frame (``seq_from``..``seq``, the
+    last one's id): they were consecutive events, and are counted one by one."""
+    events = []
+    for f in frames:
+        if "event_id" in f:
+            merged = f["seq"] - f["seq_from"] if "seq_from" in f else 0
+            events += [(f["event_id"] - n, f["type"]) for n in range(merged, -1, -1)]
+    return events
 
 
 # --------------------------------------------------------------------------- fan-out
