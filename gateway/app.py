@@ -19,7 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 
 from gateway.access import AccessControl, parse_keys, read_keys_file
-from gateway.broker.base import Broker
+from gateway.broker.base import EventBus, RoomLeases
 from gateway.chat import ChatService
 from gateway.eventlog import EventLogs
 from gateway.hub import RoomHub
@@ -103,21 +103,25 @@ def _unavailable(settings: Settings) -> ChatProvider:
     return UnavailableProvider(reason)
 
 
-def make_broker(settings: Settings, redis: Any) -> Broker:
-    """Redis when ``GATEWAY_REDIS_URL`` is set (several processes), else memory."""
+def make_broker(settings: Settings, redis: Any) -> tuple[EventBus, RoomLeases]:
+    """The event bus and the room leases: on Redis when ``GATEWAY_REDIS_URL`` is set
+    (several processes, sharing one connection), else in memory."""
     if redis is not None:
-        from gateway.broker.redis import RedisBroker
+        from gateway.broker.redis import RedisBackend, RedisEventBus, RedisRoomLeases
 
-        return RedisBroker(
+        backend = RedisBackend(
             redis,
             prefix=settings.redis_prefix,
             log_size=settings.event_buffer_size,
             log_seconds=settings.event_buffer_seconds,
-            lease_seconds=settings.lease_seconds,
         )
-    from gateway.broker.memory import MemoryBroker
+        return RedisEventBus(backend), RedisRoomLeases(
+            backend, lease_seconds=settings.lease_seconds
+        )
+    from gateway.broker.memory import MemoryEventBus, MemoryRoomLeases
 
-    return MemoryBroker(EventLogs(settings.event_buffer_size, settings.event_buffer_seconds))
+    bus = MemoryEventBus(EventLogs(settings.event_buffer_size, settings.event_buffer_seconds))
+    return bus, MemoryRoomLeases(bus)
 
 
 REDIS_CONNECTIONS = 64
@@ -186,10 +190,10 @@ def create_app(
         db = Database(settings.database_url)
         await db.upgrade()
         redis = connect_redis(settings.redis_url) if settings.redis_url else None
-        broker = make_broker(settings, redis)
+        bus, leases = make_broker(settings, redis)
         # Answers other processes are streaming are theirs (or, if those died, the
-        # broker's takeover ends them with their published text).
-        streaming_elsewhere = await broker.generating()
+        # leases' takeover ends them with their published text).
+        streaming_elsewhere = await leases.generating()
         async with db.transaction() as session:
             store = MessageStore(session)
             interrupted = await store.interrupt_streaming(streaming_elsewhere)
@@ -218,7 +222,8 @@ def create_app(
             db=db,
             writer=writer,
             hub=RoomHub(settings.send_queue_size),
-            broker=broker,
+            bus=bus,
+            leases=leases,
             provider=chosen,
             settings=settings,
             quotas=Quotas(
@@ -261,7 +266,8 @@ def create_app(
             if draining:  # started by the server; normally long done
                 await asyncio.gather(draining[0], return_exceptions=True)
             await chat.shutdown()
-            await broker.aclose()
+            await leases.aclose()
+            await bus.aclose()
             if redis is not None:
                 await redis.aclose()
             await writer.close()

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from gateway import protocol
-from gateway.broker.base import Broker
+from gateway.broker.base import EventBus, RoomLeases
 from gateway.errors import NotFound
 from gateway.generations import GenerationRegistry
 from gateway.hub import RoomHub
@@ -51,7 +51,8 @@ class ChatService:
         db: Database,
         writer: Writer,
         hub: RoomHub,
-        broker: Broker,
+        bus: EventBus,
+        leases: RoomLeases,
         provider: ChatProvider,
         settings: Settings,
         quotas: Quotas | None = None,
@@ -59,7 +60,7 @@ class ChatService:
     ) -> None:
         self.db = db
         self.hub = hub
-        self.broker = broker
+        self.bus = bus
         self.settings = settings
         self.quotas = quotas or Quotas()
         self.cache = RoomCache(settings.default_context_tokens)
@@ -71,7 +72,8 @@ class ChatService:
             db=db,
             writer=writer,
             hub=hub,
-            broker=broker,
+            bus=bus,
+            leases=leases,
             provider=provider,
             screening=screening,
             quotas=self.quotas,
@@ -82,7 +84,7 @@ class ChatService:
         self.joining = Joining(
             db=db,
             hub=hub,
-            broker=broker,
+            bus=bus,
             cache=self.cache,
             locks=self.locks,
             ready_max_bytes=settings.ready_max_bytes,
@@ -90,7 +92,7 @@ class ChatService:
         self.sending = Sending(
             db=db,
             writer=writer,
-            broker=broker,
+            bus=bus,
             cache=self.cache,
             locks=self.locks,
             generations=self.generations,
@@ -101,12 +103,12 @@ class ChatService:
 
     async def start(self) -> None:
         self.joining.start()
-        await self.broker.start(self.hub, self.generations.stop_requested)
-        self.generations.start()
+        await self.bus.start(self.hub)
+        await self.generations.start()
 
     async def readiness(self) -> dict[str, bool]:
         """Whether each shared part answers: ``database`` and ``broker``."""
-        return {"database": await self.db.ping(), "broker": self.broker.ready}
+        return {"database": await self.db.ping(), "broker": self.bus.ready}
 
     # --- the room itself changing (the REST API) -----------------------------------
 
@@ -114,7 +116,7 @@ class ChatService:
     async def changing_room(self, room_id: str) -> AsyncIterator[None]:
         """Bracket an update of the room itself: the caller commits it, then
         :meth:`room_changed` announces it."""
-        async with self.locks(room_id), self.broker.changing(room_id):
+        async with self.locks(room_id), self.bus.changing(room_id):
             yield
 
     def room_changed(self, room: Room, view: dict[str, Any]) -> None:
@@ -123,13 +125,13 @@ class ChatService:
         reload it on next use (a bigger context budget may need history the cache
         trimmed)."""
         self.cache.drop(room.id)
-        self.broker.publish(room.id, protocol.room_frame(view))
+        self.bus.publish(room.id, protocol.room_frame(view))
 
     async def close_room(self, room_id: str) -> None:
         """Stop the room's generation and disconnect its members (room deleted)."""
         await self.generations.stop_and_wait(room_id)
         self.cache.drop(room_id)
-        await self.broker.close_room(
+        await self.bus.close_room(
             room_id,
             protocol.error_frame(NotFound("this room was deleted", code="room_deleted")),
         )

@@ -9,7 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from gateway import protocol
-from gateway.broker.base import Broker
+from gateway.broker.base import EventBus
 from gateway.checks import CheckPipeline, Verdict
 from gateway.errors import CheckFailed, GatewayError, Unavailable, UpstreamError, internal_error
 from gateway.providers.base import ChatProvider, CompletionRequest, Moderation
@@ -72,7 +72,7 @@ class GenerationTask:
         checks: CheckPipeline | None,
         moderator: Moderation | None,
         writer: Writer,
-        broker: Broker,
+        bus: EventBus,
         owner: GenerationOwner,
         sender: str = "anonymous",
         hold_back: int = 0,
@@ -99,7 +99,7 @@ class GenerationTask:
         self._shown = 0  # characters released from _held
         self._moderator = moderator
         self._writer = writer
-        self._broker = broker
+        self._bus = bus
         self._owner = owner
         self._stop_status = "cancelled"
         self._finishing = False
@@ -151,7 +151,7 @@ class GenerationTask:
         finish_reason: str | None = None
         usage: dict[str, Any] | None = None
         error: GatewayError | None = None
-        room_id, generation_id, publish = self.room_id, self.id, self._broker.publish
+        room_id, generation_id, publish = self.room_id, self.id, self._bus.publish
         try:
             if self._finishing:  # stopped before this task first ran
                 raise asyncio.CancelledError
@@ -284,7 +284,7 @@ class GenerationTask:
             else:
                 exc = error or GatewayError(INTERRUPTED["message"], code="interrupted")
                 frame = protocol.error_frame(exc, generation_id=self.id, answer=view)
-            self._broker.publish(self.room_id, frame)
+            self._bus.publish(self.room_id, frame)
 
     def _final(
         self,

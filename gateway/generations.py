@@ -1,9 +1,17 @@
 """The generations this process runs: launching them, routing stop requests to them,
 their end, the checkpoints of their text, and taking over those of dead processes.
 
-Owns the rule "one generation per room at a time", through the broker's lease, so
-that it holds across gateway processes, and each sender's count of concurrent
-generations (held from admission to the generation's exit).
+Owns the rule "one generation per room at a time", through the room's lease (see
+:class:`~gateway.broker.base.RoomLeases`), so that it holds across gateway processes,
+and each sender's count of concurrent generations (held from admission to the
+generation's exit).
+
+A cancel may come, from any process, once a send or a regeneration has claimed the
+room's lease and before its generation is launched (a send claims it before its
+message is screened, which may take a while): the leases route it here whatever the
+generation's state, the registry remembers it, and the generation is launched
+cancelled: it publishes ``start``, then ends at once as ``cancelled``, empty, without
+asking the model. The message it answers stays.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from gateway import protocol
-from gateway.broker.base import Broker, Orphan
+from gateway.broker.base import EventBus, Orphan, RoomLeases
 from gateway.errors import Busy, GatewayError, Stopping
 from gateway.generation import INTERRUPTED, GenerationTask
 from gateway.hub import RoomHub
@@ -52,7 +60,8 @@ class GenerationRegistry:
         db: Database,
         writer: Writer,
         hub: RoomHub,
-        broker: Broker,
+        bus: EventBus,
+        leases: RoomLeases,
         provider: ChatProvider,
         screening: Screening,
         quotas: Quotas,
@@ -63,7 +72,8 @@ class GenerationRegistry:
         self.db = db
         self.writer = writer
         self.hub = hub
-        self.broker = broker
+        self.bus = bus
+        self.leases = leases
         self.provider = provider
         self.screening = screening
         self.quotas = quotas
@@ -71,12 +81,16 @@ class GenerationRegistry:
         self.locks = locks
         self.checkpoint_interval = checkpoint_interval
         self._running: dict[str, GenerationTask] = {}
+        # Generations whose room's lease is claimed here but that are not launched
+        # yet, each with whether a cancel came meanwhile (applied at launch).
+        self._unlaunched: dict[str, bool] = {}
         self._checkpointer: asyncio.Task[None] | None = None
         self._closing = False
         self.stopping = False
         """The server is stopping: nothing new is admitted (see :meth:`drain`)."""
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self.leases.start(self.stop_requested)
         self._checkpointer = asyncio.create_task(self._checkpoint_loop(), name="checkpoints")
 
     def running(self, room_id: str) -> GenerationTask | None:
@@ -103,19 +117,31 @@ class GenerationRegistry:
             raise
 
     @contextlib.asynccontextmanager
-    async def claimed(self, room_id: str, generation_id: str) -> AsyncIterator[int]:
-        """Hold the room's lease for ``generation_id``, yielding the room's change
-        count; raises ``Busy`` while another generation holds it. Released on leaving,
-        unless the generation was launched (it releases the lease when it ends)."""
-        version = await self.broker.claim(room_id, generation_id)
-        if version is None:
-            raise Busy("the room is generating; wait for the answer to end, or cancel it")
+    async def claimed(
+        self, room_id: str, holder_id: str, *, cancellable: bool = True
+    ) -> AsyncIterator[int]:
+        """Hold the room's lease for ``holder_id``, yielding the room's change count;
+        raises ``Busy`` while another holder has it. Released on leaving, unless the
+        generation ``holder_id`` was launched (it releases the lease when it ends).
+
+        ``holder_id`` is the id of the generation to :meth:`launch`; a cancel of it
+        that comes meanwhile (from any process) is applied at launch. A short
+        exclusive change that launches nothing (selecting a branch) claims with
+        ``cancellable=False``: a cancel meanwhile finds nothing running."""
+        if cancellable:  # before claiming: with the lease, a cancel may come at once
+            self._unlaunched[holder_id] = False
         try:
-            yield version
+            version = await self.leases.claim(room_id, holder_id, cancellable=cancellable)
+            if version is None:
+                raise Busy("the room is generating; wait for the answer to end, or cancel it")
+            try:
+                yield version
+            finally:
+                running = self._running.get(room_id)
+                if running is None or running.id != holder_id:
+                    self.leases.release(room_id, holder_id)
         finally:
-            running = self._running.get(room_id)
-            if running is None or running.id != generation_id:
-                self.broker.release(room_id, generation_id)
+            self._unlaunched.pop(holder_id, None)
 
     def launch(
         self,
@@ -126,8 +152,10 @@ class GenerationRegistry:
         sender: str,
     ) -> Started:
         """Publish ``start`` and run the generation that streams into the stored answer
-        ``message_view`` (the caller holds the room's lock and lease, and admitted
-        ``sender``)."""
+        ``message_view`` (the caller holds the room's lock and, through
+        :meth:`claimed`, its lease, and admitted ``sender``). A generation cancelled
+        since its lease was claimed ends at once, as ``cancelled``: stored and
+        announced, the model never asked."""
         generation = GenerationTask(
             generation_id=generation_id,
             room_id=room.id,
@@ -137,14 +165,17 @@ class GenerationRegistry:
             checks=self.screening.checks(room),
             moderator=self.screening.moderator_of(room),
             writer=self.writer,
-            broker=self.broker,
+            bus=self.bus,
             owner=self,
             sender=sender,
             hold_back=self.screening.hold_back(room),
         )
+        cancelled = self._unlaunched.pop(generation_id, False)
         self._running[room.id] = generation
-        self.broker.publish(room.id, protocol.start_frame(generation_id, message_view))
+        self.bus.publish(room.id, protocol.start_frame(generation_id, message_view))
         generation.start()
+        if cancelled:
+            generation.stop("cancelled")
         return Started(generation_id, generation.message_id)
 
     # --- the owner of each generation ----------------------------------------------
@@ -152,7 +183,7 @@ class GenerationRegistry:
     @contextlib.asynccontextmanager
     async def finishing(self, generation: GenerationTask) -> AsyncIterator[None]:
         room_id = generation.room_id
-        async with self.locks(room_id), self.broker.changing(room_id) as version:
+        async with self.locks(room_id), self.bus.changing(room_id) as version:
             try:
                 yield
             except BaseException:
@@ -164,20 +195,21 @@ class GenerationRegistry:
     def exited(self, generation: GenerationTask) -> None:
         if self._running.get(generation.room_id) is generation:
             del self._running[generation.room_id]
-        self.broker.release(generation.room_id, generation.id)
+        self.leases.release(generation.room_id, generation.id)
         self.quotas.end_generation(generation.sender)
 
     # --- stopping ------------------------------------------------------------------
 
     async def stop(self, room_id: str, generation_id: str | None) -> str | None:
         """Stop the room's generation (``generation_id``, or whichever runs), here or
-        on the process that runs it; returns the id of the one stopped, or None when
-        none is running (or it is already ending)."""
+        on the process that holds the room's lease, launched or not yet (see
+        :meth:`claimed`); returns the id of the one stopped, or None when none is
+        running (or it is already ending)."""
         generation = self._running.get(room_id)
         if generation is not None and generation_id in (None, generation.id):
             return generation.id if generation.stop("cancelled") else None
-        if generation is None:  # perhaps running on another process
-            return await self.broker.request_cancel(room_id, generation_id)
+        if generation is None:  # perhaps not launched yet, or on another process
+            return await self.leases.request_cancel(room_id, generation_id)
         return None
 
     async def stop_and_wait(self, room_id: str) -> None:
@@ -187,16 +219,20 @@ class GenerationRegistry:
             generation.stop("cancelled")
             await generation.wait()
         else:
-            await self.broker.request_cancel(room_id, None)
+            await self.leases.request_cancel(room_id, None)
 
     def stop_requested(
         self, room_id: str, generation_id: str, why: Literal["cancelled", "lost"]
     ) -> None:
-        """Another process asked to cancel a generation of this one, or took it over
-        (the broker's stop handler)."""
+        """A client (on any process) asked to cancel a generation whose lease this
+        process holds, or another process took the lease over (the leases' stop
+        handler). A cancel of a generation claimed but not launched yet is kept for its
+        launch: the client asked before seeing it start, and means it."""
         generation = self._running.get(room_id)
         if generation is not None and generation.id == generation_id:
             generation.stop(why)
+        elif why == "cancelled" and generation_id in self._unlaunched:
+            self._unlaunched[generation_id] = True
 
     async def drain(self, flush_timeout: float) -> None:
         """The server is stopping: admit nothing new, end every running answer as
@@ -246,13 +282,13 @@ class GenerationRegistry:
             await asyncio.sleep(tick - loop.time())
             await self._checkpoint()
             try:
-                for orphan in await self.broker.orphans():
+                for orphan in await self.leases.orphans():
                     await self._adopt(orphan)
             except Exception:
                 log.exception("looking for generations whose process died failed")
             if tick - pruned_at >= PRUNE_INTERVAL:
                 pruned_at = tick
-                self.broker.prune()
+                self.bus.prune()
 
     async def _checkpoint(self) -> None:
         rows = []
@@ -271,7 +307,7 @@ class GenerationRegistry:
         ``interrupted``, and tell the room (its members may regenerate)."""
         room_id = orphan.room_id
         try:
-            async with self.locks(room_id), self.broker.changing(room_id):
+            async with self.locks(room_id), self.bus.changing(room_id):
                 final = {
                     "id": orphan.message_id,
                     "content": orphan.text,
@@ -286,7 +322,7 @@ class GenerationRegistry:
                     message = await store.message(room_id, orphan.message_id)
                     view = await store.message_view(message) if message is not None else None
                 error = GatewayError(INTERRUPTED["message"], code="interrupted")
-                self.broker.publish(
+                self.bus.publish(
                     room_id,
                     protocol.error_frame(error, generation_id=orphan.generation_id, answer=view),
                 )
@@ -299,4 +335,4 @@ class GenerationRegistry:
         except Exception:
             log.exception("room %s: adopting generation %s failed", room_id, orphan.generation_id)
         finally:
-            self.broker.release(room_id, orphan.generation_id)
+            self.leases.release(room_id, orphan.generation_id)

@@ -2,8 +2,8 @@
 dropped connection, leaving, and access checked again when a room's access changes.
 
 A snapshot and the subscription are taken together under the room's lock, and inside
-no change of the broker's :meth:`~gateway.broker.base.Broker.changing` bracket, so a
-client joining while a change is committed and published (on this process or
+no change of the event bus's :meth:`~gateway.broker.base.EventBus.changing` bracket,
+so a client joining while a change is committed and published (on this process or
 another) gets either the old state plus the event, or the new state without it —
 never a gap or a duplicate.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway import protocol
 from gateway.access import OPEN, Viewer
-from gateway.broker.base import Broker, Position
+from gateway.broker.base import EventBus, Position
 from gateway.errors import Unavailable
 from gateway.hub import RoomHub, Subscriber
 from gateway.roomstate import RoomCache, RoomLocks
@@ -48,22 +48,22 @@ def newest_within(branch: list[Message], budget: int) -> list[Message]:
 
 
 class Joining:
-    """Subscriptions to rooms, on top of the hub (this process) and the broker (every
-    process)."""
+    """Subscriptions to rooms, on top of the hub (this process) and the event bus
+    (every process)."""
 
     def __init__(
         self,
         *,
         db: Database,
         hub: RoomHub,
-        broker: Broker,
+        bus: EventBus,
         cache: RoomCache,
         locks: RoomLocks,
         ready_max_bytes: int,
     ) -> None:
         self.db = db
         self.hub = hub
-        self.broker = broker
+        self.bus = bus
         self.cache = cache
         self.locks = locks
         self.ready_max_bytes = ready_max_bytes
@@ -87,7 +87,7 @@ class Joining:
         state = self.cache.get(room_id)
         # The cached room is current only if no change has begun since (another
         # process may have made it private).
-        if state is not None and state.version == (await self.broker.changes(room_id))[0]:
+        if state is not None and state.version == (await self.bus.changes(room_id))[0]:
             room = state.room
         else:
             async with self.db.read() as session:
@@ -116,10 +116,10 @@ class Joining:
         """
         subscriber = self.hub.subscribe(room_id, viewer)  # from here on, nothing is missed
         try:
-            await self.broker.listen(room_id)
+            await self.bus.listen(room_id)
             await self.authorize(room_id, viewer)
             if after is not None:
-                missed = await self.broker.replay(room_id, after)
+                missed = await self.bus.replay(room_id, after)
                 # Tokens are merged in the queue; other events each take a slot. A
                 # replay that would overflow the queue at once is better as a resync.
                 if missed is not None and (
@@ -159,18 +159,18 @@ class Joining:
         self, room_id: str
     ) -> tuple[Room, list[Message], list[dict[str, Any]], Position]:
         """The room, its active branch (and the views of its newest messages, up to
-        ``GATEWAY_READY_MAX_BYTES``) from the database, and the broker's position, all
+        ``GATEWAY_READY_MAX_BYTES``) from the database, and the bus's position, all
         as of the same change: retried while a change is between its commit and its
         publication (possibly on another process)."""
         for attempt in range(SNAPSHOT_TRIES):
-            begun, ended = await self.broker.changes(room_id)
+            begun, ended = await self.bus.changes(room_id)
             async with self.db.read() as session:
                 store = MessageStore(session)
                 room = await load_room(store, room_id)
                 branch = await store.branch(room.active_leaf_id)
                 shown = newest_within(branch, self.ready_max_bytes)
                 messages = await store.views(room_id, shown)
-            position = await self.broker.position(room_id)
+            position = await self.bus.position(room_id)
             if begun == ended and (position.begun, position.ended) == (begun, ended):
                 break
             await asyncio.sleep(0.002 * 2**attempt)
@@ -184,7 +184,7 @@ class Joining:
         in by :meth:`authorize`)."""
         subscriber = self.hub.subscribe(room_id, viewer)
         try:
-            await self.broker.listen(room_id)
+            await self.bus.listen(room_id)
         except BaseException:
             self.leave(subscriber)
             raise
@@ -193,7 +193,7 @@ class Joining:
 
     def leave(self, subscriber: Subscriber) -> None:
         if self.hub.unsubscribe(subscriber):
-            self.broker.forget(subscriber.room_id)
+            self.bus.forget(subscriber.room_id)
 
     # --- access changes ------------------------------------------------------------
 

@@ -2,9 +2,10 @@
 changes in this process. Plain data; nothing here awaits or does I/O.
 
 The database stays the record. A :class:`RoomState` is trusted only at the room's
-change count it was taken at (the broker's ``begun`` counter, see
-:meth:`gateway.broker.base.Broker.claim`): another process changing the room moves
-the count on, and the state is read again.
+change count it was taken at (the ``begun`` counter of
+:meth:`gateway.broker.base.EventBus.changes`, which claiming the room's lease returns
+too): another process changing the room moves the count on, and the state is read
+again.
 """
 
 from __future__ import annotations

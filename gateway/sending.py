@@ -2,8 +2,9 @@
 cancel the running answer.
 
 Every change that clients see is committed first and published second, under the
-room's lock and inside the broker's :meth:`~gateway.broker.base.Broker.changing`
-bracket (see :mod:`gateway.joining` for why). Reads use read sessions; writes go
+room's lock and inside the event bus's
+:meth:`~gateway.broker.base.EventBus.changing` bracket (see :mod:`gateway.joining`
+for why). Reads use read sessions; writes go
 through the group-committing :class:`~gateway.store.writer.Writer`, one batch per
 change.
 
@@ -15,6 +16,9 @@ by the database: ``(room_id, client_id)`` is unique, so storing it again fails, 
 only then is the stored one read. Screening the message (checks, moderation: slow)
 runs while the send holds the room's lease (one send or answer at a time, on every
 process), but before it takes the room's lock, which joins and other changes wait for.
+A cancel that comes meanwhile is kept, and the answer ends as ``cancelled`` as it
+starts (see :mod:`gateway.generations`). Selecting a branch holds the lease too, but
+as nothing to cancel.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import contextlib
 from typing import Any
 
 from gateway import protocol
-from gateway.broker.base import Broker
+from gateway.broker.base import EventBus
 from gateway.errors import BadRequest, Busy, Conflict, NotFound
 from gateway.generations import GenerationRegistry, Started
 from gateway.planning import Defaults, plan
@@ -50,7 +54,7 @@ class Sending:
         *,
         db: Database,
         writer: Writer,
-        broker: Broker,
+        bus: EventBus,
         cache: RoomCache,
         locks: RoomLocks,
         generations: GenerationRegistry,
@@ -60,7 +64,7 @@ class Sending:
     ) -> None:
         self.db = db
         self.writer = writer
-        self.broker = broker
+        self.bus = bus
         self.cache = cache
         self.locks = locks
         self.generations = generations
@@ -147,7 +151,7 @@ class Sending:
         )
         async with (
             self.generations.releasing_on_error(sender),
-            self.broker.changing(room.id) as changed,
+            self.bus.changing(room.id) as changed,
         ):
             planned = plan(
                 room,
@@ -172,7 +176,7 @@ class Sending:
             state.version = changed
             room.active_leaf_id = answer.id
             user_view = user.to_dict()
-            self.broker.publish(room.id, protocol.message_frame(user_view, client_id))
+            self.bus.publish(room.id, protocol.message_frame(user_view, client_id))
             view = answer.to_dict([answer.id])
             return user_view, self.generations.launch(
                 room, generation_id, view, planned.request, sender
@@ -201,7 +205,7 @@ class Sending:
                 siblings = await store.sibling_ids(room_id, target.parent_id, "assistant")
             async with (
                 self.generations.releasing_on_error(sender),
-                self.broker.changing(room_id) as version,
+                self.bus.changing(room_id) as version,
             ):
                 planned = plan(
                     room,
@@ -220,23 +224,28 @@ class Sending:
                 self.cache.remember(room, [*history, answer], version)
                 view = answer.to_dict([*siblings, answer.id])
                 branch.append(view)
-                self.broker.publish(room_id, protocol.branch_frame(branch, answer.id))
+                self.bus.publish(room_id, protocol.branch_frame(branch, answer.id))
                 return self.generations.launch(room, generation_id, view, planned.request, sender)
 
     async def select(self, room_id: str, message_id: str) -> list[dict[str, Any]]:
-        """Make the branch through ``message_id`` (down to its newest leaf) active."""
-        async with self.locks(room_id), self.generations.claimed(room_id, new_id("select")):
+        """Make the branch through ``message_id`` (down to its newest leaf) active
+        (holding the room's lease, as nothing to cancel: a cancel meanwhile gets
+        ``not_running``)."""
+        async with (
+            self.locks(room_id),
+            self.generations.claimed(room_id, new_id("select"), cancellable=False),
+        ):
             async with self.db.read() as session:
                 store = MessageStore(session)
                 room, target = await load_message(store, room_id, message_id)
                 leaf = await store.newest_leaf_under(target)
                 messages = await store.branch(leaf)
                 branch = await store.views(room_id, messages)
-            async with self.broker.changing(room_id) as version:
+            async with self.bus.changing(room_id) as version:
                 await self.writer.write(WriteBatch(leaves={room_id: leaf}))
                 room.active_leaf_id = leaf
                 self.cache.remember(room, messages, version)
-                self.broker.publish(room_id, protocol.branch_frame(branch, leaf))
+                self.bus.publish(room_id, protocol.branch_frame(branch, leaf))
         return branch
 
     async def cancel(self, room_id: str, generation_id: str | None = None) -> str:
@@ -288,7 +297,7 @@ class Sending:
         message = state.sent(client_id) if state is not None else None
         if message is None or state is None:
             return None
-        if state.version != (await self.broker.changes(room_id))[0]:
+        if state.version != (await self.bus.changes(room_id))[0]:
             return None
         return message.to_dict()
 

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from gateway.testing.fake_upstream import FakeUpstream, Scenario
-from tests.conftest import scaled
+from tests.conftest import create_room, get_messages, scaled
 
 
 async def test_cancel_closes_the_upstream_request_and_keeps_the_partial_answer(
@@ -166,3 +166,41 @@ async def test_regenerate_while_generating_is_busy(
     assert (await client.until("error"))["code"] == "busy"
     await client.send({"type": "cancel"})
     await client.until("cancelled")
+
+
+async def test_a_cancel_before_the_answer_starts_ends_it_as_cancelled_as_it_starts(
+    start_gateway: Any, connect: Any, upstream: FakeUpstream
+) -> None:
+    # A send has claimed the room and is waiting for moderation (nothing is stored
+    # yet) when another member presses stop: the message is kept, the answer starts
+    # and ends at once as cancelled, without asking the model, and the room is free.
+    gateway = start_gateway(checks=["moderation"], moderation_model="fake-moderation")
+    room = await create_room(gateway)
+    upstream.moderation_delay = scaled(1.0)
+    sender, other = (
+        await connect(room["id"], gateway_=gateway),
+        await connect(room["id"], gateway_=gateway),
+    )
+    await sender.send({"type": "send", "content": "hello"})
+    upstream.wait_until(lambda: bool(upstream.moderations), timeout=scaled(5))
+    await other.send({"type": "cancel"})
+
+    message = await other.until("message")
+    start = await other.until("start")
+    cancelled = await other.until("cancelled")
+    assert message["message"]["content"] == "hello"
+    assert cancelled["generation_id"] == start["generation_id"]
+    assert (cancelled["message"]["status"], cancelled["message"]["content"]) == ("cancelled", "")
+    assert other.of_type("error") == []  # the cancel was taken, not refused
+    assert upstream.requests == []
+
+    upstream.moderation_delay = 0
+    await sender.send({"type": "send", "content": "again"})
+    assert (await sender.until("done"))["message"]["status"] == "complete"
+    stored = await get_messages(gateway, room["id"])
+    assert [(m["role"], m["status"]) for m in stored] == [
+        ("user", "complete"),
+        ("assistant", "cancelled"),
+        ("user", "complete"),
+        ("assistant", "complete"),
+    ]

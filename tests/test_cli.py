@@ -386,12 +386,17 @@ def test_sigterm_with_websocket_and_event_stream_clients_mid_answer(serve: Any) 
     lines: list[str] = []
     events_url = f"{served.url}/api/rooms/{room['id']}/events"
 
+    streaming = threading.Event()
+
     def read_events() -> None:
         with httpx2.stream("GET", events_url, timeout=scaled(20)) as response:
+            streaming.set()
             lines.extend(response.iter_lines())  # until the server ends the stream
 
     sse = threading.Thread(target=read_events)
     sse.start()
+    # On a busy machine the thread may connect late: after the server stopped.
+    assert streaming.wait(scaled(10)), "the event stream did not open"
     with websocket(served, room["id"]) as ws:
         send(ws, {"type": "send", "content": "long one [[fake count=1000 delay=0.02]]"})
         until(ws, "token")

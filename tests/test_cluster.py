@@ -356,6 +356,36 @@ async def test_killing_the_process_mid_answer_lets_another_take_over(
     assert done["message"]["siblings"] == [answer["id"], done["message"]["id"]]
 
 
+async def freeze(served: Served, database_url: str, room_id: str) -> None:
+    """SIGSTOP ``served`` at a moment it holds no write lock on the room's messages. A
+    process frozen inside a write (its answer's checkpoint, every 0.2 s here) keeps any
+    other process from storing the room's answer until it wakes: SQLite locks the whole
+    file, PostgreSQL the rows. The takeover then waits for it (seen failing so, under
+    load, with the test's 20 s wait)."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    waits = {"timeout": 0} if database_url.startswith("sqlite") else {}
+    if database_url.startswith("postgresql"):
+        waits = {"server_settings": {"lock_timeout": "200"}}
+    engine = create_async_engine(database_url, connect_args=waits)
+    try:
+        for _ in range(100):
+            os.killpg(served.process.pid, signal.SIGSTOP)
+            try:
+                async with engine.connect() as connection:
+                    update = "UPDATE messages SET content = content WHERE room_id = :room_id"
+                    await connection.execute(text(update), {"room_id": room_id})
+                    await connection.rollback()
+                return
+            except Exception:  # locked by the frozen process: let it finish first
+                os.killpg(served.process.pid, signal.SIGCONT)
+                await asyncio.sleep(0.01)
+        raise AssertionError("the process always held a write lock on the room")
+    finally:
+        await engine.dispose()
+
+
 async def test_a_frozen_process_whose_answer_was_taken_over_stops_it_when_it_wakes(
     cluster: Any,
     connect: Any,
@@ -371,7 +401,7 @@ async def test_a_frozen_process_whose_answer_was_taken_over_stops_it_when_it_wak
     await on_b.send({"type": "send", "content": "long story"})
     for _ in range(10):
         await on_a.until("token")
-    os.killpg(b.process.pid, signal.SIGSTOP)  # a long pause: its lease expires
+    await freeze(b, database_url, room["id"])  # a long pause: its lease expires
     try:
         error = await on_a.until("error", timeout=20)  # a takes the answer over
         assert error["code"] == "interrupted"

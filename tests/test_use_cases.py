@@ -1,6 +1,6 @@
 """The chat use cases without sockets: join, send, cancel, regenerate, select and drain,
 driven directly on the parts (:class:`~gateway.chat.ChatService` wires them) with the
-memory broker, a SQLite file (or PostgreSQL, see ``TEST_DATABASE_URL``), and an
+memory event bus and room leases, a SQLite file (or PostgreSQL, see ``TEST_DATABASE_URL``), and an
 in-process scripted provider.
 
 The end-to-end tests (real servers, real sockets) are the acceptance layer; these say
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, func, select
 
-from gateway.broker.memory import MemoryBroker
+from gateway.broker.memory import MemoryEventBus, MemoryRoomLeases
 from gateway.chat import ChatService
 from gateway.errors import BadRequest, Busy, CheckFailed, Conflict, NotFound, Stopping
 from gateway.eventlog import EventLogs
@@ -144,11 +144,13 @@ def open_parts(
         db = Database(settings.database_url)
         writer = Writer(db)
         writer.start()
+        bus = MemoryEventBus(EventLogs(1024, 300))
         chat = ChatService(
             db=db,
             writer=writer,
             hub=RoomHub(),
-            broker=MemoryBroker(EventLogs(1024, 300)),
+            bus=bus,
+            leases=MemoryRoomLeases(bus),
             provider=provider,
             settings=settings,
             moderator=moderator,
@@ -289,14 +291,22 @@ async def test_a_retry_after_a_restart_is_a_duplicate(open_parts: Callable[[], A
         assert await parts.count(room_id) == 2
 
 
+async def held_in_moderation(
+    parts: Parts, moderator: ScriptedModerator, room_id: str, content: str
+) -> asyncio.Task[Any]:
+    """A send of ``content`` started, and held while its message is moderated."""
+    moderator.gate.hold()
+    sending = asyncio.create_task(parts.chat.sending.send(room_id, content))
+    await asyncio.wait_for(moderator.gate.waiting.wait(), scaled(2))
+    return sending
+
+
 async def test_a_message_is_screened_outside_the_room_lock(
     parts: Parts, moderator: ScriptedModerator
 ) -> None:
     room_id = await parts.new_room(checks=["moderation"])
     member = await parts.member(room_id)
-    moderator.gate.hold()
-    sending = asyncio.create_task(parts.chat.sending.send(room_id, "one"))
-    await asyncio.wait_for(moderator.gate.waiting.wait(), scaled(2))
+    sending = await held_in_moderation(parts, moderator, room_id, "one")
 
     # Joining takes the room's lock: it is free while the message is moderated.
     other = await parts.member(room_id)
@@ -373,6 +383,42 @@ async def test_cancel_says_what_is_not_running(parts: Parts) -> None:
 
     assert nothing.value.code == ended.value.code == "not_running"
     assert unknown.value.code == "generation_not_found"
+
+
+async def test_a_cancel_while_the_message_is_screened_ends_its_answer_as_it_starts(
+    parts: Parts, moderator: ScriptedModerator, provider: ScriptedProvider
+) -> None:
+    room_id = await parts.new_room(checks=["moderation"])
+    member = await parts.member(room_id)
+    sending = await held_in_moderation(parts, moderator, room_id, "one")
+
+    # The send holds the room's lease: its answer is cancelled before it starts.
+    cancelled_id = await parts.chat.sending.cancel(room_id)
+    moderator.gate.release()
+    _, started = await sending
+
+    assert started is not None and started.generation_id == cancelled_id
+    frames = await member.until("cancelled")
+    assert [f["type"] for f in frames] == ["message", "start", "cancelled"]
+    assert frames[-1]["message"]["content"] == ""
+    assert provider.requests == []  # the model was never asked
+    rows = await parts.stored(room_id)
+    assert [(r.role, r.status, r.content) for r in rows] == [
+        ("user", "complete", "one"),
+        ("assistant", "cancelled", ""),
+    ]
+    await parts.answered(member, "two")  # the room is free again
+
+
+async def test_a_cancel_during_an_exclusive_change_finds_nothing_running(
+    parts: Parts,
+) -> None:
+    room_id = await parts.new_room()
+    # What select holds: the room's lease, but as nothing to cancel.
+    async with parts.chat.generations.claimed(room_id, "select_1", cancellable=False):
+        with pytest.raises(Conflict) as nothing:
+            await parts.chat.sending.cancel(room_id)
+    assert nothing.value.code == "not_running"
 
 
 # --- regenerate and select -------------------------------------------------------------

@@ -1,19 +1,21 @@
-"""The broker interface, and the few pure rules both implementations share.
+"""The broker's two interfaces, and the few pure rules their implementations share.
 
-A broker carries four things between gateway processes, in the terms of Centrifugo:
+What crosses gateway processes comes in two parts, each a small interface with one
+contract test suite over every implementation (``tests/test_broker_contract.py``):
 
-- **fan-out**: an event published in a room, by any process, reaches the subscribers
-  of that room on every process (through :meth:`RoomHub.deliver
-  <gateway.hub.RoomHub.deliver>`), in the order the room's ``event_id`` gives;
-- **history**: each room's recent events, so that a client reconnecting to any
-  process resumes after its last event id (:meth:`Broker.replay`);
-- **the live answer**: the text so far of the room's running generation, read in one
-  step with the newest event id, for a client joining mid-answer;
-- **ownership**: one generation per room at a time, held as a lease that its holder
-  renews and that expires if the holder dies; cancel requests are routed to it.
+- the :class:`EventBus`, in the terms of Centrifugo: **fan-out** (an event published
+  in a room, by any process, reaches the room's subscribers on every process, in the
+  order of the room's ``event_id``), **history** (a client reconnecting to any process
+  resumes after its last event id), **the live answer** (the text so far of the room's
+  running generation, read in one step with the newest event id), and per-room
+  **change counters** (whether a cached room, or a snapshot just read from the
+  database, is current);
+- the :class:`RoomLeases`: **ownership**, one generation per room at a time, held as a
+  lease that its holder renews and that expires if the holder dies; cancel requests
+  are routed to the holder, and the leases of dead holders are taken over.
 
-It also keeps a per-room change counter, so that a process can tell whether the room
-it has cached, or the snapshot it has just read from the database, is current.
+Each implementation is a pair sharing one backend: :mod:`gateway.broker.memory` (one
+process, nothing shared) and :mod:`gateway.broker.redis` (several processes).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from gateway.hub import RoomHub
+from gateway.hub import Event, RoomHub
 from gateway.protocol import Frame
 
 ENDING_FRAMES = frozenset({"done", "cancelled", "error"})
@@ -62,14 +64,32 @@ def live_change(frame: Frame) -> str | None:
 
 
 StopHandler = Callable[[str, str, Literal["cancelled", "lost"]], None]
-"""Called with ``(room_id, generation_id, why)`` to stop a generation this process
-runs: ``cancelled`` (a client on another process asked), or ``lost`` (its lease was
-taken over by another process, which ended the answer: stop without a word)."""
+"""Called with ``(room_id, generation_id, why)`` to stop a generation whose lease this
+process holds: ``cancelled`` (a client, on any process, asked; perhaps before the
+generation started, which the holder must then remember until it starts), or
+``lost`` (its lease was taken over by another process, which ended the answer: stop
+without a word)."""
 
 
-class Broker(Protocol):
-    """What every gateway process shares. Methods that only enqueue never await, so a
-    generation publishes a token without waiting for anything."""
+class EventBus(Protocol):
+    """Rooms' events, their ids and history, shared by every gateway process.
+
+    Guarantees:
+
+    - **ids**: each room's events get increasing ids (consecutive, in one room, for a
+      given bus), whichever process published them;
+    - **delivery**: every event published in a room reaches :meth:`RoomHub.deliver
+      <gateway.hub.RoomHub.deliver>` of each process that :meth:`listen`\\ s to the room,
+      exactly once and in id order (a process that missed some fills the gap from the
+      history, or closes the room's subscriptions with ``resync_required``);
+    - **history**: :meth:`replay` gives every event after an id, or None — never a
+      part of them;
+    - **position**: the newest id, the change counters and the live answer are read
+      in one step, so a joining client sees each event either in its snapshot or
+      after it, never both or neither;
+    - **never awaits to publish**: :meth:`publish` (and the end of :meth:`changing`)
+      only enqueue, so a generation publishes a token without waiting for anything.
+    """
 
     name: str
 
@@ -78,18 +98,18 @@ class Broker(Protocol):
         """Whether the shared parts are reachable (``/readyz``)."""
         ...
 
-    async def start(self, hub: RoomHub, on_stop: StopHandler) -> None:
-        """Begin delivering the rooms' events to ``hub``, and stop requests (cancel,
-        lease lost) to ``on_stop``."""
+    async def start(self, hub: RoomHub) -> None:
+        """Begin delivering the rooms' events to ``hub``."""
         ...
 
-    async def aclose(self) -> None: ...
-
-    # --- fan-out and history -------------------------------------------------------
+    async def aclose(self) -> None:
+        """Send what is queued (within a few seconds), then stop."""
+        ...
 
     def publish(self, room_id: str, frame: Frame) -> None:
-        """Give ``frame`` the room's next ``event_id``, log it, and deliver it to the
-        room's subscribers on every process, in order; never awaits."""
+        """Give ``frame`` the room's next ``event_id``, log it, update the live answer
+        (``start``, ``token``, and an ending frame of that generation), and deliver
+        it to the room's subscribers on every process, in order; never awaits."""
         ...
 
     async def listen(self, room_id: str) -> None:
@@ -109,7 +129,7 @@ class Broker(Protocol):
         """The room's change counters: how many changes have begun, and ended."""
         ...
 
-    async def replay(self, room_id: str, after: int) -> list[Any] | None:
+    async def replay(self, room_id: str, after: int) -> list[Event] | None:
         """Every logged event after ``after``, or None when the log no longer has them
         all (too old, dropped, or an id it never gave out)."""
         ...
@@ -120,35 +140,63 @@ class Broker(Protocol):
 
     def changing(self, room_id: str) -> AbstractAsyncContextManager[int]:
         """Bracket a change that is committed, then published: a snapshot taken
-        meanwhile is retried. Yields the room's change count with this one begun."""
+        meanwhile is retried. Yields the room's change count with this one begun;
+        the change ends after the events published inside the bracket."""
         ...
 
     async def close_room(self, room_id: str, final: Frame) -> None:
         """End every subscription to the room, on every process, with ``final``, and
-        forget its log (the room was deleted)."""
+        forget its log and live answer (the room was deleted)."""
         ...
 
-    # --- ownership -----------------------------------------------------------------
 
-    async def claim(self, room_id: str, generation_id: str) -> int | None:
-        """Take the room's lease for ``generation_id``; returns the room's change count,
-        or None when another generation holds it."""
+class RoomLeases(Protocol):
+    """Who may change a room: one lease per room, held by one process at a time.
+
+    Guarantees:
+
+    - **exclusive**: while a lease is held, :meth:`claim` of the same room fails
+      everywhere; once :meth:`release`\\ d (after everything its holder published
+      before), it can be claimed again;
+    - **cancel reaches the holder**: :meth:`request_cancel` of a generation's lease
+      calls the holder process's stop handler, from the moment the lease is claimed —
+      before the generation has started too (the holder applies it when it starts);
+      a lease claimed with ``cancellable=False`` (a short exclusive change, such as
+      selecting a branch) is not a generation: nothing is asked, None is returned;
+    - **takeover**: a lease whose holder stops renewing it (the process died) is
+      offered, with its published answer, by :meth:`orphans` to a live process, and
+      the old holder, should it wake, hears ``lost``. One process alone has none.
+    """
+
+    async def start(self, on_stop: StopHandler) -> None:
+        """Begin routing stop requests (cancel, lease lost) to ``on_stop``, and
+        renewing the leases held here."""
         ...
 
-    def release(self, room_id: str, generation_id: str) -> None:
+    async def aclose(self) -> None: ...
+
+    async def claim(self, room_id: str, holder_id: str, *, cancellable: bool = True) -> int | None:
+        """Take the room's lease for ``holder_id`` (a generation's id, unless not
+        ``cancellable``); returns the room's change count (as :meth:`EventBus.changes`
+        has it begun), or None when another holder has the lease."""
+        ...
+
+    def release(self, room_id: str, holder_id: str) -> None:
         """Give the lease back, after everything published so far; never awaits."""
         ...
 
     async def request_cancel(self, room_id: str, generation_id: str | None) -> str | None:
-        """Ask the lease holder to stop its generation (``generation_id``, or whichever
-        runs); returns the id of the generation asked, or None when none runs."""
+        """Ask the holder of the room's lease to stop its generation (``generation_id``,
+        or whichever holds it), started or not; returns the id of the generation
+        asked, or None when no generation holds the lease."""
         ...
 
     async def generating(self) -> set[str]:
-        """Rooms whose answer some process is streaming (for startup recovery)."""
+        """Rooms whose answer some process is streaming (``start`` published, no end
+        yet): for startup recovery."""
         ...
 
     async def orphans(self) -> list[Orphan]:
-        """Generations whose owner stopped renewing its lease; the caller now holds
+        """Generations whose holder stopped renewing its lease; the caller now holds
         each one's lease and must end it (and release)."""
         ...

@@ -2,7 +2,8 @@
 
 The default, and exactly the gateway's behaviour before brokers existed: publishing
 appends to the room's :class:`~gateway.eventlog.EventLogs` and hands the event to the
-hub at once, so no await separates a change from its delivery.
+hub at once, so no await separates a change from its delivery; a lease is an entry in
+a dict, and a cancel calls the stop handler at once.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ class LiveAnswer:
         }
 
 
-class MemoryBroker:
-    """One process's rooms: an event log, live answers and leases in dicts."""
+class MemoryEventBus:
+    """One process's rooms: an event log and live answers in dicts."""
 
     name = "memory"
     ready = True
@@ -46,13 +47,10 @@ class MemoryBroker:
     def __init__(self, log: EventLogs[Event]) -> None:
         self.log = log
         self._hub: RoomHub | None = None
-        self._live: dict[str, LiveAnswer] = {}
-        self._leases: dict[str, str] = {}
-        self._on_stop: StopHandler | None = None
+        self.live: dict[str, LiveAnswer] = {}  # room -> its running answer
 
-    async def start(self, hub: RoomHub, on_stop: StopHandler) -> None:
+    async def start(self, hub: RoomHub) -> None:
         self._hub = hub
-        self._on_stop = on_stop
 
     async def aclose(self) -> None:
         pass
@@ -62,16 +60,16 @@ class MemoryBroker:
         frame["event_id"] = self.log.append(room_id, event)  # before anything encodes it
         change = live_change(frame)
         if change == "token":
-            live = self._live.get(room_id)
+            live = self.live.get(room_id)
             if live is not None and live.generation_id == frame["generation_id"]:
                 live.seq = frame["seq"]
                 live.parts.append(frame["text"])
         elif change == "start":
-            self._live[room_id] = LiveAnswer(frame["generation_id"], frame["message_id"])
+            self.live[room_id] = LiveAnswer(frame["generation_id"], frame["message_id"])
         elif change == "end":
-            live = self._live.get(room_id)
+            live = self.live.get(room_id)
             if live is not None and live.generation_id == frame["generation_id"]:
-                del self._live[room_id]
+                del self.live[room_id]
         assert self._hub is not None, "publish before start"
         self._hub.deliver(room_id, event)
 
@@ -82,7 +80,7 @@ class MemoryBroker:
         pass
 
     async def position(self, room_id: str) -> Position:
-        live = self._live.get(room_id)
+        live = self.live.get(room_id)
         return Position(self.log.last_id(room_id), live.view() if live is not None else None)
 
     async def changes(self, room_id: str) -> tuple[int, int]:
@@ -100,31 +98,48 @@ class MemoryBroker:
         assert self._hub is not None, "close_room before start"
         self._hub.close_room(room_id, final)
         self.log.drop(room_id)
-        self._live.pop(room_id, None)
-
-    async def claim(self, room_id: str, generation_id: str) -> int | None:
-        if room_id in self._leases:
-            return None
-        self._leases[room_id] = generation_id
-        return 0
-
-    def release(self, room_id: str, generation_id: str) -> None:
-        if self._leases.get(room_id) == generation_id:
-            del self._leases[room_id]
-
-    async def request_cancel(self, room_id: str, generation_id: str | None) -> str | None:
-        running = self._leases.get(room_id)
-        if running is None or generation_id not in (None, running):
-            return None
-        assert self._on_stop is not None
-        self._on_stop(room_id, running, "cancelled")
-        return running
-
-    async def generating(self) -> set[str]:
-        return set(self._live)
-
-    async def orphans(self) -> list[Orphan]:
-        return []  # a generation here dies only with the process, and so does its room
+        self.live.pop(room_id, None)
 
     def prune(self) -> None:
         self.log.prune()
+
+
+class MemoryRoomLeases:
+    """One process's leases, in a dict; the bus's live answers tell which rooms are
+    generating. Nothing expires: a holder here dies only with the process, and so
+    does every room's state."""
+
+    def __init__(self, bus: MemoryEventBus) -> None:
+        self._bus = bus
+        self._leases: dict[str, tuple[str, bool]] = {}  # room -> holder, cancellable
+        self._on_stop: StopHandler | None = None
+
+    async def start(self, on_stop: StopHandler) -> None:
+        self._on_stop = on_stop
+
+    async def aclose(self) -> None:
+        pass
+
+    async def claim(self, room_id: str, holder_id: str, *, cancellable: bool = True) -> int | None:
+        if room_id in self._leases:
+            return None
+        self._leases[room_id] = (holder_id, cancellable)
+        return 0
+
+    def release(self, room_id: str, holder_id: str) -> None:
+        if self._leases.get(room_id, ("",))[0] == holder_id:
+            del self._leases[room_id]
+
+    async def request_cancel(self, room_id: str, generation_id: str | None) -> str | None:
+        holder, cancellable = self._leases.get(room_id, ("", False))
+        if not cancellable or generation_id not in (None, holder):
+            return None
+        assert self._on_stop is not None, "request_cancel before start"
+        self._on_stop(room_id, holder, "cancelled")
+        return holder
+
+    async def generating(self) -> set[str]:
+        return set(self._bus.live)
+
+    async def orphans(self) -> list[Orphan]:
+        return []  # a generation here dies only with the process, and so does its room

@@ -1,5 +1,10 @@
 """The Redis broker: several gateway processes as one (``GATEWAY_REDIS_URL``).
 
+A process's :class:`RedisEventBus` and :class:`RedisRoomLeases` share one
+:class:`RedisBackend`: the client, the scripts, one queue of operations sent in order
+(a lease is released after the events published before it) and one subscription.
+The only module that imports redis, and loaded only when configured.
+
 Keys and channels, under the prefix ``P`` (``GATEWAY_REDIS_PREFIX``), for a room ``R``:
 
 ==========================  ===============================================================
@@ -10,6 +15,7 @@ Keys and channels, under the prefix ``P`` (``GATEWAY_REDIS_PREFIX``), for a room
 ``P:room:R:live``           hash of the running answer: ``g`` generation, ``m`` message,
                             ``s`` seq; ``P:room:R:text`` its text so far (APPEND)
 ``P:room:R:lease``          ``"<process> <generation>"``, expiring unless renewed
+                            (``"<process> <holder> -"``: not cancellable)
 ``P:generating``            set of rooms with a running answer (for takeover)
 channel ``P:events``        every room's events, one message per published batch
 channel ``P:proc:ID``       requests to one process (cancel)
@@ -46,7 +52,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -80,6 +86,91 @@ class BrokerUnavailable(Unavailable):
 # kind, room, frame JSON without its opening brace, then per kind:
 #   start: generation, message | token: generation, seq, text | end: generation
 #   ended: - (a change is published) | release: lease value
+# What a room's events change is read and written once per room and batch (its ids,
+# the live answer's generation, seq and text, the log's expiry), not once per event:
+# under load a batch carries hundreds of one room's tokens, each then costing Redis
+# one XADD.
+PUBLISH = """
+local prefix, maxlen, ttl = ARGV[1], ARGV[2], ARGV[3]
+-- A batch whose reply was lost (the connection broke) is sent again: apply it once.
+if not redis.call('SET', prefix .. ':batch:' .. ARGV[4], '1', 'NX', 'PX', 600000) then
+  return 0
+end
+local rooms = {}  -- room -> what this batch does to it
+for i = 5, #ARGV, 6 do
+  local kind, room = ARGV[i], ARGV[i + 1]
+  if kind ~= 'ended' and kind ~= 'release' then
+    local r = rooms[room]
+    if not r then
+      r = {base = prefix .. ':room:' .. room, events = 0, text = {}}
+      rooms[room] = r
+    end
+    r.events = r.events + 1
+  end
+end
+-- The ids: one HINCRBY per room. A counter that did not exist starts from the time in
+-- µs (see gateway.eventlog), so ids lost with Redis's data are never given again.
+for room, r in pairs(rooms) do
+  local meta = r.base .. ':meta'
+  local last = redis.call('HINCRBY', meta, 'seq', r.events)
+  if last == r.events then
+    local t = redis.call('TIME')
+    local base = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    last = base + r.events
+    redis.call('HSET', meta, 'seq', string.format('%d', last), 'base', string.format('%d', base))
+  end
+  r.next = last - r.events + 1
+end
+local out = {}  -- 'e', room, event: three lines per event, in one message
+for i = 5, #ARGV, 6 do
+  local kind, room = ARGV[i], ARGV[i + 1]
+  local base = prefix .. ':room:' .. room
+  if kind == 'ended' then
+    redis.call('HINCRBY', base .. ':meta', 'ended', 1)
+  elseif kind == 'release' then
+    if redis.call('GET', base .. ':lease') == ARGV[i + 3] then
+      redis.call('DEL', base .. ':lease')
+    end
+  else
+    local r = rooms[room]
+    if kind ~= 'event' and r.g == nil then
+      r.g = redis.call('HGET', base .. ':live', 'g') or false
+    end
+    if kind == 'token' then
+      if r.g == ARGV[i + 3] then
+        r.seq = ARGV[i + 4]
+        table.insert(r.text, ARGV[i + 5])
+      end
+    elseif kind == 'start' then
+      redis.call('DEL', base .. ':text')
+      redis.call('HSET', base .. ':live', 'g', ARGV[i + 3], 'm', ARGV[i + 4], 's', '0')
+      redis.call('SADD', prefix .. ':generating', room)
+      r.g, r.seq, r.text = ARGV[i + 3], nil, {}
+    elseif kind == 'end' and r.g == ARGV[i + 3] then
+      redis.call('DEL', base .. ':live', base .. ':text')
+      redis.call('SREM', prefix .. ':generating', room)
+      r.g, r.seq, r.text = false, nil, {}
+    end
+    local id = string.format('%d', r.next)
+    r.next = r.next + 1
+    local payload = '{"event_id":' .. id .. ',' .. ARGV[i + 2]
+    redis.call('XADD', base .. ':log', 'MAXLEN', maxlen, id .. '-0', 'e', payload)
+    table.insert(out, 'e')
+    table.insert(out, room)
+    table.insert(out, payload)
+  end
+end
+for room, r in pairs(rooms) do
+  redis.call('PEXPIRE', r.base .. ':log', ttl)
+  if r.seq then
+    redis.call('HSET', r.base .. ':live', 's', r.seq)
+    redis.call('APPEND', r.base .. ':text', table.concat(r.text))
+  end
+end
+if #out > 0 then redis.call('PUBLISH', prefix .. ':events', table.concat(out, '\\n')) end
+return 0
+"""
+
 _INIT_SEQ = """
 local function init_seq(meta)
   if redis.call('HEXISTS', meta, 'seq') == 0 then
@@ -89,58 +180,6 @@ local function init_seq(meta)
   end
 end
 """
-
-PUBLISH = (
-    _INIT_SEQ
-    + """
-local prefix, maxlen, ttl = ARGV[1], ARGV[2], ARGV[3]
-local out = {}  -- 'e', room, event: three lines per event, in one message
--- A batch whose reply was lost (the connection broke) is sent again: apply it once.
-if not redis.call('SET', prefix .. ':batch:' .. ARGV[4], '1', 'NX', 'PX', 600000) then
-  return 0
-end
-for i = 5, #ARGV, 6 do
-  local kind, room = ARGV[i], ARGV[i + 1]
-  local base = prefix .. ':room:' .. room
-  local meta = base .. ':meta'
-  if kind == 'ended' then
-    redis.call('HINCRBY', meta, 'ended', 1)
-  elseif kind == 'release' then
-    if redis.call('GET', base .. ':lease') == ARGV[i + 3] then
-      redis.call('DEL', base .. ':lease')
-    end
-  else
-    local live, text = base .. ':live', base .. ':text'
-    local publish = true
-    if kind == 'token' then
-      if redis.call('HGET', live, 'g') == ARGV[i + 3] then
-        redis.call('HSET', live, 's', ARGV[i + 4])
-        redis.call('APPEND', text, ARGV[i + 5])
-      end
-    elseif kind == 'start' then
-      redis.call('DEL', text)
-      redis.call('HSET', live, 'g', ARGV[i + 3], 'm', ARGV[i + 4], 's', '0')
-      redis.call('SADD', prefix .. ':generating', room)
-    elseif kind == 'end' then
-      if redis.call('HGET', live, 'g') == ARGV[i + 3] then
-        redis.call('DEL', live, text)
-        redis.call('SREM', prefix .. ':generating', room)
-      end
-    end
-    init_seq(meta)
-    local id = string.format('%d', redis.call('HINCRBY', meta, 'seq', 1))
-    local payload = '{"event_id":' .. id .. ',' .. ARGV[i + 2]
-    redis.call('XADD', base .. ':log', 'MAXLEN', maxlen, id .. '-0', 'e', payload)
-    redis.call('PEXPIRE', base .. ':log', ttl)
-    table.insert(out, 'e')
-    table.insert(out, room)
-    table.insert(out, payload)
-  end
-end
-if #out > 0 then redis.call('PUBLISH', prefix .. ':events', table.concat(out, '\\n')) end
-return 0
-"""
-)
 
 # ``ARGV``: prefix, room. The newest event id (the counter starts now if it has not
 # yet), the change counters and the live answer.
@@ -181,6 +220,7 @@ return out
 """
 
 # ``ARGV``: prefix, room, lease value, ttl (ms). The room's ``begun`` count, or -1.
+# A lease value is ``"<process> <holder>"``, with `` -`` after it when not cancellable.
 CLAIM = """
 local base = ARGV[1] .. ':room:' .. ARGV[2]
 if redis.call('SET', base .. ':lease', ARGV[3], 'NX', 'PX', ARGV[4]) then
@@ -201,7 +241,7 @@ for i = 3, #ARGV, 2 do
   if holder == ARGV[i + 1] then
     redis.call('PEXPIRE', base .. ':lease', ARGV[2])
   elseif not holder and redis.call('HGET', base .. ':live', 'g') ==
-      string.match(ARGV[i + 1], ' (%S+)$') then
+      string.match(ARGV[i + 1], '^%S+ (%S+)') then
     redis.call('SET', base .. ':lease', ARGV[i + 1], 'PX', ARGV[2])
   else
     lost[#lost + 1] = ARGV[i]
@@ -211,13 +251,12 @@ return lost
 """
 
 # ``ARGV``: prefix, room, generation (or ''). The generation asked to stop, or false.
+# Asked whether it has started or not (its holder applies a cancel when it starts).
 CANCEL = """
-local base = ARGV[1] .. ':room:' .. ARGV[2]
-local holder = redis.call('GET', base .. ':lease')
-local live = redis.call('HGET', base .. ':live', 'g')
-if not holder or not live then return false end
+local holder = redis.call('GET', ARGV[1] .. ':room:' .. ARGV[2] .. ':lease')
+if not holder then return false end
 local owner, generation = string.match(holder, '^(%S+) (%S+)$')
-if generation ~= live or (ARGV[3] ~= '' and ARGV[3] ~= generation) then return false end
+if not generation or (ARGV[3] ~= '' and ARGV[3] ~= generation) then return false end
 redis.call('PUBLISH', ARGV[1] .. ':proc:' .. owner, 'cancel ' .. ARGV[2] .. ' ' .. generation)
 return generation
 """
@@ -267,10 +306,12 @@ def process_id() -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
 
 
-class RedisBroker:
-    """Rooms shared by every gateway process connected to one Redis server."""
-
-    name = "redis"
+class RedisBackend:
+    """What a process's :class:`RedisEventBus` and :class:`RedisRoomLeases` share: the
+    client, the scripts, the queue of operations sent in order by one task (events,
+    and releases after them), and the one subscription that brings the rooms' events
+    and the requests to this process. Started by the first of the two to start;
+    closed by the first to close (the app closes both, after the chat service)."""
 
     def __init__(
         self,
@@ -279,16 +320,15 @@ class RedisBroker:
         prefix: str = "chat-gateway",
         log_size: int = 1024,
         log_seconds: float = 300.0,
-        lease_seconds: float = 10.0,
+        process: str | None = None,
     ) -> None:
+        self.redis = redis  # the caller's, and closed by it
         self.prefix = prefix
-        self.process = process_id()
+        self.process = process or process_id()
         self.log_size = log_size
         self.log_ms = int(log_seconds * 1000)
-        self.lease_ms = int(lease_seconds * 1000)
-        self._redis = redis  # the caller's, and closed by it
-        self._scripts = {
-            name: self._redis.register_script(source)
+        self.scripts = {
+            name: redis.register_script(source)
             for name, source in [
                 ("publish", PUBLISH),
                 ("position", POSITION),
@@ -301,79 +341,84 @@ class RedisBroker:
                 ("close", CLOSE),
             ]
         }
-        self._pubsub = self._redis.pubsub()
-        self._hub: RoomHub | None = None
-        self._on_stop: StopHandler | None = None
+        self.events_channel = f"{prefix}:events"
+        # Set by the bus and the leases before they start the backend.
+        self.on_events: Callable[[bytes], None] = lambda data: None
+        self.on_request: Callable[[str], None] = lambda request: None
+        self.on_reconnect: Callable[[], Awaitable[None]] | None = None
+        self._pubsub = redis.pubsub()
         self._pending: list[str] = []  # queued operations, 6 strings each
         self._sending = 0  # operations in the batch being sent
         self._wake = asyncio.Event()
-        self._held: dict[str, str] = {}  # room -> lease value this process holds
-        # (room, generation) -> when first seen running without a lease
-        self._suspects: dict[tuple[str, str], float] = {}
-        self._listening: dict[str, int] = {}  # room -> newest event id delivered here
-        self._events = f"{prefix}:events"
         self._tasks: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Task[None]] = set()
-        self._publish_ok = True
-        self._reader_ok = False
+        self._started: asyncio.Future[None] | None = None
+        self._closed = False
+        self.publish_ok = True
+        self.reader_ok = False
 
     @property
     def ready(self) -> bool:
-        return self._publish_ok and self._reader_ok
+        return self.publish_ok and self.reader_ok
 
-    def _room(self, room_id: str) -> str:
+    def room(self, room_id: str) -> str:
         return f"{self.prefix}:room:{room_id}"
 
-    async def _call(self, script: str, *args: Any) -> Any:
+    async def call(self, script: str, *args: Any) -> Any:
         try:
-            return await self._scripts[script](args=list(args))
+            return await self.scripts[script](args=list(args))
+        except RedisError as exc:
+            raise BrokerUnavailable(f"Redis is unavailable: {exc}") from exc
+
+    async def command(self, awaitable: Awaitable[Any]) -> Any:
+        try:
+            return await awaitable
         except RedisError as exc:
             raise BrokerUnavailable(f"Redis is unavailable: {exc}") from exc
 
     # --- lifecycle -----------------------------------------------------------------
 
-    async def start(self, hub: RoomHub, on_stop: StopHandler) -> None:
-        self._hub = hub
-        self._on_stop = on_stop
-        await self._redis.ping()  # fail at start, with a clear error, if unreachable
-        await self._pubsub.subscribe(self._events, f"{self.prefix}:proc:{self.process}")
-        # The first message read is the subscriptions' confirmation.
-        await asyncio.wait_for(self._pubsub.get_message(timeout=10), 10)
-        self._reader_ok = True
+    async def start(self) -> None:
+        """Subscribe and start the reader and the publisher (once; a second call
+        waits for the first)."""
+        if self._started is not None:
+            return await asyncio.shield(self._started)
+        self._started = asyncio.get_running_loop().create_future()
+        try:
+            await self.redis.ping()  # fail at start, with a clear error, if unreachable
+            await self._pubsub.subscribe(self.events_channel, f"{self.prefix}:proc:{self.process}")
+            # The first message read is the subscriptions' confirmation.
+            await asyncio.wait_for(self._pubsub.get_message(timeout=10), 10)
+        except BaseException as exc:
+            self._started.set_exception(exc)
+            self._started.exception()  # retrieved: the caller has it
+            raise
+        self.reader_ok = True
         self._tasks = [
             asyncio.create_task(self._read(), name="broker reader"),
             asyncio.create_task(self._flush(), name="broker publisher"),
-            asyncio.create_task(self._renew(), name="broker leases"),
         ]
+        self._started.set_result(None)
 
     async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         # Let what is queued (the final frames of stopped answers) go out first.
         for _ in range(100):
-            if not (self._pending or self._sending) or not self._publish_ok:
+            if not (self._pending or self._sending) or not self.publish_ok:
                 break
             await asyncio.sleep(0.01)
         for task in self._tasks:
             task.cancel()
-        await asyncio.wait(self._tasks, timeout=5)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         with contextlib.suppress(RedisError, OSError):
             await self._pubsub.aclose()
 
-    # --- fan-out and history -------------------------------------------------------
+    # --- the queue of operations ---------------------------------------------------
 
-    def publish(self, room_id: str, frame: Frame) -> None:
-        body = protocol.encode(frame)[1:]  # Redis prepends '{"event_id":N,'
-        change = live_change(frame)
-        if change == "token":
-            extra = [frame["generation_id"], str(frame["seq"]), frame["text"]]
-        elif change == "start":
-            extra = [frame["generation_id"], frame["message_id"], ""]
-        elif change == "end":
-            extra = [frame["generation_id"], "", ""]
-        else:
-            extra = ["", "", ""]
-        self._queue(change or "event", room_id, body, *extra)
-
-    def _queue(self, *op: str) -> None:
+    def queue(self, *op: str) -> None:
+        """Send ``op`` (6 strings) after everything queued before; never awaits."""
         if len(self._pending) >= MAX_PENDING * 6:
             self._drop_tokens()
         self._pending.extend(op)
@@ -402,19 +447,88 @@ class RedisBroker:
         script applies a batch id once, should a reply have been lost)."""
         for failures in itertools.count():
             try:
-                await self._scripts["publish"](
+                await self.scripts["publish"](
                     args=[self.prefix, self.log_size, self.log_ms, batch_id, *batch]
                 )
             except RedisError as exc:
-                if self._publish_ok:
+                if self.publish_ok:
                     log.error("Redis unreachable, holding events: %s", exc)
-                self._publish_ok = False
+                self.publish_ok = False
                 await asyncio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
                 continue
-            if not self._publish_ok:
+            if not self.publish_ok:
                 log.warning("Redis reachable again; held events sent")
-            self._publish_ok = True
+            self.publish_ok = True
             return
+
+    # --- the subscription ----------------------------------------------------------
+
+    async def _read(self) -> None:
+        """Hand on what the channels bring; after a lost connection, reconnect and
+        let the bus fill every room's gap from its log."""
+        failures = 0
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except (RedisError, OSError) as exc:
+                if self.reader_ok:
+                    log.error("lost the Redis subscription: %s", exc)
+                self.reader_ok = False
+                await asyncio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
+                failures += 1
+                continue
+            if not self.reader_ok and self._pubsub.connection is not None:
+                if self._pubsub.connection.is_connected:
+                    self.reader_ok, failures = True, 0
+                    if self.on_reconnect is not None:
+                        await self.on_reconnect()
+            if message is None or message["type"] != "message":
+                continue
+            if message["channel"].decode() == self.events_channel:
+                self.on_events(message["data"])
+            else:
+                self.on_request(message["data"].decode())
+
+
+class RedisEventBus:
+    """Rooms' events shared by every gateway process connected to one Redis server."""
+
+    name = "redis"
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._backend = backend
+        self._hub: RoomHub | None = None
+        self._listening: dict[str, int] = {}  # room -> newest event id delivered here
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def ready(self) -> bool:
+        return self._backend.ready
+
+    async def start(self, hub: RoomHub) -> None:
+        self._hub = hub
+        self._backend.on_events = self._received
+        self._backend.on_reconnect = self._repair_all
+        await self._backend.start()
+
+    async def aclose(self) -> None:
+        await self._backend.aclose()
+
+    def publish(self, room_id: str, frame: Frame) -> None:
+        body = protocol.encode(frame)[1:]  # Redis prepends '{"event_id":N,'
+        change = live_change(frame)
+        if change == "token":
+            self._backend.queue(
+                "token", room_id, body, frame["generation_id"], str(frame["seq"]), frame["text"]
+            )
+        elif change == "start":
+            self._backend.queue(
+                "start", room_id, body, frame["generation_id"], frame["message_id"], ""
+            )
+        elif change == "end":
+            self._backend.queue("end", room_id, body, frame["generation_id"], "", "")
+        else:
+            self._backend.queue("event", room_id, body, "", "", "")
 
     async def listen(self, room_id: str) -> None:
         if room_id in self._listening:
@@ -423,15 +537,10 @@ class RedisBroker:
         # the first); events up to the room's current id may come too, and are
         # dropped by the joining subscriber, which starts after a later position.
         self._listening[room_id] = 0
-        seq = await self._call_redis(self._redis.hget(f"{self._room(room_id)}:meta", "seq"))
+        backend = self._backend
+        seq = await backend.command(backend.redis.hget(f"{backend.room(room_id)}:meta", "seq"))
         if room_id in self._listening:
             self._listening[room_id] = max(self._listening[room_id], int(seq or 0))
-
-    async def _call_redis(self, awaitable: Any) -> Any:
-        try:
-            return await awaitable
-        except RedisError as exc:
-            raise BrokerUnavailable(f"Redis is unavailable: {exc}") from exc
 
     def forget(self, room_id: str) -> None:
         self._listening.pop(room_id, None)
@@ -440,33 +549,6 @@ class RedisBroker:
         task = asyncio.ensure_future(work)
         self._background.add(task)  # a reference, until it is done
         task.add_done_callback(self._background.discard)
-
-    async def _read(self) -> None:
-        """Deliver what the channels bring; after a lost connection, reconnect and
-        fill every room's gap from its log."""
-        failures = 0
-        while True:
-            try:
-                message = await self._pubsub.get_message(timeout=1.0)
-            except (RedisError, OSError) as exc:
-                if self._reader_ok:
-                    log.error("lost the Redis subscription: %s", exc)
-                self._reader_ok = False
-                await asyncio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
-                failures += 1
-                continue
-            if not self._reader_ok and self._pubsub.connection is not None:
-                if self._pubsub.connection.is_connected:
-                    self._reader_ok, failures = True, 0
-                    await self._repair_all()
-            if message is None or message["type"] != "message":
-                continue
-            if message["channel"].decode() == self._events:
-                self._received(message["data"])
-            else:
-                command, room_id, generation_id = message["data"].decode().split(" ")
-                if command == "cancel" and self._on_stop is not None:
-                    self._on_stop(room_id, generation_id, "cancelled")
 
     def _received(self, data: bytes) -> None:
         """Deliver a batch's events of the rooms listened to here."""
@@ -518,8 +600,8 @@ class RedisBroker:
                 self._hub.deliver(room_id, event)
 
     async def position(self, room_id: str) -> Position:
-        seq, begun, ended, generation, message, seqno, text = await self._call(
-            "position", self.prefix, room_id
+        seq, begun, ended, generation, message, seqno, text = await self._backend.call(
+            "position", self._backend.prefix, room_id
         )
         live = None
         if generation is not None:
@@ -532,48 +614,95 @@ class RedisBroker:
         return Position(int(seq), live, int(begun), int(ended))
 
     async def changes(self, room_id: str) -> tuple[int, int]:
-        begun, ended = await self._call_redis(
-            self._redis.hmget(f"{self._room(room_id)}:meta", "begun", "ended")
+        backend = self._backend
+        begun, ended = await backend.command(
+            backend.redis.hmget(f"{backend.room(room_id)}:meta", "begun", "ended")
         )
         return int(begun or 0), int(ended or 0)
 
     async def replay(self, room_id: str, after: int) -> list[Event] | None:
-        payloads = await self._call("replay", self.prefix, room_id, after, self.log_size * 2 + 128)
+        backend = self._backend
+        payloads = await backend.call(
+            "replay", backend.prefix, room_id, after, backend.log_size * 2 + 128
+        )
         if payloads is None:
             return None
         return [Event.decode(payload) for payload in payloads]
 
     @contextlib.asynccontextmanager
     async def changing(self, room_id: str) -> AsyncIterator[int]:
-        begun = await self._call_redis(self._redis.hincrby(f"{self._room(room_id)}:meta", "begun"))
+        backend = self._backend
+        begun = await backend.command(
+            backend.redis.hincrby(f"{backend.room(room_id)}:meta", "begun")
+        )
         try:
             yield int(begun)
         finally:
-            self._queue("ended", room_id, "", "", "", "")  # after the change's events
+            backend.queue("ended", room_id, "", "", "", "")  # after the change's events
 
     async def close_room(self, room_id: str, final: Frame) -> None:
-        await self._call("close", self.prefix, room_id, protocol.encode(final))
+        await self._backend.call("close", self._backend.prefix, room_id, protocol.encode(final))
 
     def prune(self) -> None:
         pass  # Redis expires idle logs itself
 
-    # --- ownership -----------------------------------------------------------------
 
-    async def claim(self, room_id: str, generation_id: str) -> int | None:
-        value = f"{self.process} {generation_id}"
-        begun = await self._call("claim", self.prefix, room_id, value, self.lease_ms)
+class RedisRoomLeases:
+    """Rooms' leases on one Redis server: held by a process, renewed every third of
+    ``lease_seconds``, taken over by another process when not renewed in time."""
+
+    def __init__(self, backend: RedisBackend, *, lease_seconds: float = 10.0) -> None:
+        self._backend = backend
+        self.lease_ms = int(lease_seconds * 1000)
+        self._on_stop: StopHandler | None = None
+        self._held: dict[str, str] = {}  # room -> lease value this process holds
+        # (room, generation) -> when first seen running without a lease
+        self._suspects: dict[tuple[str, str], float] = {}
+        self._renewer: asyncio.Task[None] | None = None
+
+    def _value(self, holder_id: str, cancellable: bool = True) -> str:
+        value = f"{self._backend.process} {holder_id}"
+        return value if cancellable else f"{value} -"
+
+    async def start(self, on_stop: StopHandler) -> None:
+        self._on_stop = on_stop
+        self._backend.on_request = self._requested
+        await self._backend.start()
+        self._renewer = asyncio.create_task(self._renew(), name="broker leases")
+
+    async def aclose(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.wait([self._renewer], timeout=5)
+        await self._backend.aclose()
+
+    def _requested(self, request: str) -> None:
+        command, room_id, generation_id = request.split(" ")
+        if command == "cancel" and self._on_stop is not None:
+            self._on_stop(room_id, generation_id, "cancelled")
+
+    async def claim(self, room_id: str, holder_id: str, *, cancellable: bool = True) -> int | None:
+        value = self._value(holder_id, cancellable)
+        backend = self._backend
+        begun = await backend.call("claim", backend.prefix, room_id, value, self.lease_ms)
         if begun < 0:
             return None
         self._held[room_id] = value
         return int(begun)
 
-    def release(self, room_id: str, generation_id: str) -> None:
-        value = f"{self.process} {generation_id}"
+    def _forget(self, room_id: str, value: str) -> bool:
         if self._held.get(room_id) == value:
             del self._held[room_id]
-            self._queue("release", room_id, "", value, "", "")
+            return True
+        return False
+
+    def release(self, room_id: str, holder_id: str) -> None:
+        for value in (self._value(holder_id), self._value(holder_id, cancellable=False)):
+            if self._forget(room_id, value):
+                self._backend.queue("release", room_id, "", value, "", "")
 
     async def _renew(self) -> None:
+        backend = self._backend
         while True:
             await asyncio.sleep(self.lease_ms / 3000)
             if not self._held:
@@ -581,7 +710,7 @@ class RedisBroker:
             held = dict(self._held)
             pairs = [part for room, value in held.items() for part in (room, value)]
             try:
-                lost = await self._scripts["renew"](args=[self.prefix, self.lease_ms, *pairs])
+                lost = await backend.scripts["renew"](args=[backend.prefix, self.lease_ms, *pairs])
             except RedisError as exc:
                 log.error("renewing %d leases failed: %s", len(self._held), exc)
                 continue
@@ -590,27 +719,30 @@ class RedisBroker:
                 if self._held.get(room) != value:
                     continue  # released meanwhile
                 del self._held[room]
-                generation_id = value.partition(" ")[2]
+                holder_id = value.split(" ")[1]
                 log.warning(
-                    "room %s: generation %s lost its lease to another process; stopping it",
+                    "room %s: %s lost its lease to another process; stopping it",
                     room,
-                    generation_id,
+                    holder_id,
                 )
                 if self._on_stop is not None:
-                    self._on_stop(room, generation_id, "lost")
+                    self._on_stop(room, holder_id, "lost")
 
     async def request_cancel(self, room_id: str, generation_id: str | None) -> str | None:
-        asked = await self._call("cancel", self.prefix, room_id, generation_id or "")
+        backend = self._backend
+        asked = await backend.call("cancel", backend.prefix, room_id, generation_id or "")
         return asked.decode() if asked is not None else None
 
     async def generating(self) -> set[str]:
-        rooms = await self._call_redis(self._redis.smembers(f"{self.prefix}:generating"))
+        backend = self._backend
+        rooms = await backend.command(backend.redis.smembers(f"{backend.prefix}:generating"))
         return {room.decode() for room in rooms}
 
     async def orphans(self) -> list[Orphan]:
         """Generations seen without a lease for longer than a lease lasts: their owner
         had that long to renew it (after a Redis restart, say) and did not."""
-        found = await self._call("unleased", self.prefix)
+        backend = self._backend
+        found = await backend.call("unleased", backend.prefix)
         now = asyncio.get_running_loop().time()
         unleased = {(found[i].decode(), found[i + 1].decode()) for i in range(0, len(found), 2)}
         self._suspects = {key: self._suspects.get(key, now) for key in unleased}
@@ -618,11 +750,11 @@ class RedisBroker:
         for (room, generation), since in self._suspects.items():
             if now - since < self.lease_ms / 1000:
                 continue
-            adopted = await self._call(
-                "adopt", self.prefix, room, generation, self.process, self.lease_ms
+            adopted = await backend.call(
+                "adopt", backend.prefix, room, generation, backend.process, self.lease_ms
             )
             if adopted is not None:
-                self._held[room] = f"{self.process} {generation}"
+                self._held[room] = self._value(generation)
                 message, text = (part.decode() for part in adopted)
                 orphans.append(Orphan(room, generation, message, text))
         return orphans

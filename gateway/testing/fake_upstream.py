@@ -390,6 +390,8 @@ class FakeUpstream:
         """Recorded chat-completion requests, in arrival order."""
         self.moderations: list[list[str]] = []
         """The inputs of each ``/v1/moderations`` request, in arrival order."""
+        self.moderation_delay = 0.0
+        """Seconds each ``/v1/moderations`` answer takes (0: at once)."""
         self._script: collections.deque[Scenario] = collections.deque()
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
@@ -431,6 +433,7 @@ class FakeUpstream:
         with self._cond:
             self.requests.clear()
             self.moderations.clear()
+            self.moderation_delay = 0.0
             self._script.clear()
 
     # ---------------------------------------------------------------- ASGI entry
@@ -486,6 +489,8 @@ class FakeUpstream:
         inputs = body.get("input", "")
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         self.moderations.append(texts)
+        if self.moderation_delay:
+            await asyncio.sleep(self.moderation_delay)
         if any(FAIL_WORD in text for text in texts):
             error = _error_body("moderation is down", "server_error", None)
             await self._send_json(send, 500, error)
