@@ -27,7 +27,7 @@ from gateway.joining import Joining
 from gateway.planning import Defaults
 from gateway.providers.base import ChatProvider, Moderation
 from gateway.quotas import Quotas
-from gateway.roomstate import RoomCache, RoomLocks
+from gateway.roomstate import RoomCache, RoomLocks, Snapshot
 from gateway.screening import Screening
 from gateway.sending import Sending
 from gateway.settings import Settings
@@ -63,7 +63,9 @@ class ChatService:
         self.bus = bus
         self.settings = settings
         self.quotas = quotas or Quotas()
-        self.cache = RoomCache(settings.default_context_tokens)
+        self.cache = RoomCache(
+            settings.default_context_tokens, snapshot_bytes=settings.ready_max_bytes
+        )
         self.locks = RoomLocks()
         screening = Screening(
             settings.checks, max_chars=settings.max_message_chars, moderator=moderator
@@ -118,6 +120,13 @@ class ChatService:
         :meth:`room_changed` announces it."""
         async with self.locks(room_id), self.bus.changing(room_id):
             yield
+
+    def room_created(self, room: Room) -> None:
+        """A room was just created here: cache it, so that the first joins and the
+        first send read nothing. As of change 0, the count of a room nobody changed
+        (on any process); if that is not the event bus's count, the state is read
+        again on first use."""
+        self.cache.remember(room, [], 0, Snapshot([], earlier=False))
 
     def room_changed(self, room: Room, view: dict[str, Any]) -> None:
         """The room's name, persona or access was updated: tell its members (on every

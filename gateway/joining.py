@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from gateway import protocol
 from gateway.access import OPEN, Viewer
 from gateway.broker.base import EventBus, Position
 from gateway.errors import Unavailable
 from gateway.hub import RoomHub, Subscriber
-from gateway.roomstate import RoomCache, RoomLocks
+from gateway.roomstate import RoomCache, RoomLocks, Snapshot, newest_within
 from gateway.store.db import Database
-from gateway.store.models import Message, Room
+from gateway.store.models import Room
 from gateway.store.repository import MessageStore, load_room, room_not_found
 
 log = logging.getLogger(__name__)
@@ -29,22 +28,6 @@ log = logging.getLogger(__name__)
 SNAPSHOT_TRIES = 8
 """Attempts at a snapshot with no change under way before taking one anyway (a
 change begun by a process that then died never ends)."""
-
-MESSAGE_OVERHEAD_BYTES = 512
-"""About what a message's view takes on the wire besides its content (ids, times...)."""
-
-
-def newest_within(branch: list[Message], budget: int) -> list[Message]:
-    """The newest messages of ``branch`` whose views fit in about ``budget`` bytes, and
-    at least the newest one (a running answer is always last). A snapshot per joining
-    client is built and sent whole: without a cap, a long room's history would be held
-    once per client that joins and does not read it."""
-    used = 0
-    for i in range(len(branch) - 1, -1, -1):
-        used += len(branch[i].content.encode()) + MESSAGE_OVERHEAD_BYTES
-        if used > budget and i < len(branch) - 1:
-            return branch[i + 1 :]
-    return branch
 
 
 class Joining:
@@ -129,39 +112,45 @@ class Joining:
                     subscriber.begin(missed, missed[-1].event_id if missed else after)
                     return protocol.resumed_frame(room_id, after, len(missed)), subscriber
             async with self.locks(room_id):
-                room, branch, messages, position = await self._snapshot(room_id)
-                earlier = len(messages) < len(branch)
+                room, snapshot, position = await self._snapshot(room_id)
                 if not viewer.can_see(room):  # changed since authorize()
                     raise room_not_found(room_id)
-                if self.cache.get(room_id) is None:
-                    # Someone is about to chat here: spare their first send the reads.
-                    self.cache.remember(room, branch, position.begun)
             subscriber.begin([], position.last_event_id)
         except BaseException:
             self.leave(subscriber)
             raise
+        messages = snapshot.views
         live = position.live
         if live is not None:
-            for message in messages:
-                if message["id"] == live["message_id"]:
-                    message["content"] = live["text"]
+            messages = [
+                {**view, "content": live["text"]} if view["id"] == live["message_id"] else view
+                for view in messages
+            ]
         ready = protocol.ready_frame(
             room.to_dict(),
             messages,
             live,
             position.last_event_id,
             resync=after is not None,
-            earlier=earlier,
+            earlier=snapshot.earlier,
         )
         return ready, subscriber
 
-    async def _snapshot(
-        self, room_id: str
-    ) -> tuple[Room, list[Message], list[dict[str, Any]], Position]:
-        """The room, its active branch (and the views of its newest messages, up to
-        ``GATEWAY_READY_MAX_BYTES``) from the database, and the bus's position, all
-        as of the same change: retried while a change is between its commit and its
-        publication (possibly on another process)."""
+    async def _snapshot(self, room_id: str) -> tuple[Room, Snapshot, Position]:
+        """The room, what ``ready`` shows of its active branch, and the event bus's
+        position, all as of the same change (the caller holds the room's lock).
+
+        From the room's cached state when it is current: the bus's change counter is
+        where the state was taken and no change is under way (one bus call, no
+        database read). Otherwise read from the database, retried while a change is
+        between its commit and its publication (possibly on another process), and
+        cached for the next joins and sends."""
+        state = self.cache.get(room_id)
+        if state is not None and state.snapshot is not None:
+            position = await self.bus.position(room_id)
+            if position.begun == position.ended == state.version:
+                snapshot = state.snapshot
+                return state.room, Snapshot(list(snapshot.views), snapshot.earlier), position
         for attempt in range(SNAPSHOT_TRIES):
             begun, ended = await self.bus.changes(room_id)
             async with self.db.read() as session:
@@ -169,14 +158,15 @@ class Joining:
                 room = await load_room(store, room_id)
                 branch = await store.branch(room.active_leaf_id)
                 shown = newest_within(branch, self.ready_max_bytes)
-                messages = await store.views(room_id, shown)
+                views = await store.views(room_id, shown)
             position = await self.bus.position(room_id)
             if begun == ended and (position.begun, position.ended) == (begun, ended):
-                break
+                snapshot = Snapshot(views, len(shown) < len(branch))
+                self.cache.remember(room, branch, begun, Snapshot(list(views), snapshot.earlier))
+                return room, snapshot, position
             await asyncio.sleep(0.002 * 2**attempt)
-        else:
-            log.warning("room %s: a change seems stuck; snapshot taken as it is", room_id)
-        return room, branch, messages, position
+        log.warning("room %s: a change seems stuck; snapshot taken as it is", room_id)
+        return room, Snapshot(views, len(shown) < len(branch)), position
 
     async def watch(self, room_id: str, viewer: Viewer = OPEN) -> Subscriber:
         """Subscribe to a room's events from now on, with no first frame: for a client

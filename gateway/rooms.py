@@ -42,7 +42,9 @@ class RoomService:
         )
         async with self.db.transaction() as session:
             await MessageStore(session).add_room(room)
-            return room.to_dict(owner_view=True)
+            view = room.to_dict(owner_view=True)
+        self.chat.room_created(room)  # committed
+        return view
 
     async def list(
         self, *, limit: int = 100, offset: int = 0, viewer: Viewer = OPEN

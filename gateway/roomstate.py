@@ -19,6 +19,32 @@ from typing import Any
 from gateway.prompt import estimate_tokens
 from gateway.store.models import Message, Room
 
+MESSAGE_OVERHEAD_BYTES = 512
+"""About what a message's view takes on the wire besides its content (ids, times...)."""
+
+
+def newest_within(branch: list[Message], budget: int) -> list[Message]:
+    """The newest messages of ``branch`` whose views fit in about ``budget`` bytes, and
+    at least the newest one (a running answer is always last). A snapshot per joining
+    client is built and sent whole: without a cap, a long room's history would be held
+    once per client that joins and does not read it."""
+    used = 0
+    for i in range(len(branch) - 1, -1, -1):
+        used += len(branch[i].content.encode()) + MESSAGE_OVERHEAD_BYTES
+        if used > budget and i < len(branch) - 1:
+            return branch[i + 1 :]
+    return branch
+
+
+def newest_views_within(views: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """:func:`newest_within` for message views."""
+    used = 0
+    for i in range(len(views) - 1, -1, -1):
+        used += len(views[i]["content"].encode()) + MESSAGE_OVERHEAD_BYTES
+        if used > budget and i < len(views) - 1:
+            return views[i + 1 :]
+    return views
+
 
 def trimmed(branch: list[Message], budget: int) -> list[Message]:
     """The newest part of ``branch`` that a prompt of ``budget`` tokens can use (and at
@@ -32,11 +58,22 @@ def trimmed(branch: list[Message], budget: int) -> list[Message]:
     return branch
 
 
+@dataclass
+class Snapshot:
+    """What a joining client's ``ready`` frame shows of the active branch: the views of
+    its newest messages (up to ``GATEWAY_READY_MAX_BYTES``), and whether older ones
+    were left out. Kept current with the branch, so a join of a warm room reads
+    nothing from the database."""
+
+    views: list[dict[str, Any]]
+    earlier: bool
+
+
 @dataclass(eq=False)
 class RoomState:
     """What answering in a room needs: the persona, the newest part of the active branch
     (oldest first), and the user messages of that part by ``client_id`` (what a retried
-    send is recognised by without a read)."""
+    send is recognised by without a read); and, once known, what joining shows."""
 
     room: Room
     branch: list[Message]
@@ -44,6 +81,10 @@ class RoomState:
     """The room's change count this state is current at."""
     budget: int
     """Prompt tokens the room allows: how much of the branch is kept."""
+    snapshot: Snapshot | None = None
+    """The ``ready`` snapshot at :attr:`version`; None when unknown (then read)."""
+    snapshot_bytes: int = 256 * 1024
+    """About how many bytes of views :attr:`snapshot` keeps."""
     _sent: dict[str, Message] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -56,8 +97,17 @@ class RoomState:
         room may since have been deleted: see the caller); a miss proves nothing."""
         return self._sent.get(client_id)
 
-    def extend(self, *messages: Message) -> None:
-        """Append ``messages`` to the branch (a send), trimming its oldest part."""
+    def extend(self, *messages: Message, views: list[dict[str, Any]] | None = None) -> None:
+        """Append ``messages`` to the branch (a send), trimming its oldest part, and
+        their ``views`` to the snapshot (without them, the snapshot is forgotten)."""
+        snapshot = self.snapshot
+        if snapshot is not None:
+            if views is None:
+                self.snapshot = None
+            else:
+                longer = [*snapshot.views, *views]
+                kept = newest_views_within(longer, self.snapshot_bytes)
+                self.snapshot = Snapshot(kept, snapshot.earlier or len(kept) < len(longer))
         longer = [*self.branch, *messages]
         self.branch = trimmed(longer, self.budget)
         for message in longer[: len(longer) - len(self.branch)]:  # trimmed away
@@ -74,15 +124,25 @@ class RoomState:
             if message.id == message_id:
                 for name, value in final.items():
                     setattr(message, name, value)
-                return
+                break
+        if self.snapshot is not None:
+            views = self.snapshot.views
+            for i in range(len(views) - 1, -1, -1):
+                if views[i]["id"] == message_id:
+                    # A new dict: a ready frame being built may hold the old one.
+                    views[i] = {**views[i], **final}
+                    break
 
 
 class RoomCache:
     """The most recently used rooms' :class:`RoomState`, up to ``size`` rooms."""
 
-    def __init__(self, default_context_tokens: int, size: int = 10_000) -> None:
+    def __init__(
+        self, default_context_tokens: int, size: int = 10_000, snapshot_bytes: int = 256 * 1024
+    ) -> None:
         self.default_context_tokens = default_context_tokens
         self.size = size
+        self.snapshot_bytes = snapshot_bytes
         self._states: OrderedDict[str, RoomState] = OrderedDict()
 
     def get(self, room_id: str) -> RoomState | None:
@@ -91,11 +151,17 @@ class RoomCache:
             self._states.move_to_end(room_id)
         return state
 
-    def remember(self, room: Room, branch: list[Message], version: int) -> RoomState:
-        """Cache ``room`` with its active ``branch`` as of change ``version`` (the
-        caller holds the room's lock)."""
+    def remember(
+        self,
+        room: Room,
+        branch: list[Message],
+        version: int,
+        snapshot: Snapshot | None = None,
+    ) -> RoomState:
+        """Cache ``room`` with its active ``branch`` (and what joining shows of it, if
+        known) as of change ``version`` (the caller holds the room's lock)."""
         budget = room.context_tokens or self.default_context_tokens
-        state = RoomState(room, branch, version, budget)
+        state = RoomState(room, branch, version, budget, snapshot, self.snapshot_bytes)
         self._states[room.id] = state
         self._states.move_to_end(room.id)
         while len(self._states) > self.size:

@@ -172,12 +172,12 @@ class Sending:
                 if client_id is not None and (stored := await self._stored(room.id, client_id)):
                     raise _AlreadySent(stored) from None
                 raise
-            state.extend(user, answer)
+            user_view = user.to_dict()
+            view = answer.to_dict([answer.id])
+            state.extend(user, answer, views=[user_view, view])
             state.version = changed
             room.active_leaf_id = answer.id
-            user_view = user.to_dict()
             self.bus.publish(room.id, protocol.message_frame(user_view, client_id))
-            view = answer.to_dict([answer.id])
             return user_view, self.generations.launch(
                 room, generation_id, view, planned.request, sender
             )

@@ -218,6 +218,70 @@ async def test_a_send_to_a_joined_room_reads_nothing_from_the_database(parts: Pa
     assert reads == []
 
 
+# --- join ------------------------------------------------------------------------------
+
+
+async def test_joining_a_warm_room_reads_nothing_and_shows_what_the_database_holds(
+    parts: Parts,
+) -> None:
+    reads = parts.reads()
+    room_id = await parts.new_room()  # creating it caches it
+    first = await parts.member(room_id)
+    await parts.answered(first, "one", "c1")
+    await parts.answered(first, "two", "c2")
+    warm, _ = await parts.chat.joining.join(room_id)
+    assert reads == []
+
+    parts.chat.cache.drop(room_id)  # as after a restart: the same snapshot, from the database
+    cold, _ = await parts.chat.joining.join(room_id)
+
+    assert reads, "a cold join reads the room"
+    for frame in (warm, cold):
+        del frame["room"]["updated_at"]
+    assert warm == cold
+    assert [(m["role"], m["content"]) for m in warm["messages"]] == [
+        ("user", "one"),
+        ("assistant", "Hello, world"),
+        ("user", "two"),
+        ("assistant", "Hello, world"),
+    ]
+    assert warm["messages"][-1]["status"] == "complete" and not warm["earlier"]
+
+
+async def test_a_join_during_an_answer_shows_its_text_so_far(
+    parts: Parts, provider: ScriptedProvider
+) -> None:
+    room_id = await parts.new_room()
+    member = await parts.member(room_id)
+    provider.gate.hold()  # the answer waits after its first token
+    await parts.chat.sending.send(room_id, "Hi")
+    await member.until("token")
+    await provider.gate.waiting.wait()
+
+    ready, _ = await parts.chat.joining.join(room_id)
+
+    assert ready["generation"]["text"] == "Hello"
+    assert ready["messages"][-1]["status"] == "streaming"
+    assert ready["messages"][-1]["content"] == "Hello"
+
+
+async def test_after_a_regenerate_the_next_join_reads_again_then_not(parts: Parts) -> None:
+    room_id = await parts.new_room()
+    member = await parts.member(room_id)
+    answer_id = await parts.answered(member, "one")
+    await parts.chat.sending.regenerate(room_id, answer_id)
+    await member.until("done")
+
+    reads = parts.reads()
+    ready, _ = await parts.chat.joining.join(room_id)
+    read_once = len(reads)
+    again, _ = await parts.chat.joining.join(room_id)
+
+    assert read_once > 0 and len(reads) == read_once
+    assert ready == again
+    assert len(ready["messages"][-1]["siblings"]) == 2
+
+
 async def test_the_next_send_answers_after_the_previous_answer(
     parts: Parts, provider: ScriptedProvider
 ) -> None:
