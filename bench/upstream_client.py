@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import os
 import resource
@@ -51,10 +50,10 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay import _loop_name, _raise_exit, launch_fake_upstream, log  # noqa: E402
+from relay import _loop_name, _raise_exit, launch_fake_upstream, log
 
-from gateway.providers.base import CompletionRequest  # noqa: E402
-from gateway.providers.openai import (  # noqa: E402
+from gateway.providers.base import CompletionRequest
+from gateway.providers.openai import (
     OpenAIProvider,
     SSEParser,
     _parse_event,
@@ -140,7 +139,10 @@ class SdkClient:
 
         self.httpx2 = httpx2
         self.client = openai.AsyncOpenAI(
-            api_key="bench", base_url=base_url, max_retries=0, timeout=httpx2.Timeout(60, connect=10)
+            api_key="bench",
+            base_url=base_url,
+            max_retries=0,
+            timeout=httpx2.Timeout(60, connect=10),
         )
 
     async def stream(self, content: str, tokens: int, counts: Counts) -> None:
@@ -419,9 +421,7 @@ async def measure(
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     finally:
         await client.close()
-    return Sample(
-        cpu, wall, concurrency * requests_per_stream, counts.tokens, counts.reads, errors
-    )
+    return Sample(cpu, wall, concurrency * requests_per_stream, counts.tokens, counts.reads, errors)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ chosen per request; the first match wins:
 
 1. the next scenario queued with :meth:`FakeUpstream.script` (FIFO);
 2. a directive in the content of the **last user message**, e.g.
-   ``[[fake count=50 delay=0.02 first_delay=0.1 fault=hang fault_after=3 usage=0]]``.
+   ``[[fake count=50 delay=0.02 first_delay=0.1 fault=hang fault_after=3 usage=0 group=1]]``.
    Any subset of keys may be given; the others come from the default scenario.
    ``tokens=a|b|c`` gives explicit token texts (split on ``|``; values may be
    shell-quoted, e.g. ``tokens="Hello |world"``). ``fault=none`` clears a fault,
