@@ -228,6 +228,13 @@ def covered_seqs(tokens: list[dict[str, Any]]) -> list[int]:
     return seqs
 
 
+def numbered(seqs: list[int], first: int = 1) -> bool:
+    """Whether ``seqs`` run ``first``, ``first + 1``, ... with no gap or duplicate. How
+    many there are depends on the upstream's pace: a token frame carries the text of
+    one upstream read, which may hold several tokens."""
+    return bool(seqs) and seqs == list(range(first, first + len(seqs)))
+
+
 class Client:
     """A WebSocket client that keeps every frame it received."""
 

@@ -10,7 +10,7 @@ all three (docs/benchmarks.md, "Upstream client").
 
 What it does: ``http`` and ``https`` (certificate and host name verified with the
 default trust store, or a given :class:`ssl.SSLContext`), any base path, keep-alive
-connections reused (at most ``max_connections`` open, ``max_idle`` kept idle),
+connections reused (at most ``max_connections`` open, idle ones included),
 ``Content-Length``, chunked and read-until-close bodies, ``gzip`` and ``deflate``
 content encodings, a connect timeout. A reused connection that turns out to be closed
 before any byte of the answer came is replaced once, at once (servers close idle
@@ -142,6 +142,9 @@ class _Connection(asyncio.Protocol):
                 reason = f": {exc}" if exc is not None else ""
                 self._fail(ConnectionClosed(f"the server closed the connection{reason}"))
         self._wake()
+
+    def eof_received(self) -> None:
+        self.closed = True  # never reused; the transport closes (connection_lost follows)
 
     def pause_writing(self) -> None:  # a request body is small: nothing to pause
         pass
@@ -333,7 +336,6 @@ class StreamingClient:
         *,
         connect_timeout: float = 10.0,
         max_connections: int = 1000,
-        max_idle: int = 100,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         url = urlsplit(base_url)
@@ -351,7 +353,6 @@ class StreamingClient:
         fixed.update((name.lower(), value) for name, value in headers.items())
         self._head_lines = "".join(f"{name}: {value}\r\n" for name, value in fixed.items())
         self.connect_timeout = connect_timeout
-        self.max_idle = max_idle
         self._max_connections = max_connections
         self._slots: asyncio.Semaphore | None = None
         self._idle: list[_Connection] = []
@@ -420,7 +421,7 @@ class StreamingClient:
         """Pool ``conn`` (True) or close it (False); its slot is free again either way."""
         if self._slots is not None:
             self._slots.release()
-        if conn.reusable() and not self._closed and len(self._idle) < self.max_idle:
+        if conn.reusable() and not self._closed:
             conn.parser = None
             self._idle.append(conn)
             return True
