@@ -520,8 +520,4 @@ def print_table(
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        log("interrupted; subprocesses stopped")
-        sys.exit(130)
+    sys.exit(main())  # Ctrl-C: main's finally stops the fake upstream

@@ -262,26 +262,21 @@ async def test_unreachable_upstream(make_provider: Any) -> None:
     assert error is not None and error.code == "upstream_unavailable"
 
 
+@pytest.mark.parametrize(
+    ("max_tokens", "sent", "finish_reason"), [(1000, 50, "stop"), (7, 7, "length")]
+)
 async def test_events_of_one_read_come_as_one_chunk(
-    make_provider: Any, upstream: FakeUpstream
+    make_provider: Any, upstream: FakeUpstream, max_tokens: int, sent: int, finish_reason: str
 ) -> None:
     # The whole completion, role chunk to [DONE], in one write: one read, one chunk.
     upstream.script(Scenario(count=50, group=0))
-    chunks, error = await consume(make_provider())
-    assert error is None
-    usage = {"prompt_tokens": 2, "completion_tokens": 50, "total_tokens": 52}
-    assert chunks == [Chunk("".join(f"tok{i} " for i in range(50)), "stop", usage)]
-
-
-async def test_one_write_cut_by_max_tokens_ends_with_length(
-    make_provider: Any, upstream: FakeUpstream
-) -> None:
-    upstream.script(Scenario(count=50, group=0))
-    request = CompletionRequest(model="m", messages=REQUEST.messages, temperature=0, max_tokens=7)
+    request = CompletionRequest(
+        model="m", messages=REQUEST.messages, temperature=0, max_tokens=max_tokens
+    )
     chunks, error = await consume(make_provider(), request)
     assert error is None
-    usage = {"prompt_tokens": 2, "completion_tokens": 7, "total_tokens": 9}
-    assert chunks == [Chunk("".join(f"tok{i} " for i in range(7)), "length", usage)]
+    usage = {"prompt_tokens": 2, "completion_tokens": sent, "total_tokens": 2 + sent}
+    assert chunks == [Chunk("".join(f"tok{i} " for i in range(sent)), finish_reason, usage)]
 
 
 async def test_events_written_together_stay_together_in_order(

@@ -18,20 +18,11 @@ from tests.conftest import (
     SSEClient,
     covered_seqs,
     create_room,
+    expanded,
     numbered,
     parse_sse,
     scaled,
 )
-
-
-def expanded(frames: list[dict[str, Any]]) -> list[tuple[int, str]]:
-    """(event_id, type) of every event, a merged token frame (``seq_from``) counting for
-    each token in it: a client that falls behind gets runs of tokens merged."""
-    out = []
-    for frame in frames:
-        merged = frame["seq"] - frame["seq_from"] if "seq_from" in frame else 0
-        out.extend((frame["event_id"] - i, frame["type"]) for i in range(merged, -1, -1))
-    return out
 
 
 def tokens_text(events: list[Any]) -> str:
