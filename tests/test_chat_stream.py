@@ -71,6 +71,20 @@ async def test_upstream_gets_system_prompt_and_active_branch(
     assert last["stream"] is True
 
 
+async def test_an_answer_in_one_upstream_read_is_one_token_frame(
+    connect: Any, room: dict, upstream: FakeUpstream
+) -> None:
+    upstream.script(Scenario(count=30, group=0))
+    client = await connect(room["id"])
+    await client.send({"type": "send", "content": "all at once"})
+    done = await client.until("done")
+    tokens = client.of_type("token")
+    assert [t["seq"] for t in tokens] == [1]
+    assert tokens[0]["text"] == done["message"]["content"] == "".join(f"tok{i} " for i in range(30))
+    assert done["finish_reason"] == "stop"
+    assert done["usage"]["completion_tokens"] == 30
+
+
 async def test_every_client_in_the_room_sees_the_same_stream(
     connect: Any, room: dict, upstream: FakeUpstream
 ) -> None:
