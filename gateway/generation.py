@@ -157,6 +157,12 @@ class GenerationTask:
                 raise asyncio.CancelledError
             async with contextlib.aclosing(self._provider.stream(self.request)) as chunks:
                 async for chunk in chunks:
+                    # A chunk may carry the last text and how the answer ended together
+                    # (one upstream read); noted first, as the text may be held back.
+                    if chunk.finish_reason is not None:
+                        finish_reason = chunk.finish_reason
+                    if chunk.usage is not None:
+                        usage = chunk.usage
                     if text := chunk.text:
                         if "\x00" in text:
                             # No database stores U+0000 in text (PostgreSQL refuses
@@ -175,10 +181,6 @@ class GenerationTask:
                         publish(room_id, protocol.token_frame(generation_id, self.seq, text))
                         if self._checks is not None and not self._hold_back:
                             self._check_output(len(text))
-                    if chunk.finish_reason is not None:
-                        finish_reason = chunk.finish_reason
-                    if chunk.usage is not None:
-                        usage = chunk.usage
             self._finishing = True
             if finish_reason is None:
                 raise UpstreamError(

@@ -166,6 +166,8 @@ class Subscriber:
             self._ready.set()
         # While joining, events are held (unfiltered, unmerged) until begin().
         self._held: list[Event] | None = [] if joining else None
+        self._after = 0
+        """Events up to this id were in the client's first frame (see begin())."""
         # While suspended (access being checked), events wait here until resume().
         self._suspended: list[Event] | None = None
         self.direct: DirectWrite | None = None
@@ -182,6 +184,9 @@ class Subscriber:
         for event in held:
             if not event.event_id or event.event_id > after:
                 self.push(event)
+        # Another process's events up to ``after`` may still be on their way (its
+        # pub/sub message can come later than the snapshot read): never twice.
+        self._after = after
 
     def push(self, event: Event) -> None:
         if self.closed_with is not None:
@@ -189,6 +194,8 @@ class Subscriber:
         if self._held is not None:  # still joining: see begin()
             self._held.append(event)
             return
+        if 0 < event.event_id <= self._after:
+            return  # in the client's snapshot already (see begin())
         if self._suspended is not None:  # access being checked: see suspend()
             if len(self._suspended) >= self.limit:
                 self.overflowed = True

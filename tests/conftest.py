@@ -228,6 +228,23 @@ def covered_seqs(tokens: list[dict[str, Any]]) -> list[int]:
     return seqs
 
 
+def expanded(frames: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(event_id, type) of every event, a merged token frame (``seq_from``) counting for
+    each token in it: a client that falls behind gets runs of tokens merged."""
+    out = []
+    for frame in frames:
+        merged = frame["seq"] - frame["seq_from"] if "seq_from" in frame else 0
+        out.extend((frame["event_id"] - i, frame["type"]) for i in range(merged, -1, -1))
+    return out
+
+
+def numbered(seqs: list[int], first: int = 1) -> bool:
+    """Whether ``seqs`` run ``first``, ``first + 1``, ... with no gap or duplicate. How
+    many there are depends on the upstream's pace: a token frame carries the text of
+    one upstream read, which may hold several tokens."""
+    return bool(seqs) and seqs == list(range(first, first + len(seqs)))
+
+
 class Client:
     """A WebSocket client that keeps every frame it received."""
 

@@ -8,11 +8,14 @@ import asyncio
 import contextlib
 import gzip
 import re
+import ssl as ssl_module
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import trustme
 
 from gateway.errors import UpstreamError
 from gateway.providers.base import Chunk, CompletionRequest
@@ -65,23 +68,28 @@ def text(chunks: list[Chunk]) -> str:
     return "".join(c.text for c in chunks)
 
 
+def assert_ordered(chunks: list[Chunk]) -> None:
+    """Text never follows the finish reason, nor anything the usage; no empty chunk."""
+    finish_at = next(i for i, c in enumerate(chunks) if c.finish_reason)
+    assert all(not c.text for c in chunks[finish_at + 1 :])
+    assert all(c.usage is None for c in chunks[:-1])
+    assert all(c.text or c.finish_reason or c.usage for c in chunks)
+
+
 # --------------------------------------------------------------------------- fake upstream
 
 
 async def test_streams_tokens_in_order_then_finish_reason_and_usage(
     make_provider: Any, upstream: FakeUpstream
 ) -> None:
-    upstream.script(Scenario(tokens=["Hello", ", ", "wörld", ' "quoted"\n']))
+    upstream.script(Scenario(tokens=["Hello", ", ", "wörld", ' "quoted"\n'], delay=0.02))
     chunks, error = await consume(make_provider())
 
     assert error is None
-    assert [c.text for c in chunks if c.text] == ["Hello", ", ", "wörld", ' "quoted"\n']
+    assert text(chunks) == 'Hello, wörld "quoted"\n'
     assert [c.finish_reason for c in chunks if c.finish_reason] == ["stop"]
     assert chunks[-1].usage == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
-    # Tokens come before the finish reason, the finish reason before the usage.
-    finish_at = next(i for i, c in enumerate(chunks) if c.finish_reason)
-    assert all(not c.text for c in chunks[finish_at:])
-    assert all(c.usage is None for c in chunks[:-1])
+    assert_ordered(chunks)
 
     (recorded,) = upstream.requests
     assert recorded.headers["authorization"] == "Bearer k"
@@ -206,10 +214,9 @@ async def test_cancelling_the_consumer_closes_the_response_at_once(
 
     async def consumer() -> None:
         async for chunk in provider.stream(REQUEST):
-            if chunk.text:
-                texts.append(chunk.text)
-                if len(texts) == 3:
-                    three.set()
+            texts.append(chunk.text)
+            if "".join(texts).count(" ") >= 3:  # a read may carry several tokens
+                three.set()
 
     task = asyncio.create_task(consumer())
     await asyncio.wait_for(three.wait(), scaled(5))
@@ -223,7 +230,7 @@ async def test_cancelling_the_consumer_closes_the_response_at_once(
     assert request.disconnected_at is not None
     assert request.disconnected_at - cancelled_at < scaled(0.1)
     assert request.tokens_sent < 1000
-    assert texts[:3] == ["tok0 ", "tok1 ", "tok2 "]
+    assert "".join(texts).startswith("tok0 tok1 tok2 ")
 
 
 async def test_closing_the_iterator_closes_the_response_at_once(
@@ -232,10 +239,8 @@ async def test_closing_the_iterator_closes_the_response_at_once(
     upstream.script(Scenario(count=1000, delay=0.01))
     stream = make_provider().stream(REQUEST)
     texts: list[str] = []
-    while len(texts) < 3:
-        chunk = await anext(stream)
-        if chunk.text:
-            texts.append(chunk.text)
+    while "".join(texts).count(" ") < 3:  # a read may carry several tokens
+        texts.append((await anext(stream)).text)
     closed_at = time.monotonic()
     await stream.aclose()  # type: ignore[attr-defined]
 
@@ -244,7 +249,7 @@ async def test_closing_the_iterator_closes_the_response_at_once(
     assert request.disconnected_at is not None
     assert request.disconnected_at - closed_at < scaled(0.1)
     assert request.tokens_sent < 1000
-    assert texts == ["tok0 ", "tok1 ", "tok2 "]
+    assert "".join(texts).startswith("tok0 tok1 tok2 ")
 
 
 async def test_unreachable_upstream(make_provider: Any) -> None:
@@ -257,60 +262,147 @@ async def test_unreachable_upstream(make_provider: Any) -> None:
     assert error is not None and error.code == "upstream_unavailable"
 
 
+@pytest.mark.parametrize(
+    ("max_tokens", "sent", "finish_reason"), [(1000, 50, "stop"), (7, 7, "length")]
+)
+async def test_events_of_one_read_come_as_one_chunk(
+    make_provider: Any, upstream: FakeUpstream, max_tokens: int, sent: int, finish_reason: str
+) -> None:
+    # The whole completion, role chunk to [DONE], in one write: one read, one chunk.
+    upstream.script(Scenario(count=50, group=0))
+    request = CompletionRequest(
+        model="m", messages=REQUEST.messages, temperature=0, max_tokens=max_tokens
+    )
+    chunks, error = await consume(make_provider(), request)
+    assert error is None
+    usage = {"prompt_tokens": 2, "completion_tokens": sent, "total_tokens": 2 + sent}
+    assert chunks == [Chunk("".join(f"tok{i} " for i in range(sent)), finish_reason, usage)]
+
+
+async def test_events_written_together_stay_together_in_order(
+    make_provider: Any, upstream: FakeUpstream
+) -> None:
+    # Three tokens per write, 30 ms apart: each chunk holds whole writes, nothing lost.
+    upstream.script(Scenario(count=12, group=3, delay=0.03))
+    chunks, error = await consume(make_provider())
+    assert error is None
+    assert text(chunks) == "".join(f"tok{i} " for i in range(12))
+    assert all(c.text.count(" ") % 3 == 0 for c in chunks)
+    assert [c.finish_reason for c in chunks if c.finish_reason] == ["stop"]
+    assert chunks[-1].usage == {"prompt_tokens": 2, "completion_tokens": 12, "total_tokens": 14}
+    assert_ordered(chunks)
+
+
+async def test_retries_a_failed_request_before_the_first_token(
+    make_provider: Any, upstream: FakeUpstream
+) -> None:
+    upstream.script(Scenario(fault="500"), Scenario(fault="429"), Scenario(count=3))
+    started = time.monotonic()
+    chunks, error = await consume(make_provider(max_retries=2))
+    assert error is None
+    assert text(chunks) == "tok0 tok1 tok2 "
+    assert [r.outcome for r in upstream.requests] == ["error", "error", "completed"]
+    # The SDK's backoff (the fake's "retry-after: 0" is not a wait): 0.5 s, then 1 s,
+    # each less up to a quarter.
+    assert time.monotonic() - started >= 0.375 + 0.75
+
+
+async def test_no_retry_once_retries_are_used_up(
+    make_provider: Any, upstream: FakeUpstream
+) -> None:
+    upstream.script(Scenario(fault="500"), Scenario(fault="500"), Scenario(count=3))
+    chunks, error = await consume(make_provider(max_retries=1))
+    assert chunks == []
+    assert error is not None and error.code == "upstream_error"
+    assert len(upstream.requests) == 2
+
+
+async def test_connections_are_bounded_and_reused(
+    make_provider: Any, upstream: FakeUpstream
+) -> None:
+    provider = make_provider(max_connections=1)
+    upstream.script(Scenario(count=5, delay=0.02), Scenario(count=5, delay=0.02))
+    results = await asyncio.gather(consume(provider), consume(provider))
+    assert [text(chunks) for chunks, _ in results] == ["tok0 tok1 tok2 tok3 tok4 "] * 2
+    first, second = upstream.requests
+    assert first.completed_at is not None and second.started_at >= first.completed_at
+
+
 # --------------------------------------------------------------------------- raw server
 
 
 class RawServer:
     """A real TCP server that answers each HTTP request with fixed bytes.
 
-    ``response=None`` never answers. After a response, ``then="close"`` closes the
-    connection, ``"keep-alive"`` serves the next request on it, and ``"hold"`` keeps
-    it open, sending nothing more, until the client goes away.
+    ``response`` may be a list: one response per request, the last one repeated.
+    ``None`` never answers. After a response, ``then="close"`` closes the connection,
+    ``"keep-alive"`` serves the next request on it, ``"hold"`` keeps it open, sending
+    nothing more, until the client goes away, and ``"drop-next"`` reads the next
+    request on it and closes without answering (a kept-alive connection the server
+    closed while the client was reusing it). ``ssl`` serves TLS.
     """
 
-    def __init__(self, response: bytes | None, *, then: str = "close") -> None:
-        self.response = response
+    def __init__(
+        self,
+        response: bytes | list[bytes] | None,
+        *,
+        then: str = "close",
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
+        self.responses = response if isinstance(response, list) else [response]
         self.then = then
+        self.ssl = ssl
         self.requests: list[bytes] = []
         self.connections = 0
         self._handlers: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{'https' if self.ssl else 'http'}://127.0.0.1:{self.port}/v1"
 
     async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._server.close()
+        for writer in self._writers:  # connections a client keeps alive end here
+            writer.transport.abort()
         await self._server.wait_closed()
         await asyncio.gather(*self._handlers, return_exceptions=True)
 
+    async def _read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        body = await reader.readexactly(int(length.group(1))) if length else b""
+        return head + body
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._handlers.add(asyncio.current_task())  # type: ignore[arg-type]
+        self._writers.add(writer)
         self.connections += 1
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-                body = await reader.readexactly(int(length.group(1))) if length else b""
-                self.requests.append(head + body)
-                if self.response is not None:
-                    writer.write(self.response)
+                self.requests.append(await self._read_request(reader))
+                response = self.responses[min(len(self.requests), len(self.responses)) - 1]
+                if response is not None:
+                    writer.write(response)
                     await writer.drain()
-                if self.response is None or self.then == "hold":
+                if response is None or self.then == "hold":
                     await reader.read()  # until the client goes away
+                    return
+                if self.then == "drop-next":
+                    self.requests.append(await self._read_request(reader))
                     return
                 if self.then == "close":
                     return
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, ssl_module.SSLError):
             pass
         finally:
             writer.close()
-            with contextlib.suppress(ConnectionError):
+            with contextlib.suppress(ConnectionError, ssl_module.SSLError):
                 await writer.wait_closed()
 
 
@@ -345,12 +437,10 @@ async def test_crlf_comments_and_split_events_over_http(make_provider: Any) -> N
     async with RawServer(sse_response(*pieces)) as server:
         chunks, error = await consume(make_provider(base_url=server.base_url))
     assert error is None
-    assert chunks == [
-        Chunk("Hel"),
-        Chunk("lo"),
-        Chunk("", "stop"),
-        Chunk("", None, {"prompt_tokens": 1, "completion_tokens": 2}),
-    ]
+    assert text(chunks) == "Hello"
+    assert [c.finish_reason for c in chunks if c.finish_reason] == ["stop"]
+    assert chunks[-1].usage == {"prompt_tokens": 1, "completion_tokens": 2}
+    assert_ordered(chunks)
 
 
 async def test_connection_is_reused_after_done(make_provider: Any) -> None:
@@ -378,16 +468,30 @@ async def test_body_not_ended_after_done_is_closed_soon(make_provider: Any) -> N
     assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
 
 
-async def test_gzip_encoded_body(make_provider: Any) -> None:
-    body = gzip.compress(token_event("zip") + token_event("", "stop") + b"data: [DONE]\n\n")
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [
+        ("gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        # Some servers send raw deflate (no zlib wrapper) as "deflate".
+        ("deflate", lambda data: zlib.compress(data, wbits=-zlib.MAX_WBITS)),
+    ],
+    ids=["gzip", "deflate", "raw-deflate"],
+)
+async def test_encoded_body(
+    make_provider: Any, encoding: str, compress: Callable[[bytes], bytes]
+) -> None:
+    body = compress(token_event("zip") + token_event("", "stop") + b"data: [DONE]\n\n")
     response = (
-        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-encoding: gzip\r\n"
-        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-encoding: %s\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (encoding.encode(), len(body), body)
     )
     async with RawServer(response) as server:
         chunks, error = await consume(make_provider(base_url=server.base_url))
     assert error is None
-    assert chunks == [Chunk("zip"), Chunk("", "stop")]
+    assert text(chunks) == "zip"
+    assert [c.finish_reason for c in chunks if c.finish_reason] == ["stop"]
+    assert b"accept-encoding: gzip, deflate" in server.requests[0].lower()
 
 
 @pytest.mark.parametrize(
@@ -433,6 +537,110 @@ async def test_no_response_times_out(make_provider: Any) -> None:
     assert error is not None and error.code == "upstream_timeout"
     assert error.message == f"no response from the model within {scaled(0.3):g} s"
     assert scaled(0.3) <= elapsed < scaled(0.3) + scaled(0.5)
+
+
+def status_response(status: bytes, body: bytes, *headers: bytes) -> bytes:
+    return (
+        b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n%s\r\n%s"
+        % (len(body), b"".join(h + b"\r\n" for h in headers), body)
+    )
+
+
+DONE_RESPONSE = sse_response(token_event("a", "stop"), b"data: [DONE]\n\n", keep_alive=True)
+
+
+async def test_retry_after_is_honoured(make_provider: Any) -> None:
+    limited = status_response(
+        b"429 Too Many Requests", b'{"error":{"message":"slow down"}}', b"retry-after: 1"
+    )
+    async with RawServer([limited, DONE_RESPONSE]) as server:
+        started = time.monotonic()
+        chunks, error = await consume(make_provider(base_url=server.base_url, max_retries=1))
+        elapsed = time.monotonic() - started
+    assert error is None and chunks == [Chunk("a", "stop")]
+    assert len(server.requests) == 2
+    assert elapsed >= 1.0  # the backoff alone would have waited at most 0.5 s
+
+
+@pytest.mark.parametrize(
+    ("response", "code", "message"),
+    [
+        (
+            status_response(b"400 Bad Request", b'{"error":{"message":"no such model"}}'),
+            "upstream_error",
+            "the model answered HTTP 400: no such model",
+        ),
+        (
+            status_response(b"503 Service Unavailable", b"down", b"x-should-retry: false"),
+            "upstream_error",
+            "the model answered HTTP 503: Error code: 503 - down",
+        ),
+        (
+            status_response(b"429 Too Many Requests", b"{}", b"x-should-retry: false"),
+            "upstream_rate_limited",
+            "the model's rate limit was hit: Error code: 429 - {}",
+        ),
+    ],
+    ids=["400", "503-should-not-retry", "429-should-not-retry"],
+)
+async def test_status_errors_not_retried(
+    make_provider: Any, response: bytes, code: str, message: str
+) -> None:
+    async with RawServer(response) as server:
+        chunks, error = await consume(make_provider(base_url=server.base_url, max_retries=2))
+    assert chunks == []
+    assert error is not None and (error.code, error.message) == (code, message)
+    assert len(server.requests) == 1
+
+
+async def test_request_goes_to_the_base_path_with_the_key(make_provider: Any) -> None:
+    async with RawServer(DONE_RESPONSE) as server:
+        base_url = f"http://127.0.0.1:{server.port}/some/prefix/v1/"
+        chunks, error = await consume(make_provider(base_url=base_url))
+    assert error is None and chunks == [Chunk("a", "stop")]
+    (request,) = server.requests
+    head = request.split(b"\r\n\r\n")[0].decode().lower().split("\r\n")
+    assert head[0] == "post /some/prefix/v1/chat/completions http/1.1"
+    assert f"host: 127.0.0.1:{server.port}" in head
+    assert "authorization: bearer k" in head
+    assert "accept: text/event-stream" in head
+
+
+async def test_a_pooled_connection_closed_by_the_server_is_replaced(make_provider: Any) -> None:
+    # The second request goes out on the kept-alive connection, which the server then
+    # closes without answering: it is sent again on a new one, not failed (no retries).
+    async with RawServer(DONE_RESPONSE, then="drop-next") as server:
+        provider = make_provider(base_url=server.base_url)
+        for _ in range(2):
+            chunks, error = await consume(provider)
+            assert error is None and chunks == [Chunk("a", "stop")]
+    assert len(server.requests) == 3
+    assert server.connections == 2
+
+
+@pytest.fixture(scope="module")
+def tls_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+async def test_https_with_a_verified_certificate(make_provider: Any, tls_ca: trustme.CA) -> None:
+    server_ssl = ssl_module.create_default_context(ssl_module.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("127.0.0.1").configure_cert(server_ssl)
+    client_ssl = ssl_module.create_default_context()
+    tls_ca.configure_trust(client_ssl)
+    async with RawServer(DONE_RESPONSE, then="keep-alive", ssl=server_ssl) as server:
+        provider = make_provider(base_url=server.base_url, ssl_context=client_ssl)
+        for _ in range(2):
+            chunks, error = await consume(provider)
+            assert error is None and chunks == [Chunk("a", "stop")]
+        # Not trusted by the default trust store: refused, not sent.
+        chunks, error = await consume(make_provider(base_url=server.base_url))
+    assert chunks == []
+    assert error is not None and error.code == "upstream_unavailable"
+    assert "CERTIFICATE_VERIFY_FAILED" in error.message
+    assert len(server.requests) == 2
+    assert server.connections == 1  # reused; the refused handshake never got this far
 
 
 # --------------------------------------------------------------------------- SSE parser

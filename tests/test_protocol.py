@@ -93,6 +93,19 @@ async def test_tokens_queued_for_a_busy_subscriber_are_coalesced() -> None:
         await subscriber.next_batch()
 
 
+async def test_events_in_the_first_frame_are_not_sent_again_when_they_come_late() -> None:
+    # Another process's pub/sub message can arrive after the snapshot that holds it.
+    subscriber = Subscriber("room", limit=10, joining=True)
+    held = {**protocol.token_frame("g", 1, "a"), "event_id": 11}
+    subscriber.push(Event(held))
+    subscriber.begin([], after=12)
+    for seq, event_id in [(2, 12), (3, 13)]:
+        subscriber.push(Event({**protocol.token_frame("g", seq, "b"), "event_id": event_id}))
+    subscriber.push(Event({"type": "pong"}))  # no id: always sent
+    out = [orjson.loads(item.text) for item in await subscriber.next_batch()]
+    assert out == [{**protocol.token_frame("g", 3, "b"), "event_id": 13}, {"type": "pong"}]
+
+
 def test_prompt_keeps_system_prompt_and_trims_oldest_turns_first() -> None:
     history = [Turn("user" if i % 2 == 0 else "assistant", f"turn {i} " * 40) for i in range(9)]
     per_turn = estimate_tokens(history[-1].content)

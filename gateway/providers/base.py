@@ -2,7 +2,13 @@
 
 Guarantees an implementation gives:
 
-- ``stream()`` yields :class:`Chunk` objects in order; text chunks may be empty.
+- ``stream()`` yields :class:`Chunk` objects in order, never an empty one (no text,
+  finish reason or usage). A network provider yields one per network read that
+  completed events: their texts joined in order, with the finish reason and usage if
+  one of them carried it (text always comes before them; later chunks carry no text).
+  So a chunk may hold many tokens; nothing is lost or reordered. An event reporting an
+  error still raises, after a chunk with the text that came before it in that read.
+  (The local provider yields one chunk per token.)
 - Errors are raised as :class:`gateway.errors.UpstreamError` (or a subclass), never as
   the library's own exceptions.
 - Cancelling the consuming task, or closing the iterator (``aclose()``), stops the

@@ -267,8 +267,9 @@ class LocalProvider:
                     text = choice["delta"].get("content") or ""
                     tokens += 1 if text else 0
                     finish = choice.get("finish_reason")
-                    usage = {"completion_tokens": tokens} if finish else None
-                    emit(Chunk(text=text, finish_reason=finish, usage=usage))
+                    if text or finish:  # the role-only opening part carries nothing
+                        usage = {"completion_tokens": tokens} if finish else None
+                        emit(Chunk(text=text, finish_reason=finish, usage=usage))
         except Exception as exc:
             log.exception("local generation failed")
             emit(UpstreamError(f"the local model failed: {exc}", code="upstream_error"))

@@ -1,33 +1,53 @@
-"""The OpenAI-compatible provider, on the official ``openai`` SDK.
+"""The OpenAI-compatible provider: streams from any server that speaks the Chat
+Completions API (OpenAI, vLLM, Ollama, llama.cpp's server, ...).
 
-This module (and :mod:`gateway.providers.moderation`) imports ``openai``; its
-exceptions are translated into :class:`gateway.errors.UpstreamError` here. Works with
-any server that speaks the Chat Completions API (OpenAI, vLLM, Ollama, llama.cpp's server, ...).
+The official ``openai`` SDK resolves the configuration (API key, base URL, and the
+organisation, project and client headers it sends), but the streamed request itself
+goes through :mod:`gateway.providers.http1`, a lean pooled HTTP/1.1 client on
+``httptools``, and its body is read here: a small SSE parser and ``orjson``, one
+:class:`Chunk` per network read. Tokens are the gateway's hot path: on the SDK's own
+request path (httpx2, httpcore2, anyio, h11) the upstream read cost ~80 µs of CPU
+per chunk at 200 streams, here ~20 (``bench/upstream_client.py``, docs/benchmarks.md).
+Retries with backoff and ``Retry-After``, as the SDK does them, are done here.
 
-The SDK sends the request through its generic ``post`` (auth, ``base_url``, retries,
-HTTP status errors), but the streamed body is read here: raw bytes from httpx2, a
-small SSE parser and ``orjson``. The SDK's own stream (SSE decoding in Python, a
-``ChatCompletionChunk`` model per token) and an ``asyncio.timeout()`` per chunk cost
-several times more CPU per token than this path; tokens are the gateway's hot path.
+This module and :mod:`gateway.providers.moderation` import ``openai``; every upstream
+failure of a completion is translated into :class:`gateway.errors.UpstreamError` here
+(:func:`_translate`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
+import email.utils
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-import httpx2
 import openai
 import orjson
 
 from gateway.errors import UpstreamError
 from gateway.providers.base import Chunk, CompletionRequest
+from gateway.providers.http1 import (
+    BadResponse,
+    ConnectError,
+    ConnectionClosed,
+    ConnectTimeout,
+    HTTPClientError,
+    StatusError,
+    StreamingClient,
+)
 
 _DRAIN_TIMEOUT = 0.1
 """After ``[DONE]``, how long to wait for the end of the body so the connection can be
 reused (the SDK does the same); the response is closed after that either way."""
+_INITIAL_RETRY_DELAY = 0.5
+_MAX_RETRY_DELAY = 8.0
+"""Backoff between retries, as the SDK's: 0.5 s doubling up to 8 s, less up to 25 %
+jitter, unless the server said how long to wait (``Retry-After``, up to 60 s)."""
+_RETRY_STATUSES = frozenset({408, 409, 429})
 
 
 class SSEParser:
@@ -163,12 +183,15 @@ class _ReadDeadline:
 
 
 class OpenAIProvider:
-    """Streams from ``base_url`` with ``AsyncOpenAI(stream=True)``.
+    """Streams chat completions from ``base_url`` (or what the SDK resolves: the
+    ``OPENAI_BASE_URL`` environment variable, else OpenAI).
 
-    Timeouts: ``first_token_timeout`` bounds the wait for the response and its first
-    chunk (SDK retries included); ``token_timeout`` bounds each gap between chunks.
-    The SDK retries only while no response has arrived, so nothing is ever retried
-    after a token reached a client.
+    Timeouts: ``first_token_timeout`` bounds the wait for the response (retries
+    included) and then each read until the first text; ``token_timeout`` bounds each
+    gap between reads after that. Retries (at most ``max_retries``) only happen while no
+    response has arrived, so nothing is ever retried after a token reached a client.
+    ``ssl_context`` replaces the default trust store for ``https`` (tests use their own
+    certificate authority).
     """
 
     name = "openai"
@@ -183,59 +206,59 @@ class OpenAIProvider:
         first_token_timeout: float = 60.0,
         token_timeout: float = 30.0,
         max_retries: int = 2,
+        max_connections: int = 1000,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.first_token_timeout = first_token_timeout
         self.token_timeout = token_timeout
-        read = max(first_token_timeout, token_timeout)
-        self._client = openai.AsyncOpenAI(
-            # Local servers (Ollama, vLLM) accept any key, but the SDK insists on one.
-            api_key=api_key or "not-needed",
-            base_url=base_url,
-            max_retries=max_retries,
-            # httpx2's read timeout is only a backstop for the timeouts in stream().
-            timeout=httpx2.Timeout(read, connect=connect_timeout),
+        self.max_retries = max_retries
+        # Local servers (Ollama, vLLM) accept any key, but the SDK insists on one.
+        self._sdk = openai.AsyncOpenAI(api_key=api_key or "not-needed", base_url=base_url)
+        headers = {
+            name: value
+            for name, value in {**self._sdk.default_headers, **self._sdk.auth_headers}.items()
+            if isinstance(value, str) and name.lower() not in ("accept", "content-type")
+        }
+        headers["Accept"] = "text/event-stream"
+        self._http = StreamingClient(
+            str(self._sdk.base_url),
+            headers,
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
+            ssl_context=ssl_context,
         )
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
-        body = {
-            "model": request.model,
-            "messages": request.messages,
-            "temperature": request.temperature,
-            "max_tokens": request.max_tokens,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        # The SDK's generic ``post`` (its documented way to make raw requests) still
-        # adds auth, retries and status errors, but skips the typed-parameter
-        # transform of ``chat.completions.create``, which costs ~6 ms of CPU per
-        # request for a 40-message history (1 ms for the whole request this way).
+        body = orjson.dumps(
+            {
+                "model": request.model,
+                "messages": request.messages,
+                "temperature": request.temperature,
+                "max_tokens": request.max_tokens,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        )
         try:
             async with asyncio.timeout(self.first_token_timeout):
-                http_response = await self._client.post(
-                    "/chat/completions", body=body, cast_to=httpx2.Response, stream=True
-                )
+                response = await self._request(body)
         except TimeoutError:
             raise UpstreamError(
                 f"no response from the model within {self.first_token_timeout:g} s",
                 code="upstream_timeout",
             ) from None
-        except Exception as exc:
+        except HTTPClientError as exc:
             raise _translate(exc) from exc
 
-        if http_response.headers.get("content-encoding", "identity") == "identity":
-            chunks = http_response.aiter_raw()  # skips httpx2's decoder and re-chunker
-        else:
-            chunks = http_response.aiter_bytes()
         deadline = _ReadDeadline(asyncio.get_running_loop())
         feed = SSEParser().feed
+        read = response.read
         timeout = self.first_token_timeout
         try:
             while True:
                 deadline.arm(timeout)
                 try:
-                    data = await anext(chunks)
-                except StopAsyncIteration:
-                    return  # no [DONE]; the caller decides whether the answer is complete
+                    data = await read()
                 except (asyncio.CancelledError, Exception) as exc:
                     if deadline.expired():
                         raise UpstreamError(
@@ -246,45 +269,100 @@ class OpenAIProvider:
                     raise _translate(exc) from exc
                 finally:
                     deadline.disarm()
-                for payload in feed(data):
-                    if payload.startswith(b"[DONE]"):
-                        await _drain(chunks, deadline)
-                        return
-                    chunk = _parse_event(payload)
-                    if chunk is None:
-                        continue
+                if not data:
+                    return  # no [DONE]; the caller decides whether the answer is complete
+                payloads = feed(data)
+                if not payloads:
+                    continue
+                chunk, done, error = _read_events(payloads)
+                if chunk is not None:
                     if chunk.text:  # the role-only opening chunk does not count as a token
                         timeout = self.token_timeout
                     yield chunk
+                if error is not None:
+                    raise error
+                if done:
+                    await _drain(read, deadline)
+                    return
         finally:
             deadline.close()
-            # Closing the response (not draining it) makes the upstream stop generating.
+            # Closing the response (not draining it) makes the upstream stop generating;
+            # a body read to its end leaves the connection to the pool.
+            await response.aclose()
+
+    async def _request(self, body: bytes) -> Any:
+        """POST the completion request, retrying as the SDK does; the response once its
+        head came."""
+        retries = 0
+        while True:
             try:
-                await chunks.aclose()
-            finally:
-                await http_response.aclose()
+                return await self._http.post("/chat/completions", body, "application/json")
+            except HTTPClientError as exc:
+                if retries >= self.max_retries or not _retryable(exc):
+                    raise
+                delay = _retry_delay(exc, retries)
+            retries += 1
+            await asyncio.sleep(delay)
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._http.aclose()
+        await self._sdk.close()
 
 
-async def _drain(body: AsyncIterator[bytes], deadline: _ReadDeadline) -> None:
+async def _drain(read: Callable[[], Any], deadline: _ReadDeadline) -> None:
     """Read the rest of the body after ``[DONE]`` (normally just the end of the chunked
-    encoding), so that httpx2 can reuse the connection; give up quietly after a while."""
+    encoding, mostly in the same read), so that the connection can be reused; give up
+    quietly after a while."""
     try:
         while True:
             deadline.arm(_DRAIN_TIMEOUT)
             try:
-                await anext(body)
+                if not await read():
+                    return
             finally:
                 deadline.disarm()
-    except StopAsyncIteration:
-        pass
     except (asyncio.CancelledError, Exception) as exc:
         # A timeout or a broken body: the answer is complete, the connection is just
         # not reused. A cancellation from outside goes on.
         if not deadline.expired() and isinstance(exc, asyncio.CancelledError):
             raise
+
+
+def _read_events(payloads: list[bytes]) -> tuple[Chunk | None, bool, UpstreamError | None]:
+    """The events of one network read as one :class:`Chunk` (their texts joined, the
+    last finish reason and usage), whether ``[DONE]`` came, and the error an event
+    reported or caused; the chunk holds what came before that error."""
+    if len(payloads) == 1 and not payloads[0].startswith(b"[DONE]"):  # the common case
+        try:
+            return _parse_event(payloads[0]), False, None
+        except UpstreamError as exc:
+            return None, False, exc
+    texts: list[str] = []
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    done = False
+    error: UpstreamError | None = None
+    for payload in payloads:
+        if payload.startswith(b"[DONE]"):
+            done = True
+            break
+        try:
+            chunk = _parse_event(payload)
+        except UpstreamError as exc:
+            error = exc
+            break
+        if chunk is None:
+            continue
+        if chunk.text:
+            texts.append(chunk.text)
+        if chunk.finish_reason is not None:
+            finish_reason = chunk.finish_reason
+        if chunk.usage is not None:
+            usage = chunk.usage
+    if not texts and finish_reason is None and usage is None:
+        return None, done, error
+    text = texts[0] if len(texts) == 1 else "".join(texts)
+    return Chunk(text, finish_reason, usage), done, error
 
 
 def _parse_event(payload: bytes) -> Chunk | None:
@@ -332,33 +410,80 @@ def _parse_event(payload: bytes) -> Chunk | None:
     return Chunk(text, finish_reason, usage)
 
 
+def _retryable(exc: HTTPClientError) -> bool:
+    """Whether the SDK would retry after ``exc``: connection failures, and statuses 408,
+    409, 429 and 5xx, unless the server says otherwise (``x-should-retry``)."""
+    if not isinstance(exc, StatusError):
+        return True
+    should = exc.headers.get("x-should-retry")
+    if should in ("true", "false"):
+        return should == "true"
+    return exc.status in _RETRY_STATUSES or exc.status >= 500
+
+
+def _retry_delay(exc: HTTPClientError, retries: int) -> float:
+    """Seconds to wait before retry number ``retries + 1``, as the SDK computes them."""
+    headers: Mapping[str, str] = exc.headers if isinstance(exc, StatusError) else {}
+    wait = _retry_after(headers)
+    if wait is not None and 0 < wait <= 60:
+        return wait
+    backoff = min(_INITIAL_RETRY_DELAY * 2.0**retries, _MAX_RETRY_DELAY)
+    return backoff * (1 - 0.25 * random.random())
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """``retry-after-ms``, else ``retry-after`` (seconds or an HTTP date), in seconds."""
+    try:
+        return float(headers["retry-after-ms"]) / 1000
+    except (KeyError, ValueError):
+        pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError):
+        return None
+
+
 def _translate(exc: Exception) -> UpstreamError:
-    """Map an SDK or transport exception onto the gateway's error tree."""
+    """Map an exception of the HTTP client onto the gateway's error tree."""
     if isinstance(exc, UpstreamError):
         return exc
-    if isinstance(exc, openai.RateLimitError):
+    if isinstance(exc, StatusError):
+        detail = _detail(exc.status, exc.body)
+        if exc.status == 429:
+            return UpstreamError(
+                f"the model's rate limit was hit: {detail}",
+                code="upstream_rate_limited",
+                status=429,
+            )
         return UpstreamError(
-            f"the model's rate limit was hit: {_detail(exc)}",
-            code="upstream_rate_limited",
-            status=429,
+            f"the model answered HTTP {exc.status}: {detail}", code="upstream_error"
         )
-    if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
+    if isinstance(exc, ConnectTimeout):
         return UpstreamError("the model timed out", code="upstream_timeout")
-    if isinstance(exc, openai.APIStatusError):
-        return UpstreamError(
-            f"the model answered HTTP {exc.status_code}: {_detail(exc)}", code="upstream_error"
-        )
-    if isinstance(exc, openai.APIConnectionError | httpx2.TransportError):
+    if isinstance(exc, ConnectError | ConnectionClosed):
         return UpstreamError(f"cannot reach the model: {exc}", code="upstream_unavailable")
-    if isinstance(exc, json.JSONDecodeError | openai.APIError | ValueError | httpx2.DecodingError):
+    if isinstance(exc, BadResponse):
         return UpstreamError(
             f"the model sent a malformed stream: {exc}", code="upstream_bad_response"
         )
     return UpstreamError(f"the model stream failed: {exc!r}", code="upstream_error")
 
 
-def _detail(exc: openai.APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return body["message"]
-    return exc.message
+def _detail(status: int, body: bytes) -> str:
+    """The message of an error response, as the SDK words it: the ``message`` of its
+    ``error`` object, else ``Error code: N - <body>``."""
+    try:
+        data = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        data = body.decode("utf-8", "replace")
+    error = data.get("error", data) if isinstance(data, dict) else data
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    return f"Error code: {status}" + (f" - {data}" if data not in (None, "") else "")

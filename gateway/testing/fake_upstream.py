@@ -14,7 +14,7 @@ chosen per request; the first match wins:
 
 1. the next scenario queued with :meth:`FakeUpstream.script` (FIFO);
 2. a directive in the content of the **last user message**, e.g.
-   ``[[fake count=50 delay=0.02 first_delay=0.1 fault=hang fault_after=3 usage=0]]``.
+   ``[[fake count=50 delay=0.02 first_delay=0.1 fault=hang fault_after=3 usage=0 group=1]]``.
    Any subset of keys may be given; the others come from the default scenario.
    ``tokens=a|b|c`` gives explicit token texts (split on ``|``; values may be
    shell-quoted, e.g. ``tokens="Hello |world"``). ``fault=none`` clears a fault,
@@ -26,7 +26,9 @@ Response shape for ``stream=true`` (``content-type: text/event-stream``):
 
 * a chunk with ``delta: {"role": "assistant", "content": ""}`` (sent with the headers);
 * after ``first_delay``, one chunk per token, ``delay`` seconds apart
-  (tokens are scheduled on absolute deadlines, so they do not drift);
+  (tokens are scheduled on absolute deadlines, so they do not drift); with
+  ``group=N`` the chunks of N tokens go out in one write, and ``group=0`` writes the
+  whole completion, role chunk to ``[DONE]``, in one write;
 * a chunk with an empty delta and ``finish_reason`` ``"stop"``, or ``"length"``
   when ``max_completion_tokens``/``max_tokens`` is smaller than the token count
   (then only that many tokens are sent);
@@ -113,10 +115,16 @@ class Scenario:
     """For hang/truncate/garbage: content tokens sent before the fault strikes."""
     usage: bool = True
     """Send a usage chunk when the request asks for ``stream_options.include_usage``."""
+    group: int = 1
+    """Content tokens per write (``delay`` apart); 0: the whole completion (role chunk,
+    tokens, finish, usage, ``[DONE]``) in one write after ``first_delay``, as a server
+    that buffers does. Lets tests see several events arrive in one network read."""
 
     def __post_init__(self) -> None:
         if self.fault is not None and self.fault not in FAULTS:
             raise ValueError(f"unknown fault {self.fault!r}; expected one of {sorted(FAULTS)}")
+        if self.group < 0:
+            raise ValueError(f"group must be 0 or more, got {self.group}")
 
     def token_texts(self) -> list[str]:
         """The content tokens this scenario would send (before any ``max_tokens`` cap)."""
@@ -190,6 +198,7 @@ def _parse_bool(value: str) -> bool:
 _DIRECTIVE_CONVERTERS: dict[str, Callable[[str], Any]] = {
     "count": int,
     "fault_after": int,
+    "group": int,
     "delay": float,
     "first_delay": float,
     "fault": lambda v: None if v.lower() in ("", "none") else v,
@@ -669,57 +678,70 @@ class FakeUpstream:
         await send_raw(
             send, {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS}
         )
-        await send_raw(
-            send,
-            {
-                "type": "http.response.body",
-                "body": head
-                + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
-                + b'"finish_reason":null}]}\n\n',
-                "more_body": True,
-            },
-        )
+        # What is written next; in whole mode (group 0) everything waits for one write.
+        whole = scenario.group == 0
+        group = scenario.group or max(stop_at, 1)
+        pending = [
+            head
+            + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+            + b'"finish_reason":null}]}\n\n'
+        ]
+        if not whole:
+            await send_raw(
+                send, {"type": "http.response.body", "body": pending.pop(), "more_body": True}
+            )
 
         monotonic = time.monotonic
         sleep = asyncio.sleep
         delay = scenario.delay
         deadline = monotonic() + scenario.first_delay
         token_times = rec.token_times
-        for i in range(stop_at):
-            if i:
+        for start in range(0, stop_at, group):
+            if start:
                 deadline += delay
             wait = deadline - monotonic()
             if wait > 0:
                 await sleep(wait)
-            await send_raw(
-                send,
-                {
-                    "type": "http.response.body",
-                    "body": token_prefix + tokens[i] + token_suffix,
-                    "more_body": True,
-                },
-            )
+            end = min(start + group, stop_at)
+            pending.extend(token_prefix + tokens[i] + token_suffix for i in range(start, end))
+            if not whole:
+                body = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
+                await send_raw(
+                    send, {"type": "http.response.body", "body": body, "more_body": True}
+                )
             now = monotonic()
-            token_times.append(now)
-            if i == 0:
+            token_times.extend([now] * (end - start))
+            if start == 0:
                 rec.first_token_at = now
             rec.last_token_at = now
-            rec.tokens_sent = i + 1
+            rec.tokens_sent = end
 
         if fault == "hang":
+            if pending:
+                await send_raw(
+                    send,
+                    {"type": "http.response.body", "body": b"".join(pending), "more_body": True},
+                )
             await asyncio.Future()  # until the watcher sees the disconnect and cancels us
         elif fault == "truncate":
-            await send_raw(send, {"type": "http.response.body", "body": b"", "more_body": False})
+            await send_raw(
+                send,
+                {"type": "http.response.body", "body": b"".join(pending), "more_body": False},
+            )
             self._finish(rec, "truncated")
             return
         elif fault == "garbage":
+            pending.append(_GARBAGE_EVENT)
             await send_raw(
-                send, {"type": "http.response.body", "body": _GARBAGE_EVENT, "more_body": False}
+                send,
+                {"type": "http.response.body", "body": b"".join(pending), "more_body": False},
             )
             self._finish(rec, "garbage")
             return
 
         tail = [
+            *pending,
             head,
             b'"choices":[{"index":0,"delta":{},"finish_reason":"',
             plan.finish_reason.encode(),
@@ -851,6 +873,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fault", choices=sorted(FAULTS), default=None)
     parser.add_argument("--fault-after", type=int, default=0)
     parser.add_argument("--no-usage", action="store_true", help="never send a usage chunk")
+    parser.add_argument(
+        "--group", type=int, default=1, help="tokens per write; 0: the whole completion at once"
+    )
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
 
@@ -862,6 +887,7 @@ def main(argv: list[str] | None = None) -> None:
         fault=args.fault,
         fault_after=args.fault_after,
         usage=not args.no_usage,
+        group=args.group,
     )
     # Long benchmark runs would otherwise accumulate every request in memory.
     upstream = FakeUpstream(default, record=False)
