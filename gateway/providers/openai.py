@@ -6,8 +6,8 @@ organisation, project and client headers it sends), but the streamed request its
 goes through :mod:`gateway.providers.http1`, a lean pooled HTTP/1.1 client on
 ``httptools``, and its body is read here: a small SSE parser and ``orjson``, one
 :class:`Chunk` per network read. Tokens are the gateway's hot path: on the SDK's own
-request path (httpx2, httpcore2, anyio, h11) the upstream read cost ~80 µs of CPU
-per chunk at 200 streams, here ~20 (``bench/upstream_client.py``, docs/benchmarks.md).
+request path (httpx2, httpcore2, anyio, h11) the upstream read cost ~98 µs of CPU
+per chunk at 200 streams, here ~25 (``bench/upstream_client.py``, docs/benchmarks.md).
 Retries with backoff and ``Retry-After``, as the SDK does them, are done here.
 
 This module and :mod:`gateway.providers.moderation` import ``openai``; every upstream
