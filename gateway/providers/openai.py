@@ -6,8 +6,8 @@ organisation, project and client headers it sends), but the streamed request its
 goes through :mod:`gateway.providers.http1`, a lean pooled HTTP/1.1 client on
 ``httptools``, and its body is read here: a small SSE parser and ``orjson``, one
 :class:`Chunk` per network read. Tokens are the gateway's hot path: on the SDK's own
-request path (httpx2, httpcore2, anyio, h11) the upstream read cost ~80 µs of CPU
-per chunk at 200 streams, here ~20 (``bench/upstream_client.py``, docs/benchmarks.md).
+request path (httpx2, httpcore2, anyio, h11) the upstream read cost ~98 µs of CPU
+per chunk at 200 streams, here ~25 (``bench/upstream_client.py``, docs/benchmarks.md).
 Retries with backoff and ``Retry-After``, as the SDK does them, are done here.
 
 This module and :mod:`gateway.providers.moderation` import ``openai``; every upstream
@@ -22,7 +22,7 @@ import email.utils
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import openai
@@ -36,6 +36,7 @@ from gateway.providers.http1 import (
     ConnectionClosed,
     ConnectTimeout,
     HTTPClientError,
+    Response,
     StatusError,
     StreamingClient,
 )
@@ -290,7 +291,7 @@ class OpenAIProvider:
             # a body read to its end leaves the connection to the pool.
             await response.aclose()
 
-    async def _request(self, body: bytes) -> Any:
+    async def _request(self, body: bytes) -> Response:
         """POST the completion request, retrying as the SDK does; the response once its
         head came."""
         retries = 0
@@ -309,7 +310,7 @@ class OpenAIProvider:
         await self._sdk.close()
 
 
-async def _drain(read: Callable[[], Any], deadline: _ReadDeadline) -> None:
+async def _drain(read: Callable[[], Awaitable[bytes]], deadline: _ReadDeadline) -> None:
     """Read the rest of the body after ``[DONE]`` (normally just the end of the chunked
     encoding, mostly in the same read), so that the connection can be reused; give up
     quietly after a while."""
