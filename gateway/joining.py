@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from operator import attrgetter
 
 from gateway import protocol
 from gateway.access import OPEN, Viewer
@@ -157,7 +158,7 @@ class Joining:
                 store = MessageStore(session)
                 room = await load_room(store, room_id)
                 branch = await store.branch(room.active_leaf_id)
-                shown = newest_within(branch, self.ready_max_bytes)
+                shown = newest_within(branch, self.ready_max_bytes, attrgetter("content"))
                 views = await store.views(room_id, shown)
             position = await self.bus.position(room_id)
             if begun == ended and (position.begun, position.ended) == (begun, ended):

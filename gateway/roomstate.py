@@ -13,37 +13,31 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from operator import itemgetter
+from typing import Any, TypeVar
 
 from gateway.prompt import estimate_tokens
 from gateway.store.models import Message, Room
+
+T = TypeVar("T")
 
 MESSAGE_OVERHEAD_BYTES = 512
 """About what a message's view takes on the wire besides its content (ids, times...)."""
 
 
-def newest_within(branch: list[Message], budget: int) -> list[Message]:
-    """The newest messages of ``branch`` whose views fit in about ``budget`` bytes, and
-    at least the newest one (a running answer is always last). A snapshot per joining
-    client is built and sent whole: without a cap, a long room's history would be held
-    once per client that joins and does not read it."""
+def newest_within(items: list[T], budget: int, content: Callable[[T], str]) -> list[T]:
+    """The newest of ``items`` (messages, or their views) whose views fit in about
+    ``budget`` bytes, and at least the newest one (a running answer is always last). A
+    snapshot per joining client is built and sent whole: without a cap, a long room's
+    history would be held once per client that joins and does not read it."""
     used = 0
-    for i in range(len(branch) - 1, -1, -1):
-        used += len(branch[i].content.encode()) + MESSAGE_OVERHEAD_BYTES
-        if used > budget and i < len(branch) - 1:
-            return branch[i + 1 :]
-    return branch
-
-
-def newest_views_within(views: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
-    """:func:`newest_within` for message views."""
-    used = 0
-    for i in range(len(views) - 1, -1, -1):
-        used += len(views[i]["content"].encode()) + MESSAGE_OVERHEAD_BYTES
-        if used > budget and i < len(views) - 1:
-            return views[i + 1 :]
-    return views
+    for i in range(len(items) - 1, -1, -1):
+        used += len(content(items[i]).encode()) + MESSAGE_OVERHEAD_BYTES
+        if used > budget and i < len(items) - 1:
+            return items[i + 1 :]
+    return items
 
 
 def trimmed(branch: list[Message], budget: int) -> list[Message]:
@@ -106,7 +100,7 @@ class RoomState:
                 self.snapshot = None
             else:
                 longer = [*snapshot.views, *views]
-                kept = newest_views_within(longer, self.snapshot_bytes)
+                kept = newest_within(longer, self.snapshot_bytes, itemgetter("content"))
                 self.snapshot = Snapshot(kept, snapshot.earlier or len(kept) < len(longer))
         longer = [*self.branch, *messages]
         self.branch = trimmed(longer, self.budget)
