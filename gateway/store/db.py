@@ -5,20 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, make_url, text
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+
+T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).resolve().parent.parent.parent / "migrations"
 
@@ -57,7 +60,7 @@ def downgrade(database_url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(database_url), revision)
 
 
-def _tune_sqlite(engine: AsyncEngine, begin: str) -> None:
+def _tune_sqlite(engine: Engine, begin: str) -> None:
     """Per-connection PRAGMAs and IMMEDIATE write transactions for SQLite.
 
     The pool hands out many connections, so PRAGMAs go on each new one. Transactions
@@ -65,7 +68,7 @@ def _tune_sqlite(engine: AsyncEngine, begin: str) -> None:
     write lock: a deferred transaction would fail at once with "database is locked".
     """
 
-    @event.listens_for(engine.sync_engine, "connect")
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide when transactions begin.
         dbapi_connection.isolation_level = None
@@ -76,7 +79,7 @@ def _tune_sqlite(engine: AsyncEngine, begin: str) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         connection.exec_driver_sql(begin)
 
@@ -86,17 +89,26 @@ class Database:
 
     ``transaction()`` is for writes; ``read()`` for reads, which on SQLite use their
     own connections and plain (deferred) transactions, so in WAL mode they never wait
-    for the write lock.
+    for the write lock. ``write()`` runs a synchronous unit of work in one transaction:
+    the group-committing writer's path (:mod:`gateway.store.writer`).
     """
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"))
         self.read_engine = self.engine
+        # SQLite file: the writer's own synchronous engine on one thread of its own.
+        self._write_engine: Engine | None = None
+        self._write_thread: ThreadPoolExecutor | None = None
         if self.engine.dialect.name == "sqlite":
-            _tune_sqlite(self.engine, "BEGIN IMMEDIATE")
+            _tune_sqlite(self.engine.sync_engine, "BEGIN IMMEDIATE")
             self.read_engine = create_async_engine(url)
-            _tune_sqlite(self.read_engine, "BEGIN")
+            _tune_sqlite(self.read_engine.sync_engine, "BEGIN")
+            sync_url = make_url(url).set(drivername="sqlite")
+            if sync_url.database not in (None, "", ":memory:"):
+                self._write_engine = create_engine(sync_url, pool_size=1, max_overflow=0)
+                _tune_sqlite(self._write_engine, "BEGIN IMMEDIATE")
+                self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False)
 
@@ -116,6 +128,23 @@ class Database:
         async with self._read_sessions() as session:
             yield session
 
+    async def write(self, unit: Callable[[Connection], T]) -> T:
+        """Run ``unit(connection)`` in one write transaction (committed if it returns,
+        rolled back if it raises).
+
+        Why not an async session: with aiosqlite every cursor call is a trip to its
+        thread and back through the event loop (about ten per commit: begin, three
+        per statement, commit, the pool's reset), which cost more CPU than the
+        writes. On a SQLite file the whole unit runs on the writer's own thread in one
+        trip; elsewhere (PostgreSQL) it runs in one greenlet on the async engine.
+        """
+        if self._write_engine is not None:
+            engine = self._write_engine
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._write_thread, _in_transaction, engine, unit)
+        async with self.engine.connect() as connection:
+            return await connection.run_sync(_in_transaction_on, unit)
+
     async def ping(self, timeout: float = 2.0) -> bool:
         """Whether the database answers a trivial query within ``timeout`` seconds."""
         try:
@@ -129,3 +158,18 @@ class Database:
         await self.engine.dispose()
         if self.read_engine is not self.engine:
             await self.read_engine.dispose()
+        if self._write_engine is not None and self._write_thread is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                self._write_thread, self._write_engine.dispose
+            )
+            self._write_thread.shutdown()
+
+
+def _in_transaction(engine: Engine, unit: Callable[[Connection], T]) -> T:
+    with engine.connect() as connection:
+        return _in_transaction_on(connection, unit)
+
+
+def _in_transaction_on(connection: Connection, unit: Callable[[Connection], T]) -> T:
+    with connection.begin():
+        return unit(connection)

@@ -18,22 +18,28 @@ an executemany of 500 rows took half a second.
 A batch that fails (say, its room was deleted meanwhile) is retried alone, so it
 cannot take the others down with it. On PostgreSQL the same batching saves round
 trips and transactions.
+
+A commit is one synchronous unit of work (:meth:`Database.write
+<gateway.store.db.Database.write>`: on a SQLite file, one trip to the writer's own
+thread) of plain SQL text built once per row count. Measured with
+``bench/store_writer.py``: 3.5 → 0.76 ms of CPU per answer when answers come one at a
+time, 0.68 → 0.23 ms with fifty at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Table, Update, case, literal
+from sqlalchemy import Connection, TextClause, bindparam, text
 from sqlalchemy.exc import IntegrityError
 
 from gateway.errors import Conflict
 from gateway.store.db import Database
-from gateway.store.models import Message, Room, utcnow
+from gateway.store.models import MESSAGE_COLUMNS, Message, Room, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -133,41 +139,96 @@ class Writer:
             leaves.update(b.leaves)
         now = utcnow()
         leaf_rows = [{"id": k, "active_leaf_id": v, "updated_at": now} for k, v in leaves.items()]
-        async with self._db.transaction() as session:
-            for rows in _chunks(inserts):
-                await session.execute(_messages.insert().values(rows))
-            # Checkpoints first: a final answer in the same commit must win. Rows
-            # that vanished meanwhile (room deleted) are simply not updated.
-            for rows in _chunks(checkpoints):
-                statement = _update_by_id(_messages, rows, ("content",))
-                await session.execute(statement.where(_messages.c.status == "streaming"))
-            for rows in _chunks(finals):
-                await session.execute(_update_by_id(_messages, rows, FINAL_FIELDS))
-            for rows in _chunks(leaf_rows):
-                await session.execute(_update_by_id(_rooms, rows, ("active_leaf_id", "updated_at")))
+        statements = [_insert_messages(rows) for rows in _chunks(inserts)]
+        # Checkpoints first: a final answer in the same commit must win. Rows that
+        # vanished meanwhile (room deleted) are simply not updated.
+        statements += [_update_by_id("messages", rows, ("content",), True) for rows in _chunks(checkpoints)]
+        statements += [_update_by_id("messages", rows, FINAL_FIELDS) for rows in _chunks(finals)]
+        statements += [
+            _update_by_id("rooms", rows, ("active_leaf_id", "updated_at")) for rows in _chunks(leaf_rows)
+        ]
+        await self._db.write(functools.partial(_execute_all, statements=statements))
 
 
-_messages = Message.__table__
-_rooms = Room.__table__
 _CHUNK = 200  # rows per statement: well under SQLite's limit of bound parameters
+
+Statement = tuple[TextClause, dict[str, Any]]
+
+
+def _execute_all(connection: Connection, statements: list[Statement]) -> None:
+    for statement, parameters in statements:
+        connection.execute(statement, parameters)
 
 
 def _chunks(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return [rows[i : i + _CHUNK] for i in range(0, len(rows), _CHUNK)]
 
 
-def _update_by_id(table: Table, rows: list[dict[str, Any]], fields: Sequence[str]) -> Update:
+def _insert_messages(rows: list[dict[str, Any]]) -> Statement:
+    """``INSERT INTO messages (...) VALUES (...), (...)``: one statement for all rows."""
+    parameters = {
+        f"{name}_{i}": row[name] for i, row in enumerate(rows) for name in MESSAGE_COLUMNS
+    }
+    return _insert_sql(len(rows)), parameters
+
+
+def _update_by_id(
+    table: str, rows: list[dict[str, Any]], fields: tuple[str, ...], streaming_only: bool = False
+) -> Statement:
     """``UPDATE table SET f = CASE id WHEN ... END ... WHERE id IN (...)``.
 
     When one id appears several times, the last row wins.
     """
-    values = {}
-    for name in fields:
-        column = table.c[name]
-        by_id = {row["id"]: literal(row[name], column.type) for row in rows}
-        values[name] = case(by_id, value=table.c.id)
-    ids = list({row["id"] for row in rows})
-    return table.update().where(table.c.id.in_(ids)).values(values)
+    rows = list({row["id"]: row for row in rows}.values())
+    parameters = {
+        f"{name}_{i}": row[name] for i, row in enumerate(rows) for name in ("id", *fields)
+    }
+    return _update_sql(table, fields, len(rows), streaming_only), parameters
+
+
+# The statements are plain SQL text, built once per row count: SQLAlchemy does not
+# cache the compiled form of a multi-row INSERT (nor of a CASE of literals), and
+# compiling them anew took most of a commit's CPU.
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_sql(count: int) -> TextClause:
+    columns = _messages.columns
+    rows = ", ".join(
+        "(" + ", ".join(f":{name}_{i}" for name in MESSAGE_COLUMNS) + ")" for i in range(count)
+    )
+    binds = [
+        bindparam(f"{name}_{i}", type_=columns[name].type)
+        for i in range(count)
+        for name in MESSAGE_COLUMNS
+    ]
+    sql = f"INSERT INTO messages ({', '.join(MESSAGE_COLUMNS)}) VALUES {rows}"
+    return text(sql).bindparams(*binds)
+
+
+@functools.lru_cache(maxsize=256)
+def _update_sql(table: str, fields: tuple[str, ...], count: int, streaming_only: bool) -> TextClause:
+    columns = _TABLES[table].columns
+    assignments = ", ".join(
+        f"{name} = CASE id "
+        + " ".join(f"WHEN :id_{i} THEN :{name}_{i}" for i in range(count))
+        + " END"
+        for name in fields
+    )
+    ids = ", ".join(f":id_{i}" for i in range(count))
+    sql = f"UPDATE {table} SET {assignments} WHERE id IN ({ids})"
+    if streaming_only:
+        sql += " AND status = 'streaming'"
+    binds = [
+        bindparam(f"{name}_{i}", type_=columns[name].type)
+        for i in range(count)
+        for name in ("id", *fields)
+    ]
+    return text(sql).bindparams(*binds)
+
+
+_messages = Message.__table__
+_TABLES = {"messages": _messages, "rooms": Room.__table__}
 
 
 def _settle(future: asyncio.Future[None], exc: Exception | None) -> None:
