@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.server import tune_gc, uvicorn_options
+    from gateway.server import Server, tune_gc, uvicorn_options
 
     if args.workers < 1:
         print("chat-gateway: --workers must be at least 1", file=sys.stderr)
@@ -105,14 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     tune_gc()
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        **uvicorn_options(settings),
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            **uvicorn_options(settings),
+        )
     )
-    return 0
+    server.run()
+    return 0 if server.started else 3  # uvicorn's exit status for a failed startup
 
 
 def host_warning(settings: Settings) -> str | None:

@@ -16,6 +16,13 @@ a chat server facing the open Internet needs, and nothing else:
   an ERROR with a traceback per connection).
 - **Request heads are capped** at :data:`MAX_HEADER_BYTES` (431; httptools has no
   limit at all, h11 answers 400 past ``h11_max_incomplete_event_size``).
+- **A burst of connections is accepted at once.** libuv (uvloop's engine) accepts one
+  connection per loop iteration since 1.45 ("don't accept() connections in a loop").
+  Under load an iteration takes milliseconds, so 500 clients connecting together were
+  accepted at about 100 a second and the last waited 3.5 s for their handshake (half
+  of them, while the first half's answers streamed). :class:`Server` takes whatever
+  else is queued on the listening socket each time a connection arrives, as asyncio's
+  own loop does (:class:`Backlog`).
 - **Shutdown starts with the app.** uvicorn's ``Server.shutdown()`` asks each
   connection to shut down (WebSockets get 1012 at once) and then waits for open
   responses, and only then runs the lifespan shutdown; an SSE stream never ends by
@@ -27,7 +34,8 @@ a chat server facing the open Internet needs, and nothing else:
   makes this work in ``--workers N`` processes too, whose ``Server`` uvicorn builds.
 
 Run outside ``chat-gateway serve`` with ``uvicorn --factory gateway.app:create_app
---http gateway.server:HttpToolsProtocol --ws gateway.server:WebSocketProtocol``.
+--http gateway.server:HttpToolsProtocol --ws gateway.server:WebSocketProtocol`` (all
+but the burst accepting, which needs :class:`Server`).
 """
 
 from __future__ import annotations
@@ -35,10 +43,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import socket
 from collections.abc import Callable
 from typing import Any, Literal
 
 import h11
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol as UvicornH11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
@@ -120,6 +131,101 @@ def start_drain(app_state: dict[str, Any]) -> asyncio.Task[None] | None:
     return drain() if drain is not None else None
 
 
+class Backlog:
+    """Accepts the connections queued on a server's listening sockets (see the module).
+
+    Each connection is handed to the loop as an accepted socket
+    (``loop.connect_accepted_socket``) with the server's own protocol factory; the
+    listening sockets are duplicates of the server's, closed before it stops.
+    """
+
+    TAKE_AT_ONCE = 256
+    """The most taken per listening socket and call; the next connection made takes
+    more. Bounded so that, with several processes on one port, one cannot take it all."""
+
+    def __init__(
+        self,
+        listeners: list[socket.socket],
+        protocol_factory: Callable[[], asyncio.Protocol],
+        ssl: Any = None,
+    ) -> None:
+        self._listeners = listeners
+        for listener in listeners:
+            listener.setblocking(False)
+        self._protocol_factory = protocol_factory
+        self._ssl = ssl
+        self._accepting: set[asyncio.Task[Any]] = set()
+
+    @classmethod
+    def of(cls, servers: list[Any], protocol_factory: Callable[[], asyncio.Protocol], ssl: Any = None) -> Backlog:
+        """The backlog of the listening sockets of ``servers`` (``loop.create_server``'s)."""
+        listeners = [
+            socket.socket(fileno=os.dup(sock.fileno()))
+            for server in servers
+            for sock in server.sockets
+        ]
+        return cls(listeners, protocol_factory, ssl)
+
+    def take(self) -> int:
+        """Accept what is queued now (up to :attr:`TAKE_AT_ONCE` a socket); how many."""
+        taken = 0
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            for _ in range(self.TAKE_AT_ONCE):
+                try:
+                    connection, _ = listener.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    break
+                except OSError as exc:  # out of file descriptors, say: the loop's turn
+                    log.warning("accepting queued connections failed: %s", exc)
+                    break
+                connection.setblocking(False)
+                task = loop.create_task(
+                    loop.connect_accepted_socket(self._protocol_factory, connection, ssl=self._ssl)
+                )
+                self._accepting.add(task)
+                task.add_done_callback(self._accepted)
+                taken += 1
+        return taken
+
+    def _accepted(self, task: asyncio.Task[Any]) -> None:
+        self._accepting.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.info("a queued connection failed to start: %r", exc)  # TLS handshake, say
+
+    def close(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
+
+
+BACKLOG = "gateway_backlog"
+"""The attribute of uvicorn's ``ServerState`` that holds the server's :class:`Backlog`."""
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, taking a burst of new connections at once (see the module)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.started:
+            return
+        config = self.config
+
+        def protocol_factory() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+
+        setattr(self.server_state, BACKLOG, Backlog.of(self.servers, protocol_factory, config.ssl))
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        backlog: Backlog | None = getattr(self.server_state, BACKLOG, None)
+        if backlog is not None:
+            backlog.close()  # before uvicorn stops listening: nothing is taken after
+        await super().shutdown(sockets)
+
+
 class ClosingTransport:
     """A connection's transport whose ``close()`` gives up on a peer that reads nothing.
 
@@ -197,9 +303,13 @@ class _Guarded:
     transport: Any
     loop: asyncio.AbstractEventLoop
     app_state: dict[str, Any]
+    server_state: Any
     app: Any
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        backlog: Backlog | None = getattr(self.server_state, BACKLOG, None)
+        if backlog is not None:
+            backlog.take()
         guarded = ClosingTransport(transport, self.loop)
         super().connection_made(guarded)  # type: ignore[misc]
         inner = self.app

@@ -1,13 +1,19 @@
-"""What the gateway's uvicorn protocols refuse: bad UTF-8, oversized request heads."""
+"""What the gateway's uvicorn protocols refuse (bad UTF-8, oversized request heads),
+and how its server accepts a burst of connections."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import ssl
 from typing import Any
 
 import httpx2
 import pytest
+import trustme
+
+from gateway.server import BACKLOG, Backlog
 
 from tests.conftest import create_room, scaled
 from tests.netutil import client_frame, close_code, open_stalled_socket, read_all, server_frames
@@ -82,3 +88,85 @@ async def test_a_large_body_sent_with_its_head_in_one_write_is_not_mistaken_for_
     # as a request head.
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert b"message_too_long" in answer
+
+
+class Recorder(asyncio.Protocol):
+    """A protocol that keeps what it receives."""
+
+    def __init__(self, made: list[Recorder]) -> None:
+        self.data = b""
+        self.received = asyncio.Event()
+        made.append(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self.received.set()
+
+
+def listening_socket() -> socket.socket:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(100)
+    return listener
+
+
+async def test_the_backlog_takes_every_queued_connection_at_once() -> None:
+    # libuv accepts one connection per loop iteration; the Backlog takes the rest.
+    listener = listening_socket()
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(20)]
+    made: list[Recorder] = []
+    backlog = Backlog([listener], lambda: Recorder(made))
+    try:
+        assert backlog.take() == 20
+        assert backlog.take() == 0  # nothing more is queued
+        for i, client in enumerate(clients):
+            client.sendall(b"hello %d" % i)
+        async with asyncio.timeout(scaled(10)):
+            while len(made) < 20 or not all(p.received.is_set() for p in made):
+                await asyncio.sleep(0.01)
+        assert sorted(p.data for p in made) == sorted(b"hello %d" % i for i in range(20))
+    finally:
+        backlog.close()
+        for client in clients:
+            client.close()
+    assert listener.fileno() == -1  # closed with the backlog
+
+
+async def test_the_backlog_hands_over_tls_connections_after_their_handshake() -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    listener = listening_socket()
+    made: list[Recorder] = []
+    backlog = Backlog([listener], lambda: Recorder(made), ssl=server_context)
+
+    def talk() -> None:
+        with socket.create_connection(listener.getsockname(), timeout=scaled(10)) as raw:
+            with client_context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"secret")
+                with contextlib.suppress(OSError):
+                    tls.recv(1)  # held open until the server side is done
+
+    client = asyncio.create_task(asyncio.to_thread(talk))
+    try:
+        async with asyncio.timeout(scaled(10)):
+            while not backlog.take():
+                await asyncio.sleep(0.01)
+            while not made or not made[0].received.is_set():
+                await asyncio.sleep(0.01)
+        assert made[0].data == b"secret"
+    finally:
+        backlog.close()
+        for protocol in made:
+            protocol.transport.close()
+        await client
+
+
+def test_the_gateway_server_keeps_a_backlog_of_its_listening_socket(gateway: Any) -> None:
+    backlog = getattr(gateway.server.server.server_state, BACKLOG)
+    assert isinstance(backlog, Backlog)

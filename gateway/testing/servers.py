@@ -17,6 +17,8 @@ from typing import Any
 
 import uvicorn
 
+from gateway.server import Server
+
 
 class ThreadedServer:
     """``with ThreadedServer(app) as server:`` serves ``app`` on ``server.port``."""
@@ -28,7 +30,7 @@ class ThreadedServer:
         self._sock.bind((host, port))
         self.port: int = self._sock.getsockname()[1]
         config.setdefault("log_level", "warning")
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, **config))
+        self.server = Server(uvicorn.Config(app, host=host, port=self.port, **config))
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"uvicorn:{self.port}")
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
