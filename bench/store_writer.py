@@ -39,7 +39,9 @@ def send_batch(room_id: str, client_id: str) -> tuple[WriteBatch, str]:
         status="streaming", generation_id=new_id("gen"), params={"model": "m"},
         created_at=now, updated_at=now,
     )  # fmt: skip
-    batch = WriteBatch(inserts=[message_row(user), message_row(answer)], leaves={room_id: answer.id})
+    batch = WriteBatch(
+        inserts=[message_row(user), message_row(answer)], leaves={room_id: answer.id}
+    )
     return batch, answer.id
 
 
@@ -70,7 +72,9 @@ async def run(url: str, concurrencies: list[int], answers: int) -> None:
         cpu, wall = time.process_time(), time.perf_counter()
         done = 0
         for start in range(0, answers, concurrency):
-            sends = [send_batch(room, next(client_ids)) for room in rooms[start : start + concurrency]]
+            sends = [
+                send_batch(room, next(client_ids)) for room in rooms[start : start + concurrency]
+            ]
             await asyncio.gather(*(writer.write(batch) for batch, _ in sends))
             await asyncio.gather(*(writer.write(final_batch(answer)) for _, answer in sends))
             done += len(sends)

@@ -276,7 +276,7 @@ def create_app(
                 await moderator.aclose()
             await db.dispose()
 
-    routes: list[Any] = [*http.routes, *websocket.routes]
+    routes: list[Any] = [*websocket.routes, *http.routes]  # the hot ones first
     if STATIC.is_dir():
         routes.append(Mount("/", UIFiles(directory=STATIC, html=True), name="static"))
     return Starlette(

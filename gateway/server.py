@@ -157,7 +157,9 @@ class Backlog:
         self._accepting: set[asyncio.Task[Any]] = set()
 
     @classmethod
-    def of(cls, servers: list[Any], protocol_factory: Callable[[], asyncio.Protocol], ssl: Any = None) -> Backlog:
+    def of(
+        cls, servers: list[Any], protocol_factory: Callable[[], asyncio.Protocol], ssl: Any = None
+    ) -> Backlog:
         """The backlog of the listening sockets of ``servers`` (``loop.create_server``'s)."""
         listeners = [
             socket.socket(fileno=os.dup(sock.fileno()))

@@ -14,7 +14,6 @@ import pytest
 import trustme
 
 from gateway.server import BACKLOG, Backlog
-
 from tests.conftest import create_room, scaled
 from tests.netutil import client_frame, close_code, open_stalled_socket, read_all, server_frames
 
@@ -91,11 +90,12 @@ async def test_a_large_body_sent_with_its_head_in_one_write_is_not_mistaken_for_
 
 
 class Recorder(asyncio.Protocol):
-    """A protocol that keeps what it receives."""
+    """A protocol that keeps what it receives; ``everyone_spoke`` is set once
+    ``expected`` connections have each received something."""
 
-    def __init__(self, made: list[Recorder]) -> None:
+    def __init__(self, made: list[Recorder], expected: int, everyone_spoke: asyncio.Event) -> None:
         self.data = b""
-        self.received = asyncio.Event()
+        self.made, self.expected, self.everyone_spoke = made, expected, everyone_spoke
         made.append(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -103,7 +103,8 @@ class Recorder(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.data += data
-        self.received.set()
+        if sum(1 for protocol in self.made if protocol.data) == self.expected:
+            self.everyone_spoke.set()
 
 
 def listening_socket() -> socket.socket:
@@ -118,15 +119,15 @@ async def test_the_backlog_takes_every_queued_connection_at_once() -> None:
     listener = listening_socket()
     clients = [socket.create_connection(listener.getsockname()) for _ in range(20)]
     made: list[Recorder] = []
-    backlog = Backlog([listener], lambda: Recorder(made))
+    everyone_spoke = asyncio.Event()
+    backlog = Backlog([listener], lambda: Recorder(made, 20, everyone_spoke))
     try:
         assert backlog.take() == 20
         assert backlog.take() == 0  # nothing more is queued
         for i, client in enumerate(clients):
             client.sendall(b"hello %d" % i)
         async with asyncio.timeout(scaled(10)):
-            while len(made) < 20 or not all(p.received.is_set() for p in made):
-                await asyncio.sleep(0.01)
+            await everyone_spoke.wait()
         assert sorted(p.data for p in made) == sorted(b"hello %d" % i for i in range(20))
     finally:
         backlog.close()
@@ -143,28 +144,28 @@ async def test_the_backlog_hands_over_tls_connections_after_their_handshake() ->
     ca.configure_trust(client_context)
     listener = listening_socket()
     made: list[Recorder] = []
-    backlog = Backlog([listener], lambda: Recorder(made), ssl=server_context)
+    everyone_spoke = asyncio.Event()
+    backlog = Backlog([listener], lambda: Recorder(made, 1, everyone_spoke), ssl=server_context)
+    raw = socket.create_connection(listener.getsockname(), timeout=scaled(10))
 
     def talk() -> None:
-        with socket.create_connection(listener.getsockname(), timeout=scaled(10)) as raw:
-            with client_context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                tls.sendall(b"secret")
-                with contextlib.suppress(OSError):
-                    tls.recv(1)  # held open until the server side is done
+        with client_context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"secret")
+            with contextlib.suppress(OSError):
+                tls.recv(1)  # held open until the server side is done
 
+    assert backlog.take() == 1
     client = asyncio.create_task(asyncio.to_thread(talk))
     try:
         async with asyncio.timeout(scaled(10)):
-            while not backlog.take():
-                await asyncio.sleep(0.01)
-            while not made or not made[0].received.is_set():
-                await asyncio.sleep(0.01)
+            await everyone_spoke.wait()
         assert made[0].data == b"secret"
     finally:
         backlog.close()
         for protocol in made:
             protocol.transport.close()
         await client
+        raw.close()
 
 
 def test_the_gateway_server_keeps_a_backlog_of_its_listening_socket(gateway: Any) -> None:

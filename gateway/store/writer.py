@@ -142,10 +142,13 @@ class Writer:
         statements = [_insert_messages(rows) for rows in _chunks(inserts)]
         # Checkpoints first: a final answer in the same commit must win. Rows that
         # vanished meanwhile (room deleted) are simply not updated.
-        statements += [_update_by_id("messages", rows, ("content",), True) for rows in _chunks(checkpoints)]
+        statements += [
+            _update_by_id("messages", rows, ("content",), True) for rows in _chunks(checkpoints)
+        ]
         statements += [_update_by_id("messages", rows, FINAL_FIELDS) for rows in _chunks(finals)]
         statements += [
-            _update_by_id("rooms", rows, ("active_leaf_id", "updated_at")) for rows in _chunks(leaf_rows)
+            _update_by_id("rooms", rows, ("active_leaf_id", "updated_at"))
+            for rows in _chunks(leaf_rows)
         ]
         await self._db.write(functools.partial(_execute_all, statements=statements))
 
@@ -207,7 +210,9 @@ def _insert_sql(count: int) -> TextClause:
 
 
 @functools.lru_cache(maxsize=256)
-def _update_sql(table: str, fields: tuple[str, ...], count: int, streaming_only: bool) -> TextClause:
+def _update_sql(
+    table: str, fields: tuple[str, ...], count: int, streaming_only: bool
+) -> TextClause:
     columns = _TABLES[table].columns
     assignments = ", ".join(
         f"{name} = CASE id "

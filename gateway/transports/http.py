@@ -220,7 +220,10 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
 ROOM = "/api/rooms/{room_id:id}"
 MESSAGE = f"{ROOM}/messages/{{message_id:id}}"
 
+# Starlette tries routes in order (a regular expression each): the one every answer
+# takes comes first.
 routes = [
+    Route("/api/rooms/{room_id:id}/messages", post_message, methods=["POST"]),
     Route("/healthz", healthz),
     Route("/readyz", readyz),
     Route("/api/tokens", create_token, methods=["POST"]),
@@ -230,7 +233,6 @@ routes = [
     Route("/api/rooms/{room_id:id}", update_room, methods=["PATCH"]),
     Route("/api/rooms/{room_id:id}", delete_room, methods=["DELETE"]),
     Route("/api/rooms/{room_id:id}/messages", list_messages, methods=["GET"]),
-    Route("/api/rooms/{room_id:id}/messages", post_message, methods=["POST"]),
     Route(f"{MESSAGE}/regenerate", regenerate, methods=["POST"]),
     Route(f"{MESSAGE}/select", select, methods=["POST"]),
     Route(f"{ROOM}/generations/{{generation_id:id}}/cancel", cancel, methods=["POST"]),
