@@ -22,7 +22,8 @@ a chat server facing the open Internet needs, and nothing else:
   accepted at about 100 a second and the last waited 3.5 s for their handshake (half
   of them, while the first half's answers streamed). :class:`Server` takes whatever
   else is queued on the listening socket each time a connection arrives, as asyncio's
-  own loop does (:class:`Backlog`).
+  own loop does (:class:`Backlog`). Not with ``serve --workers N``: uvicorn's worker
+  supervisor builds its own ``uvicorn.Server`` in each worker.
 - **Shutdown starts with the app.** uvicorn's ``Server.shutdown()`` asks each
   connection to shut down (WebSockets get 1012 at once) and then waits for open
   responses, and only then runs the lifespan shutdown; an SSE stream never ends by
