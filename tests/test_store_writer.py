@@ -112,3 +112,29 @@ async def test_writes_fail_instead_of_hanging_once_the_writer_stopped(db: Databa
     await writer.close()
     with pytest.raises(RuntimeError):
         writer.submit(WriteBatch(leaves={"room": None}))
+
+
+async def test_of_several_updates_of_one_row_in_a_commit_the_last_wins(
+    db: Database, writer: Writer
+) -> None:
+    await writer.write(WriteBatch(inserts=[message_row(answer("m"))]))
+    await asyncio.gather(
+        *(
+            writer.write(WriteBatch(checkpoints=[{"id": "m", "content": "a" * n}]))
+            for n in range(1, 6)
+        )
+    )
+    await writer.write(
+        WriteBatch(checkpoints=[{"id": "m", "content": "x"}, {"id": "m", "content": "xy"}])
+    )
+    message = await stored(db, "m")
+    assert message is not None and message.content == "xy"
+
+
+async def test_a_commit_larger_than_one_statement_lands_whole(db: Database, writer: Writer) -> None:
+    ids = [f"m{i}" for i in range(450)]  # statements carry 200 rows at most
+    await writer.write(WriteBatch(inserts=[message_row(answer(i)) for i in ids]))
+    await writer.write(WriteBatch(checkpoints=[{"id": i, "content": f"text {i}"} for i in ids]))
+    for message_id in (ids[0], ids[199], ids[200], ids[449]):
+        message = await stored(db, message_id)
+        assert message is not None and message.content == f"text {message_id}"
