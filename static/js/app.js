@@ -1,8 +1,10 @@
-// The page: room list, persona editor, and the open room (#/rooms/{id}).
+// The page: room list, persona editor, who you are, and the open room (#/rooms/{id}).
 
 import { api, credentials } from "./api.js";
 import { RoomConnection } from "./connection.js";
 import { Conversation } from "./conversation.js";
+import { identity, nameProblem } from "./identity.js";
+import { People } from "./people.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -13,10 +15,13 @@ const ui = {
   newRoom: $("new-room"),
   roomName: $("room-name"),
   roomPersona: $("room-persona"),
+  members: $("members"),
   status: $("status"),
+  rename: $("rename"),
   editRoom: $("edit-room"),
   deleteRoom: $("delete-room"),
   messages: $("messages"),
+  typing: $("typing"),
   notice: $("notice"),
   noticeText: $("notice-text"),
   noticeRetry: $("notice-retry"),
@@ -30,6 +35,10 @@ const ui = {
   formTitle: $("room-dialog-title"),
   formError: $("room-form-error"),
   formCancel: $("room-cancel"),
+  formAccess: $("room-form").querySelector("fieldset.access"),
+  nameDialog: $("name-dialog"),
+  nameForm: $("name-form"),
+  nameError: $("name-form-error"),
   keyDialog: $("key-dialog"),
   keyForm: $("key-form"),
   keyError: $("key-form-error"),
@@ -37,18 +46,62 @@ const ui = {
 
 const PERSONA_FIELDS = ["system_prompt", "model", "temperature", "max_tokens"];
 
+const NO_ROOM_HINT = "Create a room, or pick one, to start chatting.";
+
+// GET /api/info: the model that answers when a room names none, and whether the
+// gateway uses API keys (then rooms have owners and access settings). `access` stays
+// null while unknown.
+let info = { default_model: null, access: null };
 let rooms = [];
 let roomId = null;
 let connection = null;
 const pending = new Map(); // client id -> content of a send not yet confirmed
 
-const conversation = new Conversation(ui.messages, {
-  onSelect: (messageId) => act({ type: "select", message_id: messageId }),
-  onRegenerate: (messageId, temperature) =>
-    act({ type: "regenerate", message_id: messageId, ...(temperature == null ? {} : { temperature }) }),
-  onChange: () => updateControls(),
-  onLoadEarlier: () => loadEarlier(),
-});
+const people = new People(() => showPeople());
+const conversation = new Conversation(
+  ui.messages,
+  {
+    onSelect: (messageId) => act({ type: "select", message_id: messageId }),
+    onRegenerate: (messageId, temperature) =>
+      act({ type: "regenerate", message_id: messageId, ...(temperature == null ? {} : { temperature }) }),
+    onEdit: (messageId, content) => act({ type: "edit", message_id: messageId, content, id: newClientId() }),
+    onHide: (messageId, hidden) => act({ type: "hide", message_id: messageId, hidden }),
+    onReveal: (messageId) => reloadMessage(messageId),
+    onChange: () => updateControls(),
+    onLoadEarlier: () => loadEarlier(),
+  },
+  viewer,
+);
+
+/** Who is looking at the open room: the owner (a key name, with API keys) may edit
+ * anyone's message; without keys there are no owners and anyone may hide. */
+function viewer() {
+  const id = people.you?.id ?? null;
+  const room = conversation.room;
+  const owner = Boolean(room && id != null && room.owner === id && info.access !== false);
+  return { id, owner, canHide: owner || (Boolean(room) && info.access === false) };
+}
+
+async function loadInfo() {
+  try {
+    info = await api.get("/api/info");
+  } catch {
+    // Without it the page still works: "default model", access settings shown.
+  }
+  ui.formAccess.hidden = info.access === false;
+}
+
+// A hidden message made visible again comes back without its text.
+async function reloadMessage(messageId) {
+  const id = roomId;
+  try {
+    const { messages } = await api.get(`/api/rooms/${encodeURIComponent(id)}/messages`);
+    const message = messages.find((m) => m.id === messageId);
+    if (message && id === roomId) conversation.refresh(message);
+  } catch (error) {
+    showNotice(`Could not load the message: ${error.message}`);
+  }
+}
 
 // `ready` holds only the newest messages of a long conversation (docs/protocol.md):
 // the rest comes over REST when asked for.
@@ -65,6 +118,7 @@ async function loadEarlier() {
 
 // --- rooms ----------------------------------------------------------------------
 
+// The server lists rooms by last activity, newest first.
 async function loadRooms() {
   try {
     rooms = (await api.get("/api/rooms?limit=1000")).rooms;
@@ -73,22 +127,62 @@ async function loadRooms() {
     else showNotice(`Could not load the rooms: ${error.message}`, { retry: loadRooms });
     return;
   }
+  drawRooms();
+}
+
+function drawRooms() {
+  const now = Date.now();
   ui.roomList.replaceChildren(
     ...rooms.map((room) => {
       const item = document.createElement("li");
       const link = document.createElement("a");
       link.href = `#/rooms/${encodeURIComponent(room.id)}`;
-      link.textContent = room.name;
       if (room.id === roomId) link.setAttribute("aria-current", "page");
+      const name = document.createElement("span");
+      name.className = "room-name";
+      name.textContent = room.name;
+      link.append(name);
+      if (room.updated_at) link.append(timeElement(room.updated_at, now));
       item.append(link);
       return item;
     }),
   );
 }
 
+function timeElement(iso, now) {
+  const time = document.createElement("time");
+  time.className = "room-time";
+  time.dateTime = iso;
+  time.title = `Last activity ${new Date(iso).toLocaleString()}`;
+  time.textContent = since(new Date(iso), now);
+  return time;
+}
+
+/** "just now", "3 min ago", "14:05" (today), "Nov 3", "Nov 3, 2025". */
+function since(then, now) {
+  const minutes = Math.floor((now - then) / 60_000);
+  if (minutes < 1) return "just now";
+  if (minutes < 60) return `${minutes} min ago`;
+  const today = new Date(now);
+  if (then.toDateString() === today.toDateString()) {
+    return then.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+  const year = then.getFullYear() === today.getFullYear() ? {} : { year: "numeric" };
+  return then.toLocaleDateString([], { month: "short", day: "numeric", ...year });
+}
+
+/** A message in the open room: that room moves to the top of the list. */
+function touchRoom(id, at) {
+  const index = rooms.findIndex((room) => room.id === id);
+  if (index === -1) return;
+  const [room] = rooms.splice(index, 1);
+  rooms.unshift({ ...room, updated_at: at });
+  drawRooms();
+}
+
 function describePersona(room) {
   const p = room.persona;
-  const bits = [p.model ?? "default model"];
+  const bits = [p.model ?? info.default_model ?? "default model"];
   if (p.temperature != null) bits.push(`temperature ${p.temperature}`);
   if (p.max_tokens != null) bits.push(`max ${p.max_tokens} tokens`);
   if (p.system_prompt) bits.push(`“${p.system_prompt.length > 80 ? `${p.system_prompt.slice(0, 80)}…` : p.system_prompt}”`);
@@ -111,6 +205,7 @@ function openDialog(room) {
   form.private.checked = room?.private ?? false;
   form.secret_prompt.checked = room?.secret_prompt ?? false;
   form.grants.value = (room?.grants ?? []).join(", ");
+  ui.formAccess.hidden = info.access === false;
   ui.formError.hidden = true;
   ui.dialog.showModal();
   form.name.focus();
@@ -173,8 +268,10 @@ function openRoom(id) {
   connection = null;
   roomId = id;
   pending.clear();
+  typingSentAt = 0;
   hideNotice();
-  conversation.clear();
+  people.clear();
+  conversation.clear(id ? "" : NO_ROOM_HINT);
   showRoomHeader(null);
   ui.app.classList.remove("sidebar-open");
   for (const link of ui.roomList.querySelectorAll("a")) {
@@ -186,12 +283,19 @@ function openRoom(id) {
     updateControls();
     return;
   }
-  connection = new RoomConnection(id, { onFrame, onStatus });
+  connection = new RoomConnection(id, { onFrame, onStatus, who });
   connection.open();
   updateControls();
 }
 
+/** The identity query parameters of a connection: the gateway takes the user id
+ * from the API key when there are keys. */
+function who() {
+  return { name: identity.name, user: info.access ? null : identity.user };
+}
+
 function onFrame(frame) {
+  people.apply(frame);
   conversation.apply(frame);
   switch (frame.type) {
     case "ready":
@@ -201,6 +305,7 @@ function onFrame(frame) {
       break;
     case "message":
       if (frame.id) pending.delete(frame.id);
+      touchRoom(roomId, frame.message.created_at);
       break;
     case "error":
       onError(frame);
@@ -210,6 +315,10 @@ function onFrame(frame) {
 }
 
 function onError(frame) {
+  if (frame.code === "invalid_name") {
+    askForName(`The gateway refused that name: ${frame.message}`);
+    return;
+  }
   if (frame.code === "room_not_found" || frame.code === "room_deleted") {
     showNotice(frame.code === "room_deleted" ? "This room was deleted." : "There is no such room.");
     loadRooms();
@@ -237,12 +346,9 @@ async function saveKey(event) {
   event.preventDefault();
   credentials.key = ui.keyForm.elements.key.value.trim();
   ui.keyDialog.close();
+  await loadInfo();
   await loadRooms();
-  if (roomId) {
-    const id = roomId;
-    roomId = null;
-    openRoom(id);
-  }
+  if (roomId) reopenRoom();
 }
 
 function onStatus({ state, transport, inMs, reason, unauthorized }) {
@@ -264,6 +370,74 @@ function act(frame) {
   connection?.act(frame);
 }
 
+// --- people ---------------------------------------------------------------------
+
+function showPeople() {
+  const you = people.you?.name ?? identity.name;
+  ui.rename.textContent = you ? `You: ${you} ✎` : "Your name ✎";
+  const names = [...people.members].map(([id, name]) => (id === people.you?.id ? `${name} (you)` : name));
+  ui.members.hidden = names.length === 0;
+  ui.members.textContent = `${names.length} here`;
+  ui.members.title = `In this room: ${names.join(", ")}`;
+  ui.members.setAttribute("aria-label", `${names.length} in this room: ${names.join(", ")}`);
+  ui.typing.textContent = people.typingText;
+}
+
+let nameAsked = null; // resolves when the open name dialog closes
+
+/** Ask for a display name (again); resolves when the dialog closes. */
+function askForName(problem = "") {
+  if (!ui.nameDialog.open) {
+    ui.nameForm.elements.name.value = identity.name ?? "";
+    ui.nameDialog.showModal();
+    nameAsked = new Promise((resolve) => ui.nameDialog.addEventListener("close", resolve, { once: true }));
+  }
+  ui.nameError.textContent = problem;
+  ui.nameError.hidden = !problem;
+  return nameAsked;
+}
+
+function saveName(event) {
+  event.preventDefault();
+  const name = ui.nameForm.elements.name.value.trim();
+  const problem = nameProblem(name);
+  if (problem) {
+    ui.nameError.textContent = problem;
+    ui.nameError.hidden = false;
+    return;
+  }
+  const changed = name !== identity.name;
+  identity.name = name;
+  ui.nameDialog.close();
+  showPeople();
+  if (!changed || !connection) return;
+  if (ui.status.dataset.state === "closed") reopenRoom(); // refused the old name
+  else connection.act({ type: "rename", name });
+}
+
+function reopenRoom() {
+  const id = roomId;
+  roomId = null;
+  openRoom(id);
+}
+
+// Tell the room while the draft grows (the gateway shows it for a few seconds, so
+// every couple of seconds is enough), and when the draft is emptied or sent.
+const TYPING_EVERY_MS = 2000;
+let typingSentAt = 0; // when `typing` was last sent; 0: not typing
+
+function noteTyping() {
+  const drafting = ui.input.value.trim() !== "";
+  const now = Date.now();
+  if (drafting && now - typingSentAt >= TYPING_EVERY_MS) {
+    typingSentAt = now;
+    connection?.act({ type: "typing" });
+  } else if (!drafting && typingSentAt) {
+    typingSentAt = 0;
+    connection?.act({ type: "typing", active: false });
+  }
+}
+
 function newClientId() {
   return `c-${crypto.randomUUID?.() ?? Math.random().toString(36).slice(2)}`;
 }
@@ -281,8 +455,6 @@ function updateControls() {
   ui.send.hidden = generating;
   ui.stop.hidden = !generating;
   ui.messages.setAttribute("aria-busy", String(generating));
-  const empty = !conversation.messages.length;
-  ui.messages.classList.toggle("is-empty", empty);
 }
 
 // --- notices --------------------------------------------------------------------
@@ -309,6 +481,7 @@ ui.composer.addEventListener("submit", (event) => {
   if (!content.trim() || conversation.generating) return;
   ui.input.value = "";
   sendMessage(content);
+  noteTyping();
   updateControls();
 });
 ui.input.addEventListener("keydown", (event) => {
@@ -317,7 +490,10 @@ ui.input.addEventListener("keydown", (event) => {
     ui.composer.requestSubmit();
   }
 });
-ui.input.addEventListener("input", updateControls);
+ui.input.addEventListener("input", () => {
+  noteTyping();
+  updateControls();
+});
 ui.stop.addEventListener("click", () => {
   if (conversation.live) act({ type: "cancel", generation_id: conversation.live.generation_id });
 });
@@ -333,6 +509,8 @@ ui.editRoom.addEventListener("click", async () => {
 ui.deleteRoom.addEventListener("click", deleteRoom);
 ui.form.addEventListener("submit", saveRoom);
 ui.keyForm.addEventListener("submit", saveKey);
+ui.nameForm.addEventListener("submit", saveName);
+ui.rename.addEventListener("click", () => askForName());
 ui.formCancel.addEventListener("click", () => ui.dialog.close());
 ui.noticeClose.addEventListener("click", hideNotice);
 ui.noticeRetry.addEventListener("click", () => {
@@ -345,6 +523,13 @@ ui.toggleSidebar.addEventListener("click", () => {
   ui.toggleSidebar.setAttribute("aria-expanded", String(open));
 });
 window.addEventListener("hashchange", route);
+// Other rooms' activity is not pushed: refresh the list when the page is looked at
+// again, and its times every minute.
+document.addEventListener("visibilitychange", () => document.hidden || loadRooms());
+setInterval(drawRooms, 60_000);
 
+showPeople();
+if (!identity.name) await askForName(); // once, on the first visit
+await loadInfo();
 await loadRooms();
 route();

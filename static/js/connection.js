@@ -3,7 +3,7 @@
 // gets the same frames (docs/protocol.md), and after a drop it reconnects with
 // back-off and resumes from the last event id it saw, so no text is lost or doubled.
 
-import { api, urlToken } from "./api.js";
+import { ApiError, api, urlToken } from "./api.js";
 
 const CLOSE_ROOM_GONE = 4404;
 const CLOSE_BAD_REQUEST = 4400;
@@ -16,12 +16,15 @@ const WS_FAILURES_BEFORE_SSE = 2;
 export class RoomConnection {
   /**
    * @param {string} roomId
-   * @param {{onFrame: (frame: object) => void, onStatus: (status: object) => void}} handlers
+   * @param {{onFrame: (frame: object) => void, onStatus: (status: object) => void,
+   *   who: () => {name?: string, user?: string}}} handlers `who`: the identity
+   *   query parameters, read at each (re)connection
    */
-  constructor(roomId, { onFrame, onStatus }) {
+  constructor(roomId, { onFrame, onStatus, who }) {
     this.roomId = roomId;
     this.onFrame = onFrame;
     this.onStatus = onStatus;
+    this.who = who;
     this.lastEventId = null;
     this.transport = typeof WebSocket === "function" ? "websocket" : "sse";
     this.failures = 0;
@@ -50,11 +53,19 @@ export class RoomConnection {
     else this.openEventSource(token);
   }
 
-  /** The query string of a (re)connection: the URL token and where to resume. */
+  /** The query string of a (re)connection: who this is, the URL token and where to
+   * resume. */
   query(token) {
-    const params = new URLSearchParams({ token });
+    const params = this.whoParams();
+    params.set("token", token);
     if (this.lastEventId != null) params.set("last_event_id", String(this.lastEventId));
     return `?${params}`;
+  }
+
+  whoParams() {
+    const params = new URLSearchParams();
+    for (const [key, value] of Object.entries(this.who())) if (value) params.set(key, value);
+    return params;
   }
 
   close() {
@@ -125,7 +136,10 @@ export class RoomConnection {
     const source = new EventSource(`/api/rooms/${encodeURIComponent(this.roomId)}/events${this.query(token)}`);
     this.source = source;
     this.onStatus({ state: "connecting", transport: "sse" });
-    const types = ["ready", "resumed", "resync", "message", "start", "token", "done", "cancelled", "error", "branch", "room"];
+    const types = [
+      ...["ready", "resumed", "resync", "message", "start", "token", "done", "cancelled", "error", "branch", "room"],
+      ...["presence", "typing", "hidden"],
+    ];
     for (const type of types) {
       source.addEventListener(type, (event) => {
         if (this.source !== source) return;
@@ -159,27 +173,47 @@ export class RoomConnection {
       this.ws.send(JSON.stringify(frame));
       return;
     }
-    const room = encodeURIComponent(this.roomId);
+    if (frame.type === "rename") {
+      this.reconnect(); // an event stream learns a new name by connecting again
+      return;
+    }
+    const room = `/api/rooms/${encodeURIComponent(this.roomId)}`;
+    const message = frame.message_id && `${room}/messages/${encodeURIComponent(frame.message_id)}`;
+    const who = `?${this.whoParams()}`; // authorship of what a POST stores
     try {
       switch (frame.type) {
         case "send":
-          await api.post(`/api/rooms/${room}/messages`, { content: frame.content, id: frame.id });
+          await api.post(`${room}/messages${who}`, { content: frame.content, id: frame.id });
           break;
         case "cancel":
-          await api.post(`/api/rooms/${room}/generations/${encodeURIComponent(frame.generation_id)}/cancel`);
+          await api.post(`${room}/generations/${encodeURIComponent(frame.generation_id)}/cancel`);
           break;
         case "regenerate":
-          await api.post(
-            `/api/rooms/${room}/messages/${encodeURIComponent(frame.message_id)}/regenerate`,
-            frame.temperature != null ? { temperature: frame.temperature } : undefined,
-          );
+          await api.post(`${message}/regenerate${who}`, frame.temperature != null ? { temperature: frame.temperature } : undefined);
           break;
         case "select":
-          await api.post(`/api/rooms/${room}/messages/${encodeURIComponent(frame.message_id)}/select`);
+          await api.post(`${message}/select`);
           break;
+        case "typing":
+          await api.post(`${room}/typing${who}`, { active: frame.active ?? true });
+          break;
+        default:
+          throw new ApiError(0, "not_available", `“${frame.type}” needs the WebSocket connection, which is not open`);
       }
     } catch (error) {
+      if (frame.type === "typing") return; // a hint only: not worth a notice
       this.onFrame({ type: "error", code: error.code ?? "network_error", message: error.message, id: frame.id, retryable: true });
     }
+  }
+
+  /** Connect again now, resuming from the last event seen. */
+  reconnect() {
+    if (this.closed) return;
+    clearTimeout(this.retryTimer);
+    const { ws, source } = this;
+    this.ws = this.source = null; // their close events are then ignored
+    ws?.close(1000);
+    source?.close();
+    this.open();
   }
 }

@@ -1,6 +1,7 @@
-// What the page knows of the open room, updated frame by frame (docs/protocol.md),
-// and drawn into the message list. Pure state changes live in `apply`; drawing is
-// batched to one pass per animation frame, so a burst of tokens costs one render.
+// What the page knows of the open room's messages, updated frame by frame
+// (docs/protocol.md), and drawn into the message list. Pure state changes live in
+// `apply`; drawing is batched to one pass per animation frame, so a burst of tokens
+// costs one render.
 
 import { renderMarkdown } from "./markdown.js";
 
@@ -14,16 +15,26 @@ const STATUS_LABELS = {
 
 export class Conversation {
   /**
-   * @param {HTMLElement} list the message list element
-   * @param {{onSelect, onRegenerate, onChange, onLoadEarlier}} actions callbacks for the buttons
+   * @param {HTMLElement} list the message list element, holding the `.empty` hint
+   * @param {{onSelect, onRegenerate, onEdit, onHide, onReveal, onChange, onLoadEarlier}} actions
+   *   callbacks for the buttons and for a message unhidden without its text
+   * @param {() => {id: string | null, owner: boolean, canHide: boolean}} viewer who is
+   *   looking: their user id, whether they own the room (may edit any message) and
+   *   whether they may hide messages
    */
-  constructor(list, actions) {
+  constructor(list, actions, viewer) {
     this.list = list;
     this.actions = actions;
+    this.viewer = viewer;
+    this.emptyHint = list.querySelector(".empty");
+    this.placeholder = this.emptyHint.textContent; // the hint while no room is shown
     this.room = null;
     this.messages = [];
     this.live = null; // {generation_id, message_id, seq} of the running answer
     this.earlier = false; // the server left older messages of the branch out of `ready`
+    this.editing = null; // {id, element} of the user message being edited in place
+    this.startedAt = new Map(); // generation id -> when its `start` arrived (ms)
+    this.durations = new Map(); // message id -> seconds from `start` to `done` seen here
     this.dirty = new Set();
     this.redrawAll = false;
     this.scheduled = false;
@@ -52,6 +63,7 @@ export class Conversation {
       case "start":
         this.upsert(frame.message);
         this.live = { generation_id: frame.generation_id, message_id: frame.message_id, seq: 0 };
+        this.startedAt.set(frame.generation_id, performance.now());
         this.redrawAll = true; // every answer's buttons are disabled while generating
         break;
       case "token": {
@@ -67,6 +79,7 @@ export class Conversation {
       }
       case "done":
       case "cancelled":
+        this.timeAnswer(frame.generation_id, frame.message.id);
         this.upsert(frame.message);
         this.endGeneration(frame.generation_id);
         break;
@@ -83,9 +96,39 @@ export class Conversation {
         break;
       case "room":
         this.room = frame.room;
+        this.redrawAll = true; // the owner's buttons may change
+        break;
+      case "hidden":
+        this.setHidden(frame);
         break;
     }
     this.schedule();
+  }
+
+  setHidden({ message_id: id, hidden, message }) {
+    if (message) {
+      this.upsert(message);
+      return;
+    }
+    const held = this.find(id);
+    if (!held) return;
+    held.hidden = hidden;
+    if (hidden) held.content = "";
+    else this.actions.onReveal?.(id); // the frame does not carry the text back
+    this.dirty.add(id);
+  }
+
+  /** A message as the server now has it (after `onReveal`), if it is still shown. */
+  refresh(message) {
+    if (!this.find(message.id)) return;
+    this.upsert(message);
+    this.schedule();
+  }
+
+  timeAnswer(generationId, messageId) {
+    const started = this.startedAt.get(generationId);
+    this.startedAt.delete(generationId);
+    if (started !== undefined) this.durations.set(messageId, (performance.now() - started) / 1000);
   }
 
   /** Put the older messages of the branch (`all`, from GET /api/rooms/{id}/messages)
@@ -111,6 +154,20 @@ export class Conversation {
     this.dirty.add(message.id);
   }
 
+  /** Open the in-place editor on one of the user messages. */
+  startEditing(message) {
+    this.editing = { id: message.id, element: this.drawEditor(message), fresh: true };
+    this.dirty.add(message.id);
+    this.schedule();
+  }
+
+  stopEditing() {
+    if (!this.editing) return;
+    this.dirty.add(this.editing.id);
+    this.editing = null;
+    this.schedule();
+  }
+
   endGeneration(generationId) {
     if (this.live?.generation_id === generationId) {
       this.live = null;
@@ -118,11 +175,16 @@ export class Conversation {
     }
   }
 
-  clear() {
+  /** Forget the room; `placeholder` is shown until another one is ready. */
+  clear(placeholder) {
     this.room = null;
     this.messages = [];
     this.earlier = false;
     this.live = null;
+    this.editing = null;
+    this.startedAt.clear();
+    this.durations.clear();
+    this.placeholder = placeholder;
     this.redrawAll = true;
     this.schedule();
   }
@@ -142,90 +204,206 @@ export class Conversation {
     const list = this.list;
     // Follow the stream, unless the reader scrolled up to read something.
     const following = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
-    if (this.redrawAll) {
-      this.redrawAll = false;
-      this.dirty.clear();
-      const items = this.messages.map((m) => this.drawMessage(m));
-      if (this.earlier) {
-        const more = button("Show earlier messages", "Show the earlier messages of this conversation", () =>
-          this.actions.onLoadEarlier?.(),
-        );
-        more.className = "load-earlier";
-        items.unshift(more);
-      }
-      list.replaceChildren(...items);
+    if (this.editing && !this.find(this.editing.id)) this.editing = null; // another branch
+    const focusEditor = this.editing && (this.editing.fresh || this.editing.element.contains(document.activeElement));
+    if (!this.messages.length) {
+      this.emptyHint.textContent = this.room ? "No messages yet — say hello." : this.placeholder;
+      list.replaceChildren(this.emptyHint);
+    } else if (this.redrawAll || this.emptyHint.isConnected) {
+      list.replaceChildren(...this.drawAll());
     } else {
-      for (const id of this.dirty) {
-        const message = this.find(id);
-        const old = list.querySelector(`[data-id="${CSS.escape(id)}"]`);
-        if (!message) old?.remove();
-        else if (old) this.drawMessage(message, old);
-        else list.append(this.drawMessage(message));
-      }
-      this.dirty.clear();
+      this.drawDirty();
+    }
+    this.redrawAll = false;
+    this.dirty.clear();
+    // A new editor takes the caret; one that had it gets it back after being moved.
+    if (focusEditor && this.editing) {
+      this.editing.fresh = false;
+      this.editing.element.querySelector("textarea").focus();
     }
     if (following) list.scrollTop = list.scrollHeight;
     this.actions.onChange?.();
   }
 
+  drawAll() {
+    const items = this.messages.map((m) => this.drawMessage(m));
+    if (this.earlier) {
+      const more = button("Show earlier messages", "Show the earlier messages of this conversation", () =>
+        this.actions.onLoadEarlier?.(),
+      );
+      more.className = "load-earlier";
+      items.unshift(more);
+    }
+    return items;
+  }
+
+  drawDirty() {
+    for (const id of this.dirty) {
+      const message = this.find(id);
+      const old = this.list.querySelector(`[data-id="${CSS.escape(id)}"]`);
+      if (!message) old?.remove();
+      else if (old) this.drawMessage(message, old);
+      else this.list.append(this.drawMessage(message));
+    }
+  }
+
   /** The element for `message`; updates `element` in place when given. */
   drawMessage(message, element = null) {
     const article = element ?? document.createElement("article");
+    const own = this.isOwn(message);
     article.className = `message ${message.role} status-${message.status}`;
+    article.classList.toggle("own", own);
+    article.classList.toggle("is-hidden", Boolean(message.hidden));
     article.dataset.id = message.id;
-    const parts = [];
+    const parts = [this.drawHead(message, own)];
 
-    const head = el("header", "message-head");
-    head.append(el("span", "role", message.role === "user" ? "You" : "Assistant"));
-    const label = STATUS_LABELS[message.status];
-    if (label) head.append(el("span", `badge ${message.status}`, label));
-    parts.push(head);
-
-    const body = el("div", "content");
-    renderMarkdown(body, message.content || "");
-    parts.push(body);
+    if (this.editing?.id === message.id) {
+      this.updateEditor();
+      parts.push(this.editing.element);
+    } else if (message.hidden) {
+      parts.push(el("p", "hidden-note", "Message hidden by the room owner"));
+    } else {
+      const body = el("div", "content");
+      renderMarkdown(body, message.content || "");
+      parts.push(body);
+    }
 
     if (message.error && message.status !== "streaming") {
       const error = el("p", "error-text");
       error.textContent = `${message.error.message} (${message.error.code})`;
       parts.push(error);
     }
-    if (message.role === "assistant") parts.push(this.drawActions(message));
+    if (this.editing?.id !== message.id) parts.push(this.drawActions(message, own));
     article.replaceChildren(...parts);
     return article;
   }
 
-  drawActions(message) {
-    const bar = el("footer", "message-actions");
-    const siblings = message.siblings ?? [message.id];
-    const index = siblings.indexOf(message.id);
-    const busy = this.generating;
-    if (siblings.length > 1) {
-      const nav = el("span", "versions");
-      nav.setAttribute("aria-label", "Versions of this answer");
-      const prev = button("‹", "Previous version", () => this.actions.onSelect(siblings[index - 1]));
-      prev.disabled = busy || index <= 0;
-      const next = button("›", "Next version", () => this.actions.onSelect(siblings[index + 1]));
-      next.disabled = busy || index >= siblings.length - 1;
-      nav.append(prev, el("span", "version-count", `${index + 1} / ${siblings.length}`), next);
-      bar.append(nav);
+  isOwn(message) {
+    const you = this.viewer().id;
+    return message.role === "user" && you != null && message.author?.id === you;
+  }
+
+  drawHead(message, own) {
+    const head = el("header", "message-head");
+    const author = el("span", "author", own ? "You" : authorName(message));
+    if (own && message.author?.name) author.title = message.author.name;
+    head.append(author);
+    const label = STATUS_LABELS[message.status];
+    if (label) head.append(el("span", `badge ${message.status}`, label));
+    if (message.role === "assistant") {
+      const stats = answerStats(message, this.durations.get(message.id));
+      if (stats) head.append(el("span", "stats", stats));
     }
-    if (message.status !== "streaming") {
-      const temperature = document.createElement("input");
-      Object.assign(temperature, { type: "number", min: "0", max: "2", step: "0.1", placeholder: "temp" });
-      temperature.className = "temperature";
-      temperature.setAttribute("aria-label", "Temperature for the new version (optional)");
-      const label = message.status === "complete" ? "Regenerate" : "Retry";
-      const regenerate = button(`↻ ${label}`, `${label} this answer`, () => {
-        const value = temperature.value.trim();
-        this.actions.onRegenerate(message.id, value === "" ? null : Number(value));
-      });
-      regenerate.classList.add("regenerate");
-      regenerate.disabled = busy;
-      bar.append(regenerate, temperature);
+    return head;
+  }
+
+  drawActions(message, own) {
+    const bar = el("footer", "message-actions");
+    const busy = this.generating;
+    const { owner, canHide } = this.viewer();
+    bar.append(...this.drawVersions(message));
+    if (message.role === "user" && (own || owner) && !message.hidden) {
+      const edit = button("✎ Edit", "Edit this message", () => this.startEditing(message));
+      edit.classList.add("edit");
+      edit.disabled = busy;
+      bar.append(edit);
+    }
+    if (message.role === "assistant" && message.status !== "streaming") bar.append(...this.drawRegenerate(message));
+    if (canHide && message.status !== "streaming") {
+      const hide = message.hidden
+        ? button("Unhide", "Show this message to everyone again", () => this.actions.onHide(message.id, false))
+        : button("Hide", "Hide this message from everyone", () => this.actions.onHide(message.id, true));
+      hide.classList.add("hide");
+      bar.append(hide);
     }
     return bar;
   }
+
+  /** ‹ n / m › between the versions of a message, when it has several. */
+  drawVersions(message) {
+    const siblings = message.siblings ?? [message.id];
+    if (siblings.length < 2) return [];
+    const index = siblings.indexOf(message.id);
+    const busy = this.generating;
+    const nav = el("span", "versions");
+    nav.setAttribute("aria-label", message.role === "user" ? "Versions of this message" : "Versions of this answer");
+    const prev = button("‹", "Previous version", () => this.actions.onSelect(siblings[index - 1]));
+    prev.disabled = busy || index <= 0;
+    const next = button("›", "Next version", () => this.actions.onSelect(siblings[index + 1]));
+    next.disabled = busy || index >= siblings.length - 1;
+    nav.append(prev, el("span", "version-count", `${index + 1} / ${siblings.length}`), next);
+    return [nav];
+  }
+
+  drawRegenerate(message) {
+    const temperature = document.createElement("input");
+    Object.assign(temperature, { type: "number", min: "0", max: "2", step: "0.1", placeholder: "room's" });
+    temperature.className = "temperature";
+    temperature.setAttribute("aria-label", "Temperature for the new version (optional, 0 to 2)");
+    const field = el("label", "temperature-field");
+    field.title = "Temperature of the new version only: 0 is steady, 2 is wild. Empty: the room's.";
+    field.append("temperature 0–2 ", temperature);
+    const label = message.status === "complete" ? "Regenerate" : "Retry";
+    const regenerate = button(`↻ ${label}`, `${label} this answer`, () => {
+      const value = temperature.value.trim();
+      this.actions.onRegenerate(message.id, value === "" ? null : Number(value));
+    });
+    regenerate.classList.add("regenerate");
+    regenerate.disabled = this.generating;
+    return [regenerate, field];
+  }
+
+  /** The in-place editor of a user message: a textarea, Save and Cancel. Made once
+   * per edit and moved into each redraw, so the draft and caret survive. */
+  drawEditor(message) {
+    const form = el("form", "editor");
+    const text = document.createElement("textarea");
+    text.value = message.content;
+    text.rows = Math.min(10, Math.max(2, message.content.split("\n").length));
+    text.setAttribute("aria-label", "Edited message");
+    const save = el("button", "primary", "Save");
+    save.type = "submit";
+    save.setAttribute("aria-label", "Save and answer again");
+    const cancel = button("Cancel", "Cancel editing", () => this.stopEditing());
+    form.append(text, el("div", "editor-actions"));
+    form.lastChild.append(save, cancel);
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      if (save.disabled) return;
+      this.actions.onEdit(message.id, text.value);
+      this.stopEditing();
+    });
+    text.addEventListener("input", () => this.updateEditor());
+    text.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") this.stopEditing();
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        form.requestSubmit();
+      }
+    });
+    return form;
+  }
+
+  /** Save only with some text, and not while an answer is being written. */
+  updateEditor() {
+    const form = this.editing.element;
+    form.querySelector("button[type=submit]").disabled =
+      this.generating || form.querySelector("textarea").value.trim() === "";
+  }
+}
+
+const authorName = (message) =>
+  message.role === "assistant"
+    ? (message.author?.name ?? message.model ?? "Assistant")
+    : (message.author?.name ?? "Someone");
+
+/** "30 tokens · 42 tokens/s": what is known of an ended answer. */
+function answerStats(message, seconds) {
+  const tokens = message.usage?.completion_tokens;
+  if (tokens == null || message.status === "streaming") return "";
+  const bits = [`${tokens} tokens`];
+  if (seconds > 0) bits.push(`${Math.round(tokens / seconds)} tokens/s`);
+  return bits.join(" · ");
 }
 
 function el(tag, className, text) {

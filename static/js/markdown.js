@@ -2,9 +2,11 @@
 // shown as text (never parsed as markup), and the HTML marked produces still goes
 // through DOMPurify, which drops script, event handlers and javascript: URLs.
 // The whole accumulated text is rendered each time, so a tag split across several
-// tokens is never half-interpreted.
+// tokens is never half-interpreted. Code blocks are highlighted after sanitizing,
+// from their text, and highlight.js's markup is sanitized again before it is shown.
 
 import DOMPurify from "../vendor/dompurify-3.4.18/purify.es.mjs";
+import hljs from "../vendor/highlight.js-11.12.0/highlight.min.js";
 import { Marked } from "../vendor/marked-18.2.1/marked.esm.js";
 
 const escapeHtml = (text) =>
@@ -33,8 +35,19 @@ export function renderMarkdown(element, text) {
     RETURN_DOM_FRAGMENT: true,
     FORBID_TAGS: ["style", "form", "input", "button", "textarea", "select"],
   });
+  for (const code of fragment.querySelectorAll("pre > code")) highlight(code);
   for (const pre of fragment.querySelectorAll("pre")) addCopyButton(pre);
   element.replaceChildren(fragment);
+}
+
+// Only blocks that name a language highlight.js knows: guessing the language would
+// run every grammar over the block at each streamed frame, and often guess wrong.
+function highlight(code) {
+  const language = [...code.classList].find((name) => name.startsWith("language-"))?.slice("language-".length);
+  if (!language || !hljs.getLanguage(language)) return;
+  const { value } = hljs.highlight(code.textContent, { language, ignoreIllegals: true });
+  code.replaceChildren(DOMPurify.sanitize(value, { RETURN_DOM_FRAGMENT: true, ALLOWED_TAGS: ["span"], ALLOWED_ATTR: ["class"] }));
+  code.classList.add("hljs");
 }
 
 function addCopyButton(pre) {

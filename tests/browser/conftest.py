@@ -7,6 +7,7 @@ both). Screenshots of the main states go to ``test-artifacts/screenshots/`` (or
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -74,15 +75,29 @@ def page_errors() -> PageErrors:
 
 @pytest.fixture
 async def open_page(browser: Browser, gateway: Gateway, page_errors: PageErrors) -> Any:
-    """``page = await open_page(path="/", gateway_=None, **context_options)``: a new
-    page on the gateway (or ``gateway_``), its errors collected in ``page_errors``."""
+    """``page = await open_page(path="/", gateway_=None, name="Tester", **context_options)``:
+    a new page on the gateway (or ``gateway_``), its errors collected in ``page_errors``.
+    Each page is a browser of its own (its own storage, so its own user id), whose
+    person already chose the display name ``name`` (``None``: a first visit, which asks
+    for one)."""
     contexts = []
 
-    async def open_(path: str = "/", *, gateway_: Gateway | None = None, **options: Any) -> Page:
+    async def open_(
+        path: str = "/",
+        *,
+        gateway_: Gateway | None = None,
+        name: str | None = "Tester",
+        **options: Any,
+    ) -> Page:
         options.setdefault("viewport", {"width": 1100, "height": 760})
         context = await browser.new_context(base_url=(gateway_ or gateway).url, **options)
         context.set_default_timeout(scaled(10) * 1000)
         contexts.append(context)
+        if name is not None:  # kept if the page renames itself, across reloads
+            await context.add_init_script(  # about:blank has no storage: try
+                "try { localStorage.getItem('chat-gateway.name') ?? "
+                f"localStorage.setItem('chat-gateway.name', {json.dumps(name)}) }} catch {{}}"
+            )
         page = await context.new_page()
         page.on("pageerror", lambda error: page_errors.append(f"page error: {error}"))
         page.on(

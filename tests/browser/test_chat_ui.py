@@ -60,7 +60,7 @@ async def test_create_a_room_send_and_watch_the_answer_grow(
     page = await open_page()
     await screenshot(page, "01-empty")
     room_id = await create_room_in_page(page, "Pirates", "Talk like a pirate.")
-    await expect(page.locator("#room-list a[aria-current=page]")).to_have_text("Pirates")
+    await expect(page.locator("#room-list a[aria-current=page] .room-name")).to_have_text("Pirates")
     await expect(page.locator("#room-persona")).to_contain_text("Talk like a pirate.")
 
     upstream.script(Scenario(tokens=ANSWER, delay=0.05))
