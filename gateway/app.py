@@ -115,7 +115,7 @@ def make_broker(settings: Settings, redis: Any) -> tuple[EventBus, RoomLeases]:
             log_size=settings.event_buffer_size,
             log_seconds=settings.event_buffer_seconds,
         )
-        return RedisEventBus(backend), RedisRoomLeases(
+        return RedisEventBus(backend, presence_seconds=settings.lease_seconds), RedisRoomLeases(
             backend, lease_seconds=settings.lease_seconds
         )
     from gateway.broker.memory import MemoryEventBus, MemoryRoomLeases
@@ -266,8 +266,8 @@ def create_app(
             if draining:  # started by the server; normally long done
                 await asyncio.gather(draining[0], return_exceptions=True)
             await chat.shutdown()
+            await bus.aclose()  # first: the people still here leave, with its last events
             await leases.aclose()
-            await bus.aclose()
             if redis is not None:
                 await redis.aclose()
             await writer.close()

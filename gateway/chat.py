@@ -2,13 +2,14 @@
 
 - :mod:`gateway.roomstate`: the rooms cached in memory, and a lock per room;
 - :mod:`gateway.joining`: join, watch, leave, authorize, access re-checks;
+- :mod:`gateway.presence`: who is in each room, and typing;
 - :mod:`gateway.sending`: send, regenerate, select, cancel;
 - :mod:`gateway.generations`: the running generations, their checkpoints, takeovers;
 - :mod:`gateway.planning` and :mod:`gateway.screening`: pure prompt planning, and the
   checks a room's messages and answers go through.
 
 Dependencies point one way: sending → generations → generation; joining and sending
-→ roomstate; none of them knows this module.
+→ roomstate; joining → presence; none of them knows this module.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gateway.generations import GenerationRegistry
 from gateway.hub import RoomHub
 from gateway.joining import Joining
 from gateway.planning import Defaults
+from gateway.presence import Presence
 from gateway.providers.base import ChatProvider, Moderation
 from gateway.quotas import Quotas
 from gateway.roomstate import RoomCache, RoomLocks, Snapshot
@@ -83,12 +85,14 @@ class ChatService:
             locks=self.locks,
             checkpoint_interval=settings.checkpoint_interval,
         )
+        self.presence = Presence(bus)
         self.joining = Joining(
             db=db,
             hub=hub,
             bus=bus,
             cache=self.cache,
             locks=self.locks,
+            presence=self.presence,
             ready_max_bytes=settings.ready_max_bytes,
         )
         self.sending = Sending(

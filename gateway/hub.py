@@ -40,6 +40,7 @@ from collections.abc import Callable
 
 from gateway import protocol
 from gateway.access import OPEN, Viewer
+from gateway.people import Person
 from gateway.protocol import Frame
 
 
@@ -150,10 +151,14 @@ class Subscriber:
         joining: bool = False,
         stopping: bool = False,
         viewer: Viewer = OPEN,
+        person: Person | None = None,
     ) -> None:
         self.room_id = room_id
         self.limit = limit
         self.viewer = viewer
+        self.person = person
+        """Who this is, when they count as in the room (see :mod:`gateway.presence`)."""
+        self.present = False
         self.overflowed = False
         self.closed_with: Frame | None = None
         self.stopping = stopping
@@ -306,11 +311,18 @@ class RoomHub:
         self.on_room_frame: RoomFrameHook | None = None
         """Set by the chat service: re-checks access when a room's settings change."""
 
-    def subscribe(self, room_id: str, viewer: Viewer = OPEN) -> Subscriber:
+    def subscribe(
+        self, room_id: str, viewer: Viewer = OPEN, person: Person | None = None
+    ) -> Subscriber:
         """Join the room: every event delivered from now on is kept for the
         subscription, which starts when :meth:`Subscriber.begin` is called."""
         subscriber = Subscriber(
-            room_id, self.queue_limit, joining=True, stopping=self.stopping, viewer=viewer
+            room_id,
+            self.queue_limit,
+            joining=True,
+            stopping=self.stopping,
+            viewer=viewer,
+            person=person,
         )
         self._rooms.setdefault(room_id, set()).add(subscriber)
         return subscriber

@@ -19,6 +19,8 @@ from gateway.access import OPEN, Viewer
 from gateway.broker.base import EventBus, Position
 from gateway.errors import Unavailable
 from gateway.hub import RoomHub, Subscriber
+from gateway.people import Person, check_name
+from gateway.presence import Presence
 from gateway.roomstate import RoomCache, RoomLocks, Snapshot, newest_within
 from gateway.store.db import Database
 from gateway.store.models import Room
@@ -43,10 +45,12 @@ class Joining:
         bus: EventBus,
         cache: RoomCache,
         locks: RoomLocks,
+        presence: Presence,
         ready_max_bytes: int,
     ) -> None:
         self.db = db
         self.hub = hub
+        self.presence = presence
         self.bus = bus
         self.cache = cache
         self.locks = locks
@@ -80,7 +84,11 @@ class Joining:
             raise room_not_found(room_id)
 
     async def join(
-        self, room_id: str, after: int | None = None, viewer: Viewer = OPEN
+        self,
+        room_id: str,
+        after: int | None = None,
+        viewer: Viewer = OPEN,
+        person: Person | None = None,
     ) -> tuple[protocol.Frame, Subscriber]:
         """Subscribe to a room; returns the first frame for the client and the
         subscription.
@@ -97,11 +105,21 @@ class Joining:
         Access is checked once this process listens to the room: a change committed
         before is seen here, and one announced after reaches the subscription (see
         :meth:`_room_frame`).
+
+        ``person``, once allowed in, is in the room (``presence`` ``join`` to the
+        others, if they were not there yet) until :meth:`leave`.
         """
-        subscriber = self.hub.subscribe(room_id, viewer)  # from here on, nothing is missed
+        # From here on, nothing is missed.
+        subscriber = self.hub.subscribe(room_id, viewer, person)
+        you = person.view() if person is not None else None
         try:
             await self.bus.listen(room_id)
             await self.authorize(room_id, viewer)
+            if person is not None:
+                if self.presence.arrive(room_id, person):
+                    # So that whoever joins after this one's ready lists them.
+                    await self.bus.settle()
+                subscriber.present = True
             if after is not None:
                 missed = await self.bus.replay(room_id, after)
                 # Tokens are merged in the queue; other events each take a slot. A
@@ -111,7 +129,8 @@ class Joining:
                     <= self.hub.queue_limit // 2
                 ):
                     subscriber.begin(missed, missed[-1].event_id if missed else after)
-                    return protocol.resumed_frame(room_id, after, len(missed)), subscriber
+                    resumed = protocol.resumed_frame(room_id, after, len(missed), you)
+                    return resumed, subscriber
             async with self.locks(room_id):
                 room, snapshot, position = await self._snapshot(room_id)
                 if not viewer.can_see(room):  # changed since authorize()
@@ -134,6 +153,8 @@ class Joining:
             position.last_event_id,
             resync=after is not None,
             earlier=snapshot.earlier,
+            members=_with(position.members, you),
+            you=you,
         )
         return ready, subscriber
 
@@ -183,8 +204,20 @@ class Joining:
         return subscriber
 
     def leave(self, subscriber: Subscriber) -> None:
+        if subscriber.present and subscriber.person is not None:
+            subscriber.present = False
+            self.presence.depart(subscriber.room_id, subscriber.person)
         if self.hub.unsubscribe(subscriber):
             self.bus.forget(subscriber.room_id)
+
+    def rename(self, subscriber: Subscriber, name: str) -> Person:
+        """The subscriber's person now goes by ``name`` (checked); returns them."""
+        assert subscriber.person is not None, "rename of a subscription without a person"
+        person = Person(subscriber.person.id, check_name(name))
+        subscriber.person = person
+        if subscriber.present:
+            self.presence.rename(subscriber.room_id, person)
+        return person
 
     # --- access changes ------------------------------------------------------------
 
@@ -238,3 +271,11 @@ class Joining:
                 subscriber.close(protocol.error_frame(error))
             else:
                 subscriber.close(protocol.error_frame(room_not_found(room_id)))
+
+
+def _with(members: list[dict[str, str]], you: dict[str, str] | None) -> list[dict[str, str]]:
+    """``members`` with ``you`` in it: a joining client is in the room, whether or not
+    the bus has said so yet (with Redis, its ``join`` may still be on its way)."""
+    if you is None:
+        return members
+    return [*(m for m in members if m["id"] != you["id"]), you]

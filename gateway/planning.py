@@ -37,6 +37,11 @@ class Defaults:
         )
 
 
+HIDDEN_TURN = "[message hidden by the room owner]"
+"""What the model gets instead of a hidden message: the owner hid it from everyone,
+the model included, and the turns still alternate."""
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """What to ask the model, and the answer (``streaming``, empty) it will fill."""
@@ -73,7 +78,7 @@ def plan(
     }
     messages = build_prompt(
         room.system_prompt,
-        [Turn(m.role, m.content) for m in history],
+        [Turn(m.role, HIDDEN_TURN if m.hidden else m.content) for m in history],
         context_tokens=params["context_tokens"],
         max_tokens=params["max_tokens"],
         max_turns=defaults.max_history_messages,
@@ -87,6 +92,7 @@ def plan(
         status="streaming",
         generation_id=generation_id,
         params=params,
+        author_name=params["model"],
         created_at=now,
         updated_at=now,
     )

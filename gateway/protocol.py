@@ -56,13 +56,54 @@ class Select(_Frame):
     message_id: Id
 
 
+class Edit(_Frame):
+    """Send ``content`` as a new version of a user message (a new branch) and answer it."""
+
+    type: Literal["edit"]
+    message_id: Id
+    content: str
+    id: Id | None = None  # as for send
+
+
+class Hide(_Frame):
+    """The room owner hides a message from the room (or, ``hidden`` false, shows it)."""
+
+    type: Literal["hide"]
+    message_id: Id
+    hidden: bool = True
+
+
+class Typing(_Frame):
+    """The client's person is typing (or, ``active`` false, stopped)."""
+
+    type: Literal["typing"]
+    active: bool = True
+
+
+class Rename(_Frame):
+    """The client's person now goes by ``name``."""
+
+    type: Literal["rename"]
+    name: str
+
+
 class Ping(_Frame):
     type: Literal["ping"]
     id: Id | None = None
 
 
-ClientFrame = Send | Cancel | Regenerate | Select | Ping
-CLIENT_TYPES = ("send", "cancel", "regenerate", "select", "ping")
+ClientFrame = Send | Cancel | Regenerate | Select | Edit | Hide | Typing | Rename | Ping
+CLIENT_TYPES = (
+    "send",
+    "cancel",
+    "regenerate",
+    "select",
+    "edit",
+    "hide",
+    "typing",
+    "rename",
+    "ping",
+)
 
 _client_frame: TypeAdapter[ClientFrame] = TypeAdapter(
     Annotated[ClientFrame, Field(discriminator="type")]
@@ -167,6 +208,21 @@ class MessageCreate(_Body):
 
     content: str
     id: Id | None = None
+
+
+class EditBody(_Body):
+    """``POST .../messages/{id}/edit``: the ``edit`` frame as a request body."""
+
+    content: str
+    id: Id | None = None
+
+
+class HideBody(_Body):
+    hidden: bool = True
+
+
+class TypingBody(_Body):
+    active: bool = True
 
 
 class RegenerateBody(_Body):
@@ -275,23 +331,55 @@ def ready_frame(
     *,
     resync: bool = False,
     earlier: bool = False,
+    members: list[Frame] | None = None,
+    you: Frame | None = None,
 ) -> Frame:
     """The room as it is: its active branch (a running answer's text so far included)
-    as of event ``last_event_id``. ``resync`` when a resume could not replay;
-    ``earlier`` when ``messages`` holds only the newest part of the branch."""
+    and the people in it, as of event ``last_event_id``; ``you``: who the client is.
+    ``resync`` when a resume could not replay; ``earlier`` when ``messages`` holds
+    only the newest part of the branch."""
     return {
         "type": "resync" if resync else "ready",
         "room": room,
         "messages": messages,
         "earlier": earlier,
         "generation": generation,
+        "members": members or [],
+        "you": you,
         "last_event_id": last_event_id,
     }
 
 
-def resumed_frame(room_id: str, after: int, replayed: int) -> Frame:
+def resumed_frame(room_id: str, after: int, replayed: int, you: Frame | None = None) -> Frame:
     """A resume succeeded: the ``replayed`` events after ``after`` follow, then live ones."""
-    return {"type": "resumed", "room_id": room_id, "after": after, "replayed": replayed}
+    return {
+        "type": "resumed",
+        "room_id": room_id,
+        "after": after,
+        "replayed": replayed,
+        "you": you,
+    }
+
+
+def presence_frame(action: Literal["join", "leave"], person: Frame) -> Frame:
+    """Someone came into the room (or changed their name: ``join`` again), or left."""
+    return {"type": "presence", "action": action, "person": person}
+
+
+TYPING_SECONDS = 6
+"""How long a ``typing`` frame says someone is typing, unless another one follows."""
+
+
+def typing_frame(person: Frame, active: bool) -> Frame:
+    frame: Frame = {"type": "typing", "person": person, "active": active}
+    if active:
+        frame["expires_in"] = TYPING_SECONDS
+    return frame
+
+
+def hidden_frame(message_id: str, hidden: bool) -> Frame:
+    """The room's owner hid (or showed again) a message."""
+    return {"type": "hidden", "message_id": message_id, "hidden": hidden}
 
 
 def message_frame(message: Frame, client_id: str | None = None) -> Frame:

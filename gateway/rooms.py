@@ -56,11 +56,13 @@ class RoomService:
             return [room.to_dict(owner_view=viewer.owns(room)) for room in rooms]
 
     async def get(self, room_id: str, viewer: Viewer = OPEN) -> dict[str, Any]:
-        """The room, with ``members``: clients connected to it on this process."""
+        """The room, with ``members`` (the people in it, on every process) and
+        ``connections`` (the clients connected to it on this process)."""
         async with self.db.read() as session:
             room = await self._visible(MessageStore(session), room_id, viewer)
             view = room.to_dict(owner_view=viewer.owns(room))
-        return {**view, "members": self.chat.hub.members(room_id)}
+        members = (await self.chat.bus.position(room_id)).members
+        return {**view, "members": members, "connections": self.chat.hub.members(room_id)}
 
     async def update(self, room_id: str, body: RoomUpdate, viewer: Viewer = OPEN) -> dict[str, Any]:
         async with self.chat.changing_room(room_id):
@@ -97,12 +99,20 @@ class RoomService:
             if room is not None:
                 await store.delete_room(room)
 
-    async def messages(self, room_id: str, viewer: Viewer = OPEN) -> list[dict[str, Any]]:
-        """The active branch, oldest first, with sibling versions of each answer."""
+    async def messages(
+        self, room_id: str, viewer: Viewer = OPEN, *, include_hidden: bool = False
+    ) -> list[dict[str, Any]]:
+        """The active branch, oldest first, with the sibling versions of each message;
+        with ``include_hidden`` (the owner only), hidden messages' content too."""
         async with self.db.read() as session:
             store = MessageStore(session)
             room = await self._visible(store, room_id, viewer)
-            return await store.views(room_id, await store.branch(room.active_leaf_id))
+            if include_hidden and not viewer.owns(room):
+                raise Forbidden(
+                    "only the room's owner may read hidden messages", code="not_room_owner"
+                )
+            branch = await store.branch(room.active_leaf_id)
+            return await store.views(room_id, branch, reveal_hidden=include_hidden)
 
     @staticmethod
     async def _visible(store: MessageStore, room_id: str, viewer: Viewer) -> Room:

@@ -24,12 +24,15 @@ as nothing to cancel.
 from __future__ import annotations
 
 import contextlib
+from datetime import datetime
 from typing import Any
 
 from gateway import protocol
 from gateway.broker.base import EventBus
-from gateway.errors import BadRequest, Busy, Conflict, NotFound
+from gateway.access import OPEN, Viewer
+from gateway.errors import BadRequest, Busy, Conflict, Forbidden, NotFound
 from gateway.generations import GenerationRegistry, Started
+from gateway.people import Person
 from gateway.planning import Defaults, plan
 from gateway.roomstate import RoomCache, RoomLocks, RoomState
 from gateway.screening import Screening
@@ -78,6 +81,7 @@ class Sending:
         content: str,
         client_id: str | None = None,
         sender: str = "anonymous",
+        author: Person | None = None,
     ) -> tuple[dict[str, Any], Started | None]:
         """Store a user message and start answering it.
 
@@ -90,13 +94,7 @@ class Sending:
         ``input_rejected`` when the message fails the room's checks. Either way
         nothing is stored.
         """
-        if not content.strip():
-            raise BadRequest("message content is empty", code="empty_message")
-        if len(content) > self.max_message_chars:
-            raise BadRequest(
-                f"message has {len(content)} characters; the limit is {self.max_message_chars}",
-                code="message_too_long",
-            )
+        self._check_content(content)
         if client_id is not None and (known := await self._known(room_id, client_id)):
             return known, None
         room = await self._room(room_id)
@@ -121,9 +119,20 @@ class Sending:
                         room = state.room  # its checks changed meanwhile: screen it again
                         continue
                     try:
-                        return await self._send(state, content, client_id, sender, generation_id)
+                        return await self._send(
+                            state, content, client_id, sender, author, generation_id
+                        )
                     except _AlreadySent as already:
                         return already.view, None
+
+    def _check_content(self, content: str) -> None:
+        if not content.strip():
+            raise BadRequest("message content is empty", code="empty_message")
+        if len(content) > self.max_message_chars:
+            raise BadRequest(
+                f"message has {len(content)} characters; the limit is {self.max_message_chars}",
+                code="message_too_long",
+            )
 
     async def _send(
         self,
@@ -131,6 +140,7 @@ class Sending:
         content: str,
         client_id: str | None,
         sender: str,
+        author: Person | None,
         generation_id: str,
     ) -> tuple[dict[str, Any], Started]:
         """Store the screened message and its streaming answer, publish the message
@@ -138,17 +148,7 @@ class Sending:
         room = state.room
         await self.generations.admit(sender, room.id)
         now = utcnow()
-        user = Message(
-            id=new_id("msg"),
-            room_id=room.id,
-            parent_id=room.active_leaf_id,
-            role="user",
-            content=content,
-            status="complete",
-            client_id=client_id,
-            created_at=now,
-            updated_at=now,
-        )
+        user = _user_message(room.id, room.active_leaf_id, content, client_id, author, now)
         async with (
             self.generations.releasing_on_error(sender),
             self.bus.changing(room.id) as changed,
@@ -226,6 +226,109 @@ class Sending:
                 branch.append(view)
                 self.bus.publish(room_id, protocol.branch_frame(branch, answer.id))
                 return self.generations.launch(room, generation_id, view, planned.request, sender)
+
+    async def edit(
+        self,
+        room_id: str,
+        message_id: str,
+        content: str,
+        *,
+        author: Person,
+        viewer: Viewer = OPEN,
+        client_id: str | None = None,
+        sender: str = "anonymous",
+    ) -> tuple[dict[str, Any], Started | None]:
+        """Send ``content`` as a new version of the user message ``message_id`` (a
+        sibling: the old one and everything under it are kept) and answer it; the new
+        branch becomes the room's active one. Only the message's author may, or the
+        room's owner (with API keys: without them there are no owners to trust).
+
+        Returns the new message and its generation; None for a retry (a
+        ``client_id`` already used in the room: nothing new is stored).
+        """
+        self._check_content(content)
+        if client_id is not None and (stored := await self._stored(room_id, client_id)):
+            return stored, None
+        async with self.db.read() as session:
+            screened, target = await load_message(MessageStore(session), room_id, message_id)
+        _check_editable(screened, target, author, viewer)
+        generation_id = new_id("gen")
+        async with self.generations.claimed(room_id, generation_id):
+            await self.screening.check_message(screened, content)  # slow: outside the lock
+            async with self.locks(room_id):
+                async with self.db.read() as session:
+                    store = MessageStore(session)
+                    room, target = await load_message(store, room_id, message_id)
+                    _check_editable(room, target, author, viewer)
+                    if self.screening.rules_of(room) != self.screening.rules_of(screened):
+                        await self.screening.check_message(room, content)  # changed meanwhile
+                    await self.generations.admit(sender, room_id)
+                    history = await store.branch(target.parent_id)
+                    branch = await store.views(room_id, history)
+                    siblings = await store.sibling_ids(room_id, target.parent_id, "user")
+                async with (
+                    self.generations.releasing_on_error(sender),
+                    self.bus.changing(room_id) as version,
+                ):
+                    now = utcnow()
+                    user = _user_message(room_id, target.parent_id, content, client_id, author, now)
+                    planned = plan(
+                        room,
+                        [*history, user],
+                        self.defaults,
+                        generation_id=generation_id,
+                        message_id=new_id("msg"),
+                        now=now,
+                    )
+                    answer = planned.answer
+                    batch = WriteBatch(
+                        inserts=[message_row(user), message_row(answer)],
+                        leaves={room_id: answer.id},
+                    )
+                    try:
+                        await self.writer.write(batch)
+                    except Conflict:
+                        if client_id is not None and (
+                            stored := await self._stored(room_id, client_id)
+                        ):
+                            return stored, None  # sent meanwhile with the same id
+                        raise
+                    room.active_leaf_id = answer.id
+                    self.cache.remember(room, [*history, user, answer], version)
+                    user_view = user.to_dict([*siblings, user.id])
+                    view = answer.to_dict([answer.id])
+                    branch += [user_view, view]
+                    self.bus.publish(room_id, protocol.branch_frame(branch, answer.id))
+                    started = self.generations.launch(
+                        room, generation_id, view, planned.request, sender
+                    )
+                    return user_view, started
+
+    async def hide(
+        self, room_id: str, message_id: str, hidden: bool = True, viewer: Viewer = OPEN
+    ) -> dict[str, Any]:
+        """Hide a message from the room (or show it again): the room owner's
+        moderation. It is kept, but its content is served to nobody else and the
+        model gets a placeholder instead. Returns the owner's view of it."""
+        async with self.locks(room_id), self.bus.changing(room_id):
+            async with self.db.transaction() as session:
+                store = MessageStore(session)
+                room, message = await load_message(store, room_id, message_id)
+                if not viewer.owns(room):
+                    raise Forbidden(
+                        "only the room's owner may hide a message", code="not_room_owner"
+                    )
+                if message.status == "streaming":
+                    raise Conflict(
+                        "this answer is still streaming: cancel it first", code="busy"
+                    )
+                message.hidden = hidden
+                await session.flush()
+                siblings = await store.siblings(room_id, [message])
+                view = message.to_dict(siblings.get(message.id), reveal_hidden=True)
+            self.cache.drop(room_id)  # committed: views and prompts read it again
+            self.bus.publish(room_id, protocol.hidden_frame(message_id, hidden))
+        return view
 
     async def select(self, room_id: str, message_id: str) -> list[dict[str, Any]]:
         """Make the branch through ``message_id`` (down to its newest leaf) active
@@ -308,3 +411,39 @@ class Sending:
             await load_room(store, room_id)
             existing = await store.by_client_id(room_id, client_id)
             return await store.message_view(existing) if existing is not None else None
+
+
+def _user_message(
+    room_id: str,
+    parent_id: str | None,
+    content: str,
+    client_id: str | None,
+    author: Person | None,
+    now: datetime,
+) -> Message:
+    return Message(
+        id=new_id("msg"),
+        room_id=room_id,
+        parent_id=parent_id,
+        role="user",
+        content=content,
+        status="complete",
+        client_id=client_id,
+        author_id=author.id if author is not None else None,
+        author_name=author.name if author is not None else None,
+        hidden=False,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def _check_editable(room: Room, target: Message, author: Person, viewer: Viewer) -> None:
+    """Raise unless ``author`` may edit ``target``: a user message of theirs, or any
+    one for the room's owner (only with API keys: without, there is no owner)."""
+    if target.role != "user":
+        raise BadRequest("only a user message can be edited", code="invalid_target")
+    if target.author_id == author.id or (viewer.enforced and viewer.owns(room)):
+        return
+    raise Forbidden(
+        "only the message's author or the room's owner may edit it", code="not_author"
+    )

@@ -101,7 +101,8 @@ async def spawn(request: pytest.FixtureRequest) -> AsyncIterator[Spawn]:
                 client, prefix=prefix, log_size=LOG_SIZE, process=f"p{len(started) + 1}"
             )
             leases = RedisRoomLeases(backend, lease_seconds=LEASE_SECONDS)
-            started.append(await Process(RedisEventBus(backend), leases).start())
+            bus = RedisEventBus(backend, presence_seconds=LEASE_SECONDS)
+            started.append(await Process(bus, leases).start())
             return started[-1]
 
         yield spawn_redis
@@ -317,6 +318,98 @@ async def test_close_room_reaches_the_members_on_another_process(spawn: Spawn) -
         return member.closed_with is not None
 
     await eventually(closed)
+
+
+# ------------------------------------------------------------------------- presence
+
+ALICE = {"id": "u-alice", "name": "Alice"}
+BOB = {"id": "u-bob", "name": "Bob"}
+
+
+async def members(process: Process, room_id: str) -> list[dict[str, str]]:
+    return sorted((await process.bus.position(room_id)).members, key=lambda m: m["id"])
+
+
+async def test_entering_announces_a_join_and_exiting_a_leave_as_logged_events(
+    spawn: Spawn,
+) -> None:
+    a = await spawn()
+    await a.bus.listen("room_1")
+    member = a.join("room_1")
+    a.bus.enter("room_1", ALICE)
+    a.bus.enter("room_1", BOB)
+    a.bus.enter("room_1", ALICE)  # already in, same name: nothing to say
+    a.bus.enter("room_1", {**ALICE, "name": "Alice B."})  # a new name: join again
+    a.bus.exit("room_1", BOB)
+    a.bus.exit("room_1", BOB)  # gone already: nothing to say
+    frames = await received(member, 4)
+    assert [(f["action"], f["person"]["name"]) for f in frames] == [
+        ("join", "Alice"),
+        ("join", "Bob"),
+        ("join", "Alice B."),
+        ("leave", "Bob"),
+    ]
+    assert await members(a, "room_1") == [{"id": "u-alice", "name": "Alice B."}]
+    replayed = await a.bus.replay("room_1", frames[0]["event_id"])
+    assert replayed is not None
+    assert [e.frame for e in replayed] == frames[1:]
+
+
+async def test_a_person_on_two_processes_is_one_member_until_both_exit(spawn: Spawn) -> None:
+    a, b = await spawn(), await spawn()
+    await a.bus.listen("room_1")
+    member = a.join("room_1")
+    a.bus.enter("room_1", ALICE)
+    b.bus.enter("room_1", ALICE)
+    assert (await received(member, 1))[0]["action"] == "join"
+
+    async def listed_once() -> bool:
+        return await members(b, "room_1") == [ALICE]
+
+    await eventually(listed_once)
+    a.bus.exit("room_1", ALICE)
+    b.bus.publish("room_1", event(1))  # after b's enter: so a's exit was applied before
+    assert (await received(member, 1))[0]["type"] == "message"
+    assert await members(a, "room_1") == [ALICE]  # still in, through b
+    b.bus.exit("room_1", ALICE)
+    left = (await received(member, 1))[0]
+    assert (left["action"], left["person"]) == ("leave", ALICE)
+    assert await members(a, "room_1") == []
+
+
+async def test_signals_reach_every_process_without_an_id_and_are_not_logged(
+    spawn: Spawn,
+) -> None:
+    a = await spawn()
+    await a.bus.listen("room_1")
+    member = a.join("room_1")
+    a.bus.publish("room_1", event(1))
+    logged = (await received(member, 1))[0]["event_id"]
+    typing = protocol.typing_frame(ALICE, True)
+    a.bus.signal("room_1", typing)
+    assert await received(member, 1) == [typing]
+    assert await a.bus.replay("room_1", logged) == []
+    assert (await a.bus.position("room_1")).last_event_id == logged
+
+
+async def test_signals_reach_another_process(spawn: Spawn) -> None:
+    a, b = await spawn(), await spawn()
+    await b.bus.listen("room_1")
+    member = b.join("room_1")
+    a.bus.signal("room_1", protocol.typing_frame(ALICE, False))
+    assert await received(member, 1) == [protocol.typing_frame(ALICE, False)]
+
+
+async def test_closing_a_room_forgets_its_people(spawn: Spawn) -> None:
+    a = await spawn()
+    a.bus.enter("room_1", ALICE)
+
+    async def listed() -> bool:
+        return await members(a, "room_1") == [ALICE]
+
+    await eventually(listed)
+    await a.bus.close_room("room_1", {"type": "error", "code": "room_deleted"})
+    assert await members(a, "room_1") == []
 
 
 # ---------------------------------------------------------------------- room leases

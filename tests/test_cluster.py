@@ -590,6 +590,90 @@ async def test_rate_limits_are_shared_through_the_brokers_redis(
     assert codes == [202, 202, 202, 429, 429, 429]
 
 
+# ------------------------------------------------------------------------- people
+
+
+async def presence_about(client: Client, person_id: str, timeout: float = 5.0) -> dict:
+    """The next ``presence`` frame about ``person_id``."""
+    while True:
+        frame = await client.until("presence", timeout=timeout)
+        if frame["person"]["id"] == person_id:
+            return frame
+
+
+async def test_people_on_two_processes_see_each_other_names_presence_and_typing(
+    cluster: Any, connect: Any, http: httpx2.AsyncClient, upstream: FakeUpstream
+) -> None:
+    a, b = cluster(2)
+    upstream.script(Scenario(tokens=["hello"]))
+    room = await new_room(http, a)
+    alice = await connect(a, room["id"], "?name=Alice&user=u-alice")
+    bob = await connect(b, room["id"], "?name=Bob&user=u-bob")
+    assert sorted(m["name"] for m in bob.frames[0]["members"]) == ["Alice", "Bob"]
+    joined = await presence_about(alice, "u-bob")
+    assert joined["action"] == "join" and joined["person"]["name"] == "Bob"
+
+    # Bob's second tab, on the other process: still one Bob.
+    bob_again = await connect(a, room["id"], "?name=Bob&user=u-bob")
+    assert sorted(m["name"] for m in bob_again.frames[0]["members"]) == ["Alice", "Bob"]
+
+    await bob.send({"type": "typing"})
+    typing = await alice.until("typing")
+    assert typing["person"] == {"id": "u-bob", "name": "Bob"} and "event_id" not in typing
+
+    await alice.send({"type": "send", "content": "hi Bob"})
+    message = await bob.until("message")
+    assert message["message"]["author"] == {"id": "u-alice", "name": "Alice", "kind": "user"}
+    await bob.until("done")
+
+    await bob.ws.close()  # the tab on a is still open: Bob stays
+    await bob_again.send({"type": "ping"})
+    await bob_again.until("pong")
+    fetched = (await http.get(f"{b.url}/api/rooms/{room['id']}")).json()
+    assert sorted(m["name"] for m in fetched["members"]) == ["Alice", "Bob"]
+    await bob_again.ws.close()
+    left = await presence_about(alice, "u-bob")
+    assert left["action"] == "leave"
+
+
+async def test_the_people_of_a_process_that_died_leave_the_room(
+    cluster: Any, connect: Any, http: httpx2.AsyncClient
+) -> None:
+    a, b = cluster(2)
+    room = await new_room(http, a)
+    alice = await connect(a, room["id"], "?name=Alice&user=u-alice")
+    await connect(b, room["id"], "?name=Bob&user=u-bob")
+    await presence_about(alice, "u-bob")
+    b.kill()  # SIGKILL: Bob's leave is never announced by b
+    left = await presence_about(alice, "u-bob", timeout=20)  # the lease (2 s) and a sweep
+    assert left["action"] == "leave"
+    fetched = (await http.get(f"{a.url}/api/rooms/{room['id']}")).json()
+    assert [m["name"] for m in fetched["members"]] == ["Alice"]
+
+
+async def test_an_edit_on_one_process_is_a_branch_selectable_on_the_other(
+    cluster: Any, connect: Any, http: httpx2.AsyncClient, upstream: FakeUpstream
+) -> None:
+    a, b = cluster(2)
+    upstream.script(Scenario(tokens=["one"]), Scenario(tokens=["two"]))
+    room = await new_room(http, a)
+    alice = await connect(a, room["id"], "?name=Alice&user=u-alice")
+    watcher = await connect(b, room["id"], "?name=Bob&user=u-bob")
+    await alice.send({"type": "send", "content": "first"})
+    original = (await alice.until("message"))["message"]
+    await alice.until("done")
+    await alice.send({"type": "edit", "message_id": original["id"], "content": "second"})
+    branch = await watcher.until("branch")
+    assert branch["messages"][-2]["siblings"] == [original["id"], branch["messages"][-2]["id"]]
+    assert (await watcher.until("done"))["message"]["content"] == "two"
+    await alice.until("done")
+    await watcher.send({"type": "edit", "message_id": original["id"], "content": "mine now"})
+    assert (await watcher.until("error"))["code"] == "not_author"
+    await watcher.send({"type": "select", "message_id": original["id"]})
+    back = await alice.until("branch")
+    assert [m["content"] for m in back["messages"]] == ["first", "one"]
+
+
 # ----------------------------------------------------------------- serve --workers
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from gateway.hub import Event, RoomHub
@@ -33,13 +33,15 @@ ENDING_FRAMES = frozenset({"done", "cancelled", "error"})
 
 @dataclass(frozen=True, slots=True)
 class Position:
-    """Where a room is, read in one step: its newest event id, its change counters and
-    its running answer (``generation_id``, ``message_id``, ``seq``, ``text``) if any."""
+    """Where a room is, read in one step: its newest event id, its change counters,
+    its running answer (``generation_id``, ``message_id``, ``seq``, ``text``) if any,
+    and the people in it (``{"id", "name"}``, one per person, on every process)."""
 
     last_event_id: int
     live: dict[str, Any] | None
     begun: int = 0
     ended: int = 0
+    members: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +90,17 @@ class EventBus(Protocol):
       in one step, so a joining client sees each event either in its snapshot or
       after it, never both or neither;
     - **never awaits to publish**: :meth:`publish` (and the end of :meth:`changing`)
-      only enqueue, so a generation publishes a token without waiting for anything.
+      only enqueue, so a generation publishes a token without waiting for anything;
+    - **presence**: a person is in a room while some process has :meth:`enter`\\ ed
+      them and not :meth:`exit`\\ ed them; the room's ``presence`` events (``join`` when
+      the first process enters them or their name changes, ``leave`` when the last
+      exits) are logged events like the others, in the same order on every process,
+      and :attr:`Position.members` is read in the same step as the newest id. The
+      people a process entered leave when it stops, or, if it dies, within about
+      ``presence_seconds`` (no ghosts);
+    - **signals** (:meth:`signal`: typing) reach the room's subscribers on every
+      process like events, but are neither numbered nor logged: a client that was
+      away never gets them.
     """
 
     name: str
@@ -110,6 +122,26 @@ class EventBus(Protocol):
         """Give ``frame`` the room's next ``event_id``, log it, update the live answer
         (``start``, ``token``, and an ending frame of that generation), and deliver
         it to the room's subscribers on every process, in order; never awaits."""
+        ...
+
+    def signal(self, room_id: str, frame: Frame) -> None:
+        """Deliver ``frame`` to the room's subscribers on every process, without an
+        ``event_id`` and without logging it; never awaits."""
+        ...
+
+    async def settle(self) -> None:
+        """Wait until everything this process published (entered, exited) so far is
+        applied: seen in every process's :meth:`position` and :meth:`replay`."""
+        ...
+
+    def enter(self, room_id: str, person: dict[str, str]) -> None:
+        """This process has ``person`` (``{"id", "name"}``) in the room: announce
+        ``join`` unless they were in it already under that name; never awaits."""
+        ...
+
+    def exit(self, room_id: str, person: dict[str, str]) -> None:
+        """This process no longer has ``person`` in the room: announce ``leave`` if
+        no other process has them; never awaits."""
         ...
 
     async def listen(self, room_id: str) -> None:

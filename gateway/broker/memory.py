@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from gateway import protocol
 from gateway.broker.base import Orphan, Position, StopHandler, live_change
 from gateway.eventlog import EventLogs
 from gateway.hub import Event, RoomHub
@@ -48,6 +49,7 @@ class MemoryEventBus:
         self.log = log
         self._hub: RoomHub | None = None
         self.live: dict[str, LiveAnswer] = {}  # room -> its running answer
+        self.people: dict[str, dict[str, str]] = {}  # room -> person id -> name
 
     async def start(self, hub: RoomHub) -> None:
         self._hub = hub
@@ -73,6 +75,26 @@ class MemoryEventBus:
         assert self._hub is not None, "publish before start"
         self._hub.deliver(room_id, event)
 
+    def signal(self, room_id: str, frame: Frame) -> None:
+        assert self._hub is not None, "signal before start"
+        self._hub.deliver(room_id, Event(frame))
+
+    def enter(self, room_id: str, person: dict[str, str]) -> None:
+        people = self.people.setdefault(room_id, {})
+        if people.get(person["id"]) != person["name"]:
+            people[person["id"]] = person["name"]
+            self.publish(room_id, protocol.presence_frame("join", person))
+
+    def exit(self, room_id: str, person: dict[str, str]) -> None:
+        people = self.people.get(room_id, {})
+        if people.pop(person["id"], None) is not None:
+            if not people:
+                del self.people[room_id]
+            self.publish(room_id, protocol.presence_frame("leave", person))
+
+    async def settle(self) -> None:
+        pass  # published is applied
+
     async def listen(self, room_id: str) -> None:
         pass
 
@@ -81,7 +103,10 @@ class MemoryEventBus:
 
     async def position(self, room_id: str) -> Position:
         live = self.live.get(room_id)
-        return Position(self.log.last_id(room_id), live.view() if live is not None else None)
+        members = [{"id": id_, "name": name} for id_, name in self.people.get(room_id, {}).items()]
+        return Position(
+            self.log.last_id(room_id), live.view() if live is not None else None, members=members
+        )
 
     async def changes(self, room_id: str) -> tuple[int, int]:
         return 0, 0
@@ -99,6 +124,7 @@ class MemoryEventBus:
         self._hub.close_room(room_id, final)
         self.log.drop(room_id)
         self.live.pop(room_id, None)
+        self.people.pop(room_id, None)
 
     def prune(self) -> None:
         self.log.prune()

@@ -17,6 +17,8 @@ Keys and channels, under the prefix ``P`` (``GATEWAY_REDIS_PREFIX``), for a room
 ``P:room:R:lease``          ``"<process> <generation>"``, expiring unless renewed
                             (``"<process> <holder> -"``: not cancellable)
 ``P:generating``            set of rooms with a running answer (for takeover)
+``P:room:R:holds``, ...     who is in the room, on which process (see ``PUBLISH``)
+``P:presence``              sorted set: each process, until when it is alive
 channel ``P:events``        every room's events, one message per published batch
 channel ``P:proc:ID``       requests to one process (cancel)
 ==========================  ===============================================================
@@ -86,20 +88,53 @@ class BrokerUnavailable(Unavailable):
 # kind, room, frame JSON without its opening brace, then per kind:
 #   start: generation, message | token: generation, seq, text | end: generation
 #   ended: - (a change is published) | release: lease value
+#   enter: person, name, process | exit: person, process (the frame: join / leave)
+#   signal: - (the frame's whole JSON: not numbered, not logged)
 # What a room's events change is read and written once per room and batch (its ids,
 # the live answer's generation, seq and text, the log's expiry), not once per event:
 # under load a batch carries hundreds of one room's tokens, each then costing Redis
 # one XADD.
+#
+# Presence: ``P:room:R:holds`` has a field ``"<person> <process>"`` for each process
+# that has the person in the room, ``P:room:R:count`` how many processes that is per
+# person, ``P:room:R:people`` their names; ``P:presence:<process>`` the rooms where
+# the process has people. An enter or exit is announced (numbered, logged, published
+# like any event) only when it changes who is in the room, decided here, in the same
+# step as its id: so every process sees one order of joins and leaves.
 PUBLISH = """
 local prefix, maxlen, ttl = ARGV[1], ARGV[2], ARGV[3]
 -- A batch whose reply was lost (the connection broke) is sent again: apply it once.
 if not redis.call('SET', prefix .. ':batch:' .. ARGV[4], '1', 'NX', 'PX', 600000) then
   return 0
 end
+local function presence(kind, room, person, a, b)
+  local base = prefix .. ':room:' .. room
+  if kind == 'enter' then
+    local name, process = a, b
+    if redis.call('HSETNX', base .. ':holds', person .. ' ' .. process, '1') == 1 then
+      redis.call('HINCRBY', base .. ':count', person, 1)
+      redis.call('SADD', prefix .. ':presence:' .. process, room)
+    end
+    if redis.call('HGET', base .. ':people', person) == name then return false end
+    redis.call('HSET', base .. ':people', person, name)
+    return true
+  end
+  if redis.call('HDEL', base .. ':holds', person .. ' ' .. a) == 0 then return false end
+  if redis.call('HINCRBY', base .. ':count', person, -1) > 0 then return false end
+  redis.call('HDEL', base .. ':count', person)
+  redis.call('HDEL', base .. ':people', person)
+  return true
+end
 local rooms = {}  -- room -> what this batch does to it
+local announced = {}  -- the enter and exit operations that change who is in a room
 for i = 5, #ARGV, 6 do
   local kind, room = ARGV[i], ARGV[i + 1]
-  if kind ~= 'ended' and kind ~= 'release' then
+  local numbered = kind ~= 'ended' and kind ~= 'release' and kind ~= 'signal'
+  if kind == 'enter' or kind == 'exit' then
+    numbered = presence(kind, room, ARGV[i + 3], ARGV[i + 4], ARGV[i + 5])
+    announced[i] = numbered
+  end
+  if numbered then
     local r = rooms[room]
     if not r then
       r = {base = prefix .. ':room:' .. room, events = 0, text = {}}
@@ -131,9 +166,13 @@ for i = 5, #ARGV, 6 do
     if redis.call('GET', base .. ':lease') == ARGV[i + 3] then
       redis.call('DEL', base .. ':lease')
     end
-  else
+  elseif kind == 'signal' then
+    table.insert(out, 's')
+    table.insert(out, room)
+    table.insert(out, ARGV[i + 2])
+  elseif announced[i] ~= false then
     local r = rooms[room]
-    if kind ~= 'event' and r.g == nil then
+    if (kind == 'token' or kind == 'start' or kind == 'end') and r.g == nil then
       r.g = redis.call('HGET', base .. ':live', 'g') or false
     end
     if kind == 'token' then
@@ -191,7 +230,7 @@ init_seq(base .. ':meta')
 local m = redis.call('HMGET', base .. ':meta', 'seq', 'begun', 'ended')
 local live = redis.call('HMGET', base .. ':live', 'g', 'm', 's')
 return {m[1], m[2] or '0', m[3] or '0', live[1], live[2], live[3],
-        redis.call('GET', base .. ':text')}
+        redis.call('GET', base .. ':text'), redis.call('HGETALL', base .. ':people')}
 """
 )
 
@@ -294,10 +333,54 @@ return {live[2], redis.call('GET', base .. ':text') or ''}
 # ``ARGV``: prefix, room, final frame JSON. Every process closes its subscribers.
 CLOSE = """
 local base = ARGV[1] .. ':room:' .. ARGV[2]
-redis.call('DEL', base .. ':meta', base .. ':log', base .. ':live', base .. ':text')
+redis.call('DEL', base .. ':meta', base .. ':log', base .. ':live', base .. ':text',
+           base .. ':holds', base .. ':count', base .. ':people')
 redis.call('SREM', ARGV[1] .. ':generating', ARGV[2])
 redis.call('PUBLISH', ARGV[1] .. ':events', 'c\\n' .. ARGV[2] .. '\\n' .. ARGV[3])
 return 0
+"""
+
+
+# ``ARGV``: prefix, process, until (ms, Redis's clock). Marks the process alive until
+# then; returns whether it was alive (False: its people may have been swept: enter
+# them again).
+HEARTBEAT = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local was = redis.call('ZSCORE', ARGV[1] .. ':presence', ARGV[2])
+redis.call('ZADD', ARGV[1] .. ':presence', ms + tonumber(ARGV[3]), ARGV[2])
+return was ~= false and tonumber(was) >= ms
+"""
+
+# ``ARGV``: prefix. The people that processes no longer alive still have in rooms:
+# room, person, process, name; each to be exited (by whichever live process asks:
+# an exit applies once). A dead process with none left is forgotten.
+GHOSTS = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local out = {}
+for _, process in ipairs(redis.call('ZRANGEBYSCORE', ARGV[1] .. ':presence', '-inf', ms)) do
+  local rooms = ARGV[1] .. ':presence:' .. process
+  local left = 0
+  for _, room in ipairs(redis.call('SMEMBERS', rooms)) do
+    local base = ARGV[1] .. ':room:' .. room
+    for _, field in ipairs(redis.call('HKEYS', base .. ':holds')) do
+      local person, holder = string.match(field, '^(.*) (%S+)$')
+      if holder == process then
+        left = left + 1
+        table.insert(out, room)
+        table.insert(out, person)
+        table.insert(out, process)
+        table.insert(out, redis.call('HGET', base .. ':people', person) or person)
+      end
+    end
+  end
+  if left == 0 then
+    redis.call('DEL', rooms)
+    redis.call('ZREM', ARGV[1] .. ':presence', process)
+  end
+end
+return out
 """
 
 
@@ -339,6 +422,8 @@ class RedisBackend:
                 ("unleased", UNLEASED),
                 ("adopt", ADOPT),
                 ("close", CLOSE),
+                ("heartbeat", HEARTBEAT),
+                ("ghosts", GHOSTS),
             ]
         }
         self.events_channel = f"{prefix}:events"
@@ -349,6 +434,9 @@ class RedisBackend:
         self._pubsub = redis.pubsub()
         self._pending: list[str] = []  # queued operations, 6 strings each
         self._sending = 0  # operations in the batch being sent
+        self._queued = 0  # operations queued since the start, and sent
+        self._sent = 0
+        self._settling: list[tuple[int, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._started: asyncio.Future[None] | None = None
@@ -422,13 +510,34 @@ class RedisBackend:
         if len(self._pending) >= MAX_PENDING * 6:
             self._drop_tokens()
         self._pending.extend(op)
+        self._queued += 1
         self._wake.set()
+
+    async def settle(self) -> None:
+        """Wait until every operation queued so far has been applied in Redis."""
+        if self._sent >= self._queued:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._settling.append((self._queued, future))
+        await future
+
+    def _settled(self) -> None:
+        waiting = []
+        for target, future in self._settling:
+            if target <= self._sent:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                waiting.append((target, future))
+        self._settling = waiting
 
     def _drop_tokens(self) -> None:
         ops = self._pending
         kept = [ops[i : i + 6] for i in range(0, len(ops), 6) if ops[i] != "token"]
-        log.error("Redis unreachable: dropping %d queued tokens", len(ops) // 6 - len(kept))
+        dropped = len(ops) // 6 - len(kept)
+        log.error("Redis unreachable: dropping %d queued tokens", dropped)
         self._pending = [part for op in kept for part in op]
+        self._sent += dropped  # never sent: nobody waits for them
 
     async def _flush(self) -> None:
         """Send queued operations, in order, one script call per round trip."""
@@ -440,7 +549,10 @@ class RedisBackend:
             del self._pending[: len(batch)]
             self._sending = len(batch) // 6
             await self._send(f"{self.process}.{number}", batch)
+            self._sent += self._sending
             self._sending = 0
+            if self._settling:
+                self._settled()
 
     async def _send(self, batch_id: str, batch: list[str]) -> None:
         """Run one batch; while Redis is unreachable, retry the very same batch (the
@@ -495,11 +607,14 @@ class RedisEventBus:
 
     name = "redis"
 
-    def __init__(self, backend: RedisBackend) -> None:
+    def __init__(self, backend: RedisBackend, *, presence_seconds: float = 10.0) -> None:
         self._backend = backend
         self._hub: RoomHub | None = None
         self._listening: dict[str, int] = {}  # room -> newest event id delivered here
         self._background: set[asyncio.Task[None]] = set()
+        self.presence_ms = int(presence_seconds * 1000)
+        self._entered: dict[str, dict[str, str]] = {}  # room -> person -> name, here
+        self._presence: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -510,8 +625,16 @@ class RedisEventBus:
         self._backend.on_events = self._received
         self._backend.on_reconnect = self._repair_all
         await self._backend.start()
+        await self._heartbeat()
+        self._presence = asyncio.create_task(self._keep_presence(), name="broker presence")
 
     async def aclose(self) -> None:
+        if self._presence is not None:
+            self._presence.cancel()
+            await asyncio.wait([self._presence], timeout=5)
+        for room_id, people in list(self._entered.items()):  # they leave with us
+            for person, name in list(people.items()):
+                self.exit(room_id, {"id": person, "name": name})
         await self._backend.aclose()
 
     def publish(self, room_id: str, frame: Frame) -> None:
@@ -529,6 +652,60 @@ class RedisEventBus:
             self._backend.queue("end", room_id, body, frame["generation_id"], "", "")
         else:
             self._backend.queue("event", room_id, body, "", "", "")
+
+    def signal(self, room_id: str, frame: Frame) -> None:
+        self._backend.queue("signal", room_id, protocol.encode(frame), "", "", "")
+
+    async def settle(self) -> None:
+        await self._backend.settle()
+
+    def enter(self, room_id: str, person: dict[str, str]) -> None:
+        self._entered.setdefault(room_id, {})[person["id"]] = person["name"]
+        self._queue_enter(room_id, person["id"], person["name"])
+
+    def _queue_enter(self, room_id: str, person: str, name: str) -> None:
+        join = protocol.presence_frame("join", {"id": person, "name": name})
+        body = protocol.encode(join)[1:]
+        self._backend.queue("enter", room_id, body, person, name, self._backend.process)
+
+    def exit(self, room_id: str, person: dict[str, str]) -> None:
+        people = self._entered.get(room_id, {})
+        people.pop(person["id"], None)
+        if not people:
+            self._entered.pop(room_id, None)
+        self._queue_exit(room_id, person, self._backend.process)
+
+    def _queue_exit(self, room_id: str, person: dict[str, str], process: str) -> None:
+        body = protocol.encode(protocol.presence_frame("leave", person))[1:]
+        self._backend.queue("exit", room_id, body, person["id"], process, "")
+
+    async def _keep_presence(self) -> None:
+        """Keep this process marked alive, and make the people of dead ones leave."""
+        while True:
+            await asyncio.sleep(self.presence_ms / 3000)
+            try:
+                await self._heartbeat()
+                await self._exit_ghosts()
+            except RedisError as exc:
+                log.error("keeping presence failed: %s", exc)
+
+    async def _heartbeat(self) -> None:
+        backend = self._backend
+        alive = await backend.scripts["heartbeat"](
+            args=[backend.prefix, backend.process, self.presence_ms]
+        )
+        if not alive:  # away too long: our people may have been swept; enter them again
+            for room_id, people in self._entered.items():
+                for person, name in people.items():
+                    self._queue_enter(room_id, person, name)
+
+    async def _exit_ghosts(self) -> None:
+        backend = self._backend
+        found = await backend.scripts["ghosts"](args=[backend.prefix])
+        for i in range(0, len(found), 4):
+            room, person, process, name = (part.decode() for part in found[i : i + 4])
+            log.info("room %s: %s left with process %s, which stopped", room, person, process)
+            self._queue_exit(room, {"id": person, "name": name}, process)
 
     async def listen(self, room_id: str) -> None:
         if room_id in self._listening:
@@ -561,6 +738,9 @@ class RedisEventBus:
                 continue  # no client of that room here
             if lines[i] == b"c":
                 self._hub.close_room(room_id, protocol.decode(lines[i + 2].decode()))
+                continue
+            if lines[i] == b"s":  # a signal: not numbered
+                self._hub.deliver(room_id, Event.decode(lines[i + 2]))
                 continue
             event = Event.decode(lines[i + 2])
             event_id = event.event_id
@@ -600,9 +780,13 @@ class RedisEventBus:
                 self._hub.deliver(room_id, event)
 
     async def position(self, room_id: str) -> Position:
-        seq, begun, ended, generation, message, seqno, text = await self._backend.call(
+        seq, begun, ended, generation, message, seqno, text, people = await self._backend.call(
             "position", self._backend.prefix, room_id
         )
+        members = [
+            {"id": people[i].decode(), "name": people[i + 1].decode()}
+            for i in range(0, len(people), 2)
+        ]
         live = None
         if generation is not None:
             live = {
@@ -611,7 +795,7 @@ class RedisEventBus:
                 "seq": int(seqno),
                 "text": (text or b"").decode(),
             }
-        return Position(int(seq), live, int(begun), int(ended))
+        return Position(int(seq), live, int(begun), int(ended), members)
 
     async def changes(self, room_id: str) -> tuple[int, int]:
         backend = self._backend

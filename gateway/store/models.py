@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -77,8 +78,9 @@ class Room(Base):
     context_tokens: Mapped[int | None] = mapped_column(Integer)
     active_leaf_id: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Last activity (a message, an answer, a branch selected, a setting changed).
     updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow, index=True
     )
     # Access (enforced only when the gateway has API keys): the key that created the
     # room; a private room is visible to its owner and granted keys only; a secret
@@ -154,21 +156,43 @@ class Message(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Who wrote it: a user message's sender (see gateway.people); an answer's model
+    # (no id). Null on messages stored before authors were recorded.
+    author_id: Mapped[str | None] = mapped_column(String(64))
+    author_name: Mapped[str | None] = mapped_column(String(200))
+    # Hidden by the room's owner: kept, but its content is served to nobody else.
+    hidden: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
 
-    def to_dict(self, siblings: list[str] | None = None) -> dict[str, Any]:
+    @property
+    def author(self) -> dict[str, Any]:
+        """``{"id", "name", "kind"}``: ``user`` (its sender) or ``model`` (an answer)."""
+        if self.role == "assistant":
+            model = (self.params or {}).get("model") or self.author_name
+            return {"id": f"model:{model}", "name": model, "kind": "model"}
+        return {"id": self.author_id, "name": self.author_name, "kind": "user"}
+
+    def to_dict(
+        self, siblings: list[str] | None = None, *, reveal_hidden: bool = False
+    ) -> dict[str, Any]:
+        """The message as clients see it: a hidden one without its content, unless
+        ``reveal_hidden`` (the room owner's REST view)."""
+        hidden = bool(self.hidden)
         data: dict[str, Any] = {
             "id": self.id,
             "room_id": self.room_id,
             "role": self.role,
-            "content": self.content,
+            "content": "" if hidden and not reveal_hidden else self.content,
             "status": self.status,
             "parent_id": self.parent_id,
             "client_id": self.client_id,
+            "author": self.author,
+            "hidden": hidden,
             "created_at": isoformat(self.created_at),
+            "siblings": siblings if siblings is not None else [self.id],
         }
         if self.role == "assistant":
             params = self.params or {}
@@ -180,7 +204,6 @@ class Message(Base):
                 finish_reason=self.finish_reason,
                 usage=self.usage,
                 error=self.error,
-                siblings=siblings if siblings is not None else [self.id],
             )
         return data
 
@@ -190,4 +213,6 @@ MESSAGE_COLUMNS = tuple(c.key for c in Message.__table__.columns)
 
 def message_row(message: Message) -> dict[str, Any]:
     """A message's column values, for bulk inserts (see :mod:`gateway.store.writer`)."""
-    return {key: getattr(message, key) for key in MESSAGE_COLUMNS}
+    row = {key: getattr(message, key) for key in MESSAGE_COLUMNS}
+    row["hidden"] = bool(row["hidden"])  # a column default applies only on flush
+    return row

@@ -32,9 +32,10 @@ class MessageStore:
     async def rooms(
         self, *, limit: int, offset: int, visible_to: str | None = None
     ) -> Sequence[Room]:
-        """Rooms, oldest first. With ``visible_to`` (a key name, access enforced),
-        only public rooms and the private ones that key owns or was granted."""
-        query = select(Room).order_by(Room.created_at, Room.id).limit(limit).offset(offset)
+        """Rooms, the last active first. With ``visible_to`` (a key name, access
+        enforced), only public rooms and the private ones that key owns or was granted."""
+        order = (Room.updated_at.desc(), Room.id)
+        query = select(Room).order_by(*order).limit(limit).offset(offset)
         if visible_to is not None:
             granted = select(RoomGrant.room_id).where(RoomGrant.key_name == visible_to)
             query = query.where(
@@ -133,10 +134,12 @@ class MessageStore:
         )
         return result.rowcount or 0
 
-    async def views(self, room_id: str, messages: list[Message]) -> list[dict]:
-        """``messages`` as wire dicts, each assistant message with its siblings."""
+    async def views(
+        self, room_id: str, messages: list[Message], *, reveal_hidden: bool = False
+    ) -> list[dict]:
+        """``messages`` as wire dicts, each with its siblings (its versions)."""
         siblings = await self.siblings(room_id, messages)
-        return [m.to_dict(siblings.get(m.id)) for m in messages]
+        return [m.to_dict(siblings.get(m.id), reveal_hidden=reveal_hidden) for m in messages]
 
     async def message_view(self, message: Message) -> dict:
         siblings = await self.siblings(message.room_id, [message])

@@ -9,6 +9,7 @@ Errors are ``{"error": {"code": ..., "message": ...}}`` with a fitting status.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -22,7 +23,18 @@ from gateway import protocol
 from gateway.access import AccessControl, Client, Viewer
 from gateway.chat import ChatService
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, RateLimited, internal_error
-from gateway.protocol import MessageCreate, RegenerateBody, RoomCreate, RoomUpdate, parse_body
+from gateway.generations import Started
+from gateway.people import Person, identify
+from gateway.protocol import (
+    EditBody,
+    HideBody,
+    MessageCreate,
+    RegenerateBody,
+    RoomCreate,
+    RoomUpdate,
+    TypingBody,
+    parse_body,
+)
 from gateway.rooms import RoomService
 from gateway.transports import sse
 from gateway.transports.guard import sender_of, viewer_of
@@ -110,12 +122,24 @@ async def delete_room(request: Request) -> Response:
 
 
 async def list_messages(request: Request) -> Response:
-    messages = await _rooms(request).messages(request.path_params["room_id"], _viewer(request))
+    """The active branch; ``?include_hidden=true`` (the owner only): with the content
+    of hidden messages."""
+    raw = request.query_params.get("include_hidden", "false")
+    if raw not in ("true", "false"):
+        raise BadRequest("include_hidden must be true or false", code="invalid_query")
+    messages = await _rooms(request).messages(
+        request.path_params["room_id"], _viewer(request), include_hidden=raw == "true"
+    )
     return JSON({"messages": messages})
 
 
 def wants_event_stream(request: Request) -> bool:
     return "text/event-stream" in request.headers.get("accept", "")
+
+
+def _person(request: Request) -> Person:
+    """Who is asking, from ``?name=`` and ``?user=`` (see :mod:`gateway.people`)."""
+    return identify(_viewer(request), request.query_params)
 
 
 async def post_message(request: Request) -> Response:
@@ -124,20 +148,55 @@ async def post_message(request: Request) -> Response:
     chat = await _room_chat(request)
     room_id = request.path_params["room_id"]
     body = parse_body(MessageCreate, await read_body(request))
-    if not wants_event_stream(request):
-        message, started = await chat.sending.send(
-            room_id, body.content, body.id, sender_of(request.scope)
+    author = _person(request)
+
+    def send() -> Awaitable[tuple[dict[str, Any], Started | None]]:
+        return chat.sending.send(room_id, body.content, body.id, sender_of(request.scope), author)
+
+    return await _answered(request, chat, send)
+
+
+async def edit_message(request: Request) -> Response:
+    """Send a new version of a user message (a new branch) and answer it: streamed or
+    202, as :func:`post_message`."""
+    chat = await _room_chat(request)
+    room_id, message_id = request.path_params["room_id"], request.path_params["message_id"]
+    body = parse_body(EditBody, await read_body(request))
+    author = _person(request)
+
+    def edit() -> Awaitable[tuple[dict[str, Any], Started | None]]:
+        return chat.sending.edit(
+            room_id,
+            message_id,
+            body.content,
+            author=author,
+            viewer=_viewer(request),
+            client_id=body.id,
+            sender=sender_of(request.scope),
         )
+
+    return await _answered(request, chat, edit)
+
+
+async def _answered(
+    request: Request,
+    chat: ChatService,
+    store: Callable[[], Awaitable[tuple[dict[str, Any], Started | None]]],
+) -> Response:
+    """Run ``store`` (a send or an edit: a user message and the generation answering
+    it) and answer: the generation as an event stream with ``Accept:
+    text/event-stream``, else 202 with the ids; 200 for a retry (nothing new)."""
+    if not wants_event_stream(request):
+        message, started = await store()
         if started is None:
             return JSON({"message": message, "duplicate": True})
         return JSON({"message": message, **asdict(started)}, status_code=202)
     # Subscribe first: the message and the answer's first tokens are published while
-    # send() runs.
+    # it is stored.
+    room_id = request.path_params["room_id"]
     subscriber = await chat.joining.watch(room_id, _viewer(request))
     try:
-        message, started = await chat.sending.send(
-            room_id, body.content, body.id, sender_of(request.scope)
-        )
+        message, started = await store()
     except BaseException:
         chat.joining.leave(subscriber)
         raise
@@ -146,6 +205,32 @@ async def post_message(request: Request) -> Response:
         return JSON({"message": message, "duplicate": True})
     only = GenerationFilter(started, message["id"])
     return event_stream(chat, subscriber, only=only)
+
+
+async def hide_message(request: Request) -> Response:
+    """The room owner hides a message from the room (``{"hidden": false}``: shows it)."""
+    room_id, message_id = request.path_params["room_id"], request.path_params["message_id"]
+    body = parse_body(HideBody, await read_body(request), optional=True)
+    chat = await _room_chat(request)
+    message = await chat.sending.hide(room_id, message_id, body.hidden, _viewer(request))
+    return JSON({"message": message})
+
+
+async def typing(request: Request) -> Response:
+    """The caller is typing (``{"active": false}``: stopped); for clients without a
+    WebSocket. Announced to the room as over one (throttled, never stored)."""
+    body = parse_body(TypingBody, await read_body(request), optional=True)
+    chat = await _room_chat(request)
+    chat.presence.typing(request.path_params["room_id"], _person(request), body.active)
+    return Response(status_code=204)
+
+
+async def info(request: Request) -> Response:
+    """What a client needs to know of this gateway: the model that answers when a
+    room names none, and whether API keys are in use."""
+    chat: ChatService = request.state.chat
+    access: AccessControl = request.state.access
+    return JSON({"default_model": chat.sending.defaults.model, "access": access.enabled})
 
 
 async def regenerate(request: Request) -> Response:
@@ -227,6 +312,7 @@ routes = [
     Route("/healthz", healthz),
     Route("/readyz", readyz),
     Route("/api/tokens", create_token, methods=["POST"]),
+    Route("/api/info", info, methods=["GET"]),
     Route("/api/rooms", list_rooms, methods=["GET"]),
     Route("/api/rooms", create_room, methods=["POST"]),
     Route("/api/rooms/{room_id:id}", get_room, methods=["GET"]),
@@ -235,6 +321,9 @@ routes = [
     Route("/api/rooms/{room_id:id}/messages", list_messages, methods=["GET"]),
     Route(f"{MESSAGE}/regenerate", regenerate, methods=["POST"]),
     Route(f"{MESSAGE}/select", select, methods=["POST"]),
+    Route(f"{MESSAGE}/edit", edit_message, methods=["POST"]),
+    Route(f"{MESSAGE}/hide", hide_message, methods=["POST"]),
+    Route(f"{ROOM}/typing", typing, methods=["POST"]),
     Route(f"{ROOM}/generations/{{generation_id:id}}/cancel", cancel, methods=["POST"]),
     *sse.routes,
 ]

@@ -35,6 +35,7 @@ from gateway import protocol
 from gateway.chat import ChatService
 from gateway.generations import Started
 from gateway.hub import Event, SlowConsumer, Subscriber
+from gateway.people import identify
 from gateway.protocol import Frame
 from gateway.transports import ABORT_EXTENSION, WIRE_EXTENSION, Wire, until_first_done
 from gateway.transports.guard import sender_of, viewer_of
@@ -257,8 +258,10 @@ async def room_events(request: Request) -> Response:
     held = contextlib.ExitStack()  # this client's connection quota, while streaming
     held.enter_context(chat.quotas.connection(sender_of(request.scope)))
     try:
+        viewer = viewer_of(request.scope)
+        person = identify(viewer, request.query_params)
         first, subscriber = await chat.joining.join(
-            request.path_params["room_id"], after, viewer_of(request.scope)
+            request.path_params["room_id"], after, viewer, person
         )
     except BaseException:
         held.close()

@@ -39,6 +39,7 @@ from gateway.errors import (
     internal_error,
 )
 from gateway.hub import Event, SlowConsumer, Subscriber
+from gateway.people import Person, identify
 from gateway.settings import Settings
 from gateway.transports import WIRE_EXTENSION, Wire, until_first_done
 from gateway.transports.guard import sender_of, viewer_of
@@ -57,7 +58,10 @@ class Connection:
         self.settings = settings
         self.room_id = room_id
         self.sender = sender_of(websocket.scope)
+        self.viewer = viewer_of(websocket.scope)
+        self.person: Person | None = None  # known once the query is checked
         self.wire: Wire | None = websocket.scope.get("extensions", {}).get(WIRE_EXTENSION)
+        self.subscriber: Subscriber | None = None
 
     async def serve(self) -> None:
         await self.websocket.accept()
@@ -70,10 +74,13 @@ class Connection:
 
     async def _serve(self) -> None:
         try:
-            after = protocol.parse_event_id(self.websocket.query_params.get("last_event_id"))
+            query = self.websocket.query_params
+            after = protocol.parse_event_id(query.get("last_event_id"))
+            self.person = identify(self.viewer, query)
             ready, subscriber = await self.chat.joining.join(
-                self.room_id, after, viewer_of(self.websocket.scope)
+                self.room_id, after, self.viewer, self.person
             )
+            self.subscriber = subscriber
         except GatewayError as exc:
             await self.websocket.send_text(protocol.encode(protocol.error_frame(exc)))
             await self.websocket.close(exc.close_code, exc.code)
@@ -188,13 +195,35 @@ class Connection:
 
     async def _dispatch(self, frame: protocol.ClientFrame) -> protocol.Frame | None:
         """Run one client frame; returns a frame for this client only, if any."""
+        person = self.person
+        assert person is not None and self.subscriber is not None
         match frame:
             case protocol.Send(content=content, id=client_id):
                 message, started = await self.chat.sending.send(
-                    self.room_id, content, client_id, self.sender
+                    self.room_id, content, client_id, self.sender, person
                 )
+                self.chat.presence.sent(self.room_id, person)
                 if started is None:
                     return {**protocol.message_frame(message, client_id), "duplicate": True}
+            case protocol.Edit(message_id=message_id, content=content, id=client_id):
+                message, started = await self.chat.sending.edit(
+                    self.room_id,
+                    message_id,
+                    content,
+                    author=person,
+                    viewer=self.viewer,
+                    client_id=client_id,
+                    sender=self.sender,
+                )
+                self.chat.presence.sent(self.room_id, person)
+                if started is None:
+                    return {**protocol.message_frame(message, client_id), "duplicate": True}
+            case protocol.Hide(message_id=message_id, hidden=hidden):
+                await self.chat.sending.hide(self.room_id, message_id, hidden, self.viewer)
+            case protocol.Typing(active=active):
+                self.chat.presence.typing(self.room_id, person, active)
+            case protocol.Rename(name=name):
+                self.person = self.chat.joining.rename(self.subscriber, name)
             case protocol.Cancel(generation_id=generation_id):
                 await self.chat.sending.cancel(self.room_id, generation_id)
             case protocol.Regenerate(message_id=message_id, temperature=temperature):
