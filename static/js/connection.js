@@ -3,7 +3,7 @@
 // gets the same frames (docs/protocol.md), and after a drop it reconnects with
 // back-off and resumes from the last event id it saw, so no text is lost or doubled.
 
-import { ApiError, api, urlToken } from "./api.js";
+import { api, urlToken } from "./api.js";
 
 const CLOSE_ROOM_GONE = 4404;
 const CLOSE_BAD_REQUEST = 4400;
@@ -194,11 +194,15 @@ export class RoomConnection {
         case "select":
           await api.post(`${message}/select`);
           break;
+        case "edit":
+          await api.post(`${message}/edit${who}`, { content: frame.content, id: frame.id });
+          break;
+        case "hide":
+          await api.post(`${message}/hide${who}`, { hidden: frame.hidden });
+          break;
         case "typing":
           await api.post(`${room}/typing${who}`, { active: frame.active ?? true });
           break;
-        default:
-          throw new ApiError(0, "not_available", `“${frame.type}” needs the WebSocket connection, which is not open`);
       }
     } catch (error) {
       if (frame.type === "typing") return; // a hint only: not worth a notice

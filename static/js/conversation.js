@@ -397,12 +397,16 @@ const authorName = (message) =>
     ? (message.author?.name ?? message.model ?? "Assistant")
     : (message.author?.name ?? "Someone");
 
-/** "30 tokens · 42 tokens/s": what is known of an ended answer. */
+// Below this, an answer came in one burst (buffered somewhere): a speed would be noise.
+const MIN_TIMED_SECONDS = 0.25;
+
+/** "30 tokens · 42 tokens/s": what is known of an ended answer; the speed only when
+ * this page saw it from `start` to `done`. */
 function answerStats(message, seconds) {
   const tokens = message.usage?.completion_tokens;
   if (tokens == null || message.status === "streaming") return "";
   const bits = [`${tokens} tokens`];
-  if (seconds > 0) bits.push(`${Math.round(tokens / seconds)} tokens/s`);
+  if (seconds >= MIN_TIMED_SECONDS) bits.push(`${Math.round(tokens / seconds)} tokens/s`);
   return bits.join(" · ");
 }
 

@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 import httpx2
-from playwright.async_api import Page, expect
+from playwright.async_api import Page, WebSocketRoute, expect
 
 from gateway.testing.fake_upstream import FakeUpstream, Scenario
 from tests.browser.conftest import PageErrors, screenshot
@@ -220,6 +220,44 @@ async def test_with_api_keys_only_the_owner_hides_and_edits_the_others(
     await expect(bob.locator("button.hide")).to_have_count(0)  # not the owner
 
 
+async def test_over_sse_edit_hide_typing_and_rename_work_too(
+    open_page: Any, gateway: Gateway, upstream: FakeUpstream
+) -> None:
+    room = await create_room(gateway)
+    alice = await open_page(f"/#/rooms/{room['id']}", name="Alice")
+
+    async def refuse(ws: WebSocketRoute) -> None:
+        await ws.close(code=1011, reason="blocked by a proxy")
+
+    bob = await open_page("/", name="Bob")
+    await bob.route_web_socket(re.compile(r".*/ws/.*"), refuse)
+    await bob.goto(f"/#/rooms/{room['id']}")
+    await expect(bob.locator("#status")).to_have_attribute("data-transport", "sse")
+    await joined(bob, 2)
+
+    await bob.locator("#input").press_sequentially("Hi")
+    await expect(alice.locator("#typing")).to_have_text("Bob is typing…")
+    upstream.script(Scenario(tokens=["One"]), Scenario(tokens=["Two"]))
+    await bob.press("#input", "Enter")
+    await expect(user_messages(alice).locator(".author")).to_have_text("Bob")
+    await expect(answers(bob).last.locator(".content")).to_have_text("One")
+
+    await user_messages(bob).locator("button.edit").click()
+    await user_messages(bob).locator(".editor textarea").fill("Hi again")
+    await user_messages(bob).locator(".editor textarea").press("Enter")
+    await expect(answers(alice).last.locator(".content")).to_have_text("Two")
+    await expect(user_messages(bob).locator(".version-count")).to_have_text("2 / 2")
+
+    await answers(bob).last.locator("button.hide").click()
+    await expect(answers(alice).last.locator(".hidden-note")).to_be_visible()
+
+    await bob.click("#rename")
+    await bob.fill("#name-form input[name=name]", "Robert")
+    await bob.click("#name-save")
+    await expect(alice.locator("#members")).to_have_attribute("title", re.compile("Robert"))
+    await expect(alice.locator("#members")).to_have_text("2 here")
+
+
 # --------------------------------------------------------------------------- smaller fixes
 
 
@@ -244,7 +282,7 @@ async def test_the_model_that_answers_and_the_answer_figures_are_shown(
     room = await create_room(gateway)
     page = await open_page(f"/#/rooms/{room['id']}")
     await expect(page.locator("#room-persona")).to_contain_text("fake-model")  # the default
-    upstream.script(Scenario(tokens=[f"w{i} " for i in range(12)], delay=0.02))
+    upstream.script(Scenario(tokens=[f"w{i} " for i in range(12)], delay=0.05))
     await send(page, "Hi")
     answer = answers(page).last
     await expect(answer).to_have_class(re.compile("status-complete"))
