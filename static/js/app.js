@@ -171,12 +171,13 @@ function since(then, now) {
   return then.toLocaleDateString([], { month: "short", day: "numeric", ...year });
 }
 
-/** A message in the open room: that room moves to the top of the list. */
+/** A message in the open room at `at`: the list is ordered by last activity again.
+ * (A replayed message may be older than what the list knows.) */
 function touchRoom(id, at) {
-  const index = rooms.findIndex((room) => room.id === id);
-  if (index === -1) return;
-  const [room] = rooms.splice(index, 1);
-  rooms.unshift({ ...room, updated_at: at });
+  const room = rooms.find((r) => r.id === id);
+  if (!room || Date.parse(room.updated_at) >= Date.parse(at)) return;
+  room.updated_at = at;
+  rooms.sort((a, b) => Date.parse(b.updated_at) - Date.parse(a.updated_at));
   drawRooms();
 }
 

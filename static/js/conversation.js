@@ -156,6 +156,7 @@ export class Conversation {
 
   /** Open the in-place editor on one of the user messages. */
   startEditing(message) {
+    this.stopEditing(); // one editor at a time
     this.editing = { id: message.id, element: this.drawEditor(message), fresh: true };
     this.dirty.add(message.id);
     this.schedule();

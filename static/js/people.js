@@ -16,7 +16,7 @@ export class People {
       case "ready":
       case "resync":
         this.you = frame.you ?? this.you;
-        this.members = new Map((frame.members ?? []).map((person) => [person.id, person.name]));
+        if (frame.members) this.members = new Map(frame.members.map((person) => [person.id, person.name]));
         this.clearTyping();
         break;
       case "resumed":

@@ -129,7 +129,8 @@ async def test_cancel_an_edit_and_an_empty_edit_cannot_be_saved(
     await user_messages(page).locator("button.edit").click()
     editor = user_messages(page).locator(".editor textarea")
     await editor.fill("   ")
-    await expect(user_messages(page).get_by_role("button", name="Save and answer again")).to_be_disabled()
+    save = user_messages(page).get_by_role("button", name="Save and answer again")
+    await expect(save).to_be_disabled()
     await editor.press("Escape")
     await expect(user_messages(page).locator(".editor")).to_have_count(0)
     await expect(user_messages(page).locator(".content")).to_have_text("Original")
@@ -186,7 +187,8 @@ async def test_hide_and_unhide_a_message(
         await expect(answers(page).last.locator(".content")).to_have_count(0)
     await screenshot(alice, "people-06-hidden")
 
-    await answers(alice).last.get_by_role("button", name="Show this message to everyone again").click()
+    unhide = answers(alice).last.get_by_role("button", name="Show this message to everyone again")
+    await unhide.click()
     for page in (alice, bob):
         await expect(answers(page).last.locator(".content")).to_have_text("Something rude")
 
