@@ -66,6 +66,7 @@ const conversation = new Conversation(
       act({ type: "regenerate", message_id: messageId, ...(temperature == null ? {} : { temperature }) }),
     onEdit: (messageId, content) => act({ type: "edit", message_id: messageId, content, id: newClientId() }),
     onHide: (messageId, hidden) => act({ type: "hide", message_id: messageId, hidden }),
+    onRead: (messageId) => readHidden(messageId),
     onReveal: (messageId) => reloadMessage(messageId),
     onChange: () => updateControls(),
     onLoadEarlier: () => loadEarlier(),
@@ -93,13 +94,26 @@ async function loadInfo() {
 
 // A hidden message made visible again comes back without its text.
 async function reloadMessage(messageId) {
+  const message = await fetchMessage(messageId, "");
+  if (message) conversation.refresh(message);
+}
+
+// The owner may read what they hid; nobody else gets its text.
+async function readHidden(messageId) {
+  const message = await fetchMessage(messageId, "?include_hidden=true");
+  if (message) conversation.peek(messageId, message.content);
+}
+
+/** A message of the open room's active branch, as the server has it now; null if
+ * it is not there (or the room changed meanwhile). */
+async function fetchMessage(messageId, query) {
   const id = roomId;
   try {
-    const { messages } = await api.get(`/api/rooms/${encodeURIComponent(id)}/messages`);
-    const message = messages.find((m) => m.id === messageId);
-    if (message && id === roomId) conversation.refresh(message);
+    const { messages } = await api.get(`/api/rooms/${encodeURIComponent(id)}/messages${query}`);
+    return (id === roomId && messages.find((m) => m.id === messageId)) || null;
   } catch (error) {
     showNotice(`Could not load the message: ${error.message}`);
+    return null;
   }
 }
 

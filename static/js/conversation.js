@@ -16,7 +16,7 @@ const STATUS_LABELS = {
 export class Conversation {
   /**
    * @param {HTMLElement} list the message list element, holding the `.empty` hint
-   * @param {{onSelect, onRegenerate, onEdit, onHide, onReveal, onChange, onLoadEarlier}} actions
+   * @param {{onSelect, onRegenerate, onEdit, onHide, onRead, onReveal, onChange, onLoadEarlier}} actions
    *   callbacks for the buttons and for a message unhidden without its text
    * @param {() => {id: string | null, owner: boolean, canHide: boolean}} viewer who is
    *   looking: their user id, whether they own the room (may edit any message) and
@@ -33,6 +33,7 @@ export class Conversation {
     this.live = null; // {generation_id, message_id, seq} of the running answer
     this.earlier = false; // the server left older messages of the branch out of `ready`
     this.editing = null; // {id, element} of the user message being edited in place
+    this.peeks = new Map(); // message id -> text of a hidden message the owner asked to read
     this.startedAt = new Map(); // generation id -> when its `start` arrived (ms)
     this.durations = new Map(); // message id -> seconds from `start` to `done` seen here
     this.dirty = new Set();
@@ -115,7 +116,16 @@ export class Conversation {
     held.hidden = hidden;
     if (hidden) held.content = "";
     else this.actions.onReveal?.(id); // the frame does not carry the text back
+    if (!hidden) this.peeks.delete(id);
     this.dirty.add(id);
+  }
+
+  /** The owner's own view of a hidden message's text. */
+  peek(id, content) {
+    if (!this.find(id)) return;
+    this.peeks.set(id, content);
+    this.dirty.add(id);
+    this.schedule();
   }
 
   /** A message as the server now has it (after `onReveal`), if it is still shown. */
@@ -183,6 +193,7 @@ export class Conversation {
     this.earlier = false;
     this.live = null;
     this.editing = null;
+    this.peeks.clear();
     this.startedAt.clear();
     this.durations.clear();
     this.placeholder = placeholder;
@@ -263,10 +274,9 @@ export class Conversation {
       parts.push(this.editing.element);
     } else if (message.hidden) {
       parts.push(el("p", "hidden-note", "Message hidden by the room owner"));
+      if (this.peeks.has(message.id)) parts.push(drawContent(this.peeks.get(message.id), "content peek"));
     } else {
-      const body = el("div", "content");
-      renderMarkdown(body, message.content || "");
-      parts.push(body);
+      parts.push(drawContent(message.content || "", "content"));
     }
 
     if (message.error && message.status !== "streaming") {
@@ -310,6 +320,11 @@ export class Conversation {
       bar.append(edit);
     }
     if (message.role === "assistant" && message.status !== "streaming") bar.append(...this.drawRegenerate(message));
+    if (canHide && message.hidden && !this.peeks.has(message.id)) {
+      const read = button("Read", "Read the hidden message (only you see it)", () => this.actions.onRead(message.id));
+      read.classList.add("read");
+      bar.append(read);
+    }
     if (canHide && message.status !== "streaming") {
       const hide = message.hidden
         ? button("Unhide", "Show this message to everyone again", () => this.actions.onHide(message.id, false))
@@ -391,6 +406,12 @@ export class Conversation {
     form.querySelector("button[type=submit]").disabled =
       this.generating || form.querySelector("textarea").value.trim() === "";
   }
+}
+
+function drawContent(markdown, className) {
+  const body = el("div", className);
+  renderMarkdown(body, markdown);
+  return body;
 }
 
 const authorName = (message) =>

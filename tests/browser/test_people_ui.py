@@ -185,7 +185,10 @@ async def test_hide_and_unhide_a_message(
             "Message hidden by the room owner"
         )
         await expect(answers(page).last.locator(".content")).to_have_count(0)
-    await screenshot(alice, "people-06-hidden")
+    await answers(bob).last.locator("button.read").click()
+    await expect(answers(bob).last.locator(".content.peek")).to_have_text("Something rude")
+    await expect(answers(alice).last.locator(".content")).to_have_count(0)  # Bob's view only
+    await screenshot(bob, "people-06-hidden")
 
     unhide = answers(alice).last.get_by_role("button", name="Show this message to everyone again")
     await unhide.click()
