@@ -55,6 +55,7 @@ let info = { default_model: null, access: null };
 let rooms = [];
 let roomId = null;
 let connection = null;
+let linkState = null; // the connection's state: connecting, connected, reconnecting, closed
 const pending = new Map(); // client id -> content of a send not yet confirmed
 
 const people = new People(() => showPeople());
@@ -376,7 +377,7 @@ function onStatus({ state, transport, inMs, reason, unauthorized }) {
     closed: `Disconnected: ${reason ?? ""}`,
   }[state];
   ui.status.textContent = text;
-  ui.status.dataset.state = state;
+  ui.status.dataset.state = linkState = state;
   ui.status.dataset.transport = transport;
 }
 
@@ -426,7 +427,7 @@ function saveName(event) {
   ui.nameDialog.close();
   showPeople();
   if (!changed || !connection) return;
-  if (ui.status.dataset.state === "closed") reopenRoom(); // refused the old name
+  if (linkState === "closed") reopenRoom(); // refused the old name
   else connection.act({ type: "rename", name });
 }
 
@@ -540,11 +541,12 @@ ui.toggleSidebar.addEventListener("click", () => {
 window.addEventListener("hashchange", route);
 // Other rooms' activity is not pushed: refresh the list when the page is looked at
 // again, and its times every minute.
-document.addEventListener("visibilitychange", () => document.hidden || loadRooms());
+document.addEventListener("visibilitychange", () => {
+  if (!document.hidden) loadRooms();
+});
 setInterval(drawRooms, 60_000);
 
 showPeople();
 if (!identity.name) await askForName(); // once, on the first visit
-await loadInfo();
-await loadRooms();
+await Promise.all([loadInfo(), loadRooms()]);
 route();

@@ -106,17 +106,16 @@ export class Conversation {
     this.schedule();
   }
 
-  setHidden({ message_id: id, hidden, message }) {
-    if (message) {
-      this.upsert(message);
-      return;
-    }
+  setHidden({ message_id: id, hidden }) {
     const held = this.find(id);
     if (!held) return;
     held.hidden = hidden;
-    if (hidden) held.content = "";
-    else this.actions.onReveal?.(id); // the frame does not carry the text back
-    if (!hidden) this.peeks.delete(id);
+    if (hidden) {
+      held.content = "";
+    } else {
+      this.peeks.delete(id);
+      this.actions.onReveal?.(id); // the frame does not carry the text back
+    }
     this.dirty.add(id);
   }
 
@@ -381,8 +380,9 @@ export class Conversation {
     save.type = "submit";
     save.setAttribute("aria-label", "Save and answer again");
     const cancel = button("Cancel", "Cancel editing", () => this.stopEditing());
-    form.append(text, el("div", "editor-actions"));
-    form.lastChild.append(save, cancel);
+    const actions = el("div", "editor-actions");
+    actions.append(save, cancel);
+    form.append(text, actions);
     form.addEventListener("submit", (event) => {
       event.preventDefault();
       if (save.disabled) return;
