@@ -427,7 +427,7 @@ const MIN_TIMED_SECONDS = 0.25;
 function answerStats(message, seconds) {
   const tokens = message.usage?.completion_tokens;
   if (tokens == null || message.status === "streaming") return "";
-  const bits = [`${tokens} tokens`];
+  const bits = [tokens === 1 ? "1 token" : `${tokens} tokens`];
   if (seconds >= MIN_TIMED_SECONDS) bits.push(`${Math.round(tokens / seconds)} tokens/s`);
   return bits.join(" · ");
 }
