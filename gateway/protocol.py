@@ -377,9 +377,15 @@ def typing_frame(person: Frame, active: bool) -> Frame:
     return frame
 
 
-def hidden_frame(message_id: str, hidden: bool) -> Frame:
-    """The room's owner hid (or showed again) a message."""
-    return {"type": "hidden", "message_id": message_id, "hidden": hidden}
+def hidden_frame(message: Frame) -> Frame:
+    """The room's owner hid (or showed again) a message: its view as everyone sees it
+    now (without its content while hidden)."""
+    return {
+        "type": "hidden",
+        "message_id": message["id"],
+        "hidden": message["hidden"],
+        "message": message,
+    }
 
 
 def message_frame(message: Frame, client_id: str | None = None) -> Frame:

@@ -28,8 +28,8 @@ from datetime import datetime
 from typing import Any
 
 from gateway import protocol
-from gateway.broker.base import EventBus
 from gateway.access import OPEN, Viewer
+from gateway.broker.base import EventBus
 from gateway.errors import BadRequest, Busy, Conflict, Forbidden, NotFound
 from gateway.generations import GenerationRegistry, Started
 from gateway.people import Person
@@ -319,15 +319,14 @@ class Sending:
                         "only the room's owner may hide a message", code="not_room_owner"
                     )
                 if message.status == "streaming":
-                    raise Conflict(
-                        "this answer is still streaming: cancel it first", code="busy"
-                    )
+                    raise Conflict("this answer is still streaming: cancel it first", code="busy")
                 message.hidden = hidden
                 await session.flush()
-                siblings = await store.siblings(room_id, [message])
-                view = message.to_dict(siblings.get(message.id), reveal_hidden=True)
+                versions = (await store.siblings(room_id, [message])).get(message.id)
+                public = message.to_dict(versions)
+                view = message.to_dict(versions, reveal_hidden=True)
             self.cache.drop(room_id)  # committed: views and prompts read it again
-            self.bus.publish(room_id, protocol.hidden_frame(message_id, hidden))
+            self.bus.publish(room_id, protocol.hidden_frame(public))
         return view
 
     async def select(self, room_id: str, message_id: str) -> list[dict[str, Any]]:
@@ -444,6 +443,4 @@ def _check_editable(room: Room, target: Message, author: Person, viewer: Viewer)
         raise BadRequest("only a user message can be edited", code="invalid_target")
     if target.author_id == author.id or (viewer.enforced and viewer.owns(room)):
         return
-    raise Forbidden(
-        "only the message's author or the room's owner may edit it", code="not_author"
-    )
+    raise Forbidden("only the message's author or the room's owner may edit it", code="not_author")

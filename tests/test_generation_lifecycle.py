@@ -15,8 +15,11 @@ async def test_cancel_sent_right_behind_send_ends_the_answer_and_frees_the_room(
     # One concurrent generation per client: a quota never given back would refuse
     # every later send of this client, in any room.
     gateway = start_gateway(max_concurrent_generations=1)
-    upstream.script(Scenario(count=200, delay=0.01))
     for _ in range(10):
+        # Each time anew: a cancel that beats the upstream request leaves its
+        # scenario queued, and the next request would take it.
+        upstream.reset()
+        upstream.script(Scenario(count=200, delay=0.01))
         room = await create_room(gateway)
         client = await connect(room["id"], gateway_=gateway)
         # Both frames in one go: the cancel arrives before the generation's task runs.
@@ -31,11 +34,11 @@ async def test_cancel_sent_right_behind_send_ends_the_answer_and_frees_the_room(
         assert [m["status"] for m in stored] == ["complete", "cancelled"]
 
         # The room, and the client's quota, are free again.
+        upstream.reset()
         upstream.script(Scenario(count=3))
         await client.send({"type": "send", "content": "again"})
         done = await client.until("done", "error")
         assert done["type"] == "done", done
-        upstream.script(Scenario(count=200, delay=0.01))
 
 
 async def test_cancel_sent_right_behind_regenerate_ends_the_new_version(

@@ -37,13 +37,13 @@ async def test_create_room_with_persona(http: Any) -> None:
     }
     fetched = (await http.get(f"/api/rooms/{room['id']}")).json()
     assert fetched["persona"] == room["persona"]
-    assert fetched["members"] == 0
+    assert fetched["members"] == [] and fetched["connections"] == 0
 
 
 async def test_list_update_and_delete_rooms(http: Any) -> None:
     ids = [(await http.post("/api/rooms", json={"name": f"r{i}"})).json()["id"] for i in range(3)]
     listed = (await http.get("/api/rooms")).json()["rooms"]
-    assert [r["id"] for r in listed] == ids
+    assert [r["id"] for r in listed] == ids[::-1]  # the last active first
     assert [r["id"] for r in (await http.get("/api/rooms?limit=1&offset=1")).json()["rooms"]] == [
         ids[1]
     ]
@@ -54,10 +54,12 @@ async def test_list_update_and_delete_rooms(http: Any) -> None:
     assert patched.status_code == 200
     assert patched.json()["name"] == "renamed"
     assert patched.json()["persona"]["temperature"] == 0.1
+    listed = (await http.get("/api/rooms")).json()["rooms"]
+    assert [r["id"] for r in listed] == [ids[0], ids[2], ids[1]]  # a change is activity
 
     assert (await http.delete(f"/api/rooms/{ids[0]}")).status_code == 204
     assert (await http.get(f"/api/rooms/{ids[0]}")).status_code == 404
-    assert [r["id"] for r in (await http.get("/api/rooms")).json()["rooms"]] == ids[1:]
+    assert [r["id"] for r in (await http.get("/api/rooms")).json()["rooms"]] == [ids[2], ids[1]]
 
 
 async def test_persona_change_applies_to_the_next_answer_and_is_broadcast(

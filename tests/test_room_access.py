@@ -247,3 +247,69 @@ async def test_a_revoked_key_gets_no_token_published_after_the_change(
     assert (await alice.until("token"))["event_id"] > changed  # the answer goes on
     await alice.send({"type": "cancel"})
     await alice.until("cancelled")
+
+
+# ------------------------------------------------------------------------- people
+
+
+async def join_as(
+    locked: Gateway, http: httpx2.AsyncClient, room_id: str, headers: dict, query: str = ""
+) -> Client:
+    url = locked.ws_url(room_id, f"?token={await token(http, headers)}{query}")
+    client = Client(await websockets.connect(url, max_size=None))
+    await client.recv()
+    return client
+
+
+async def test_with_keys_the_author_is_the_key_and_cannot_be_spoofed(
+    locked: Gateway, http: httpx2.AsyncClient, upstream: FakeUpstream
+) -> None:
+    upstream.script(Scenario(tokens=["ok"]))
+    room = await make_room(http)
+    bob = await join_as(locked, http, room["id"], BOB, "&user=alice&name=Bobby")
+    assert bob.frames[0]["you"] == {"id": "bob", "name": "Bobby"}  # ?user= is not his to set
+    carol = await join_as(locked, http, room["id"], CAROL)
+    assert carol.frames[0]["you"] == {"id": "carol", "name": "carol"}
+    await bob.send({"type": "send", "content": "hi"})
+    message = (await carol.until("message"))["message"]
+    assert message["author"] == {"id": "bob", "name": "Bobby", "kind": "user"}
+    await bob.ws.close()
+    await carol.ws.close()
+
+
+async def test_with_keys_the_owner_may_edit_and_hide_what_others_wrote_and_others_may_not(
+    locked: Gateway, http: httpx2.AsyncClient, upstream: FakeUpstream
+) -> None:
+    upstream.script(Scenario(tokens=["a1"]), Scenario(tokens=["a2"]))
+    room = await make_room(http)  # alice owns it
+    bob = await join_as(locked, http, room["id"], BOB)
+    await bob.send({"type": "send", "content": "from bob"})
+    message = (await bob.until("message"))["message"]
+    await bob.until("done")
+    rid, mid = room["id"], message["id"]
+
+    carol_edit = await http.post(
+        f"/api/rooms/{rid}/messages/{mid}/edit", json={"content": "x"}, headers=CAROL
+    )
+    assert carol_edit.status_code == 403 and carol_edit.json()["error"]["code"] == "not_author"
+    for headers in (BOB, CAROL):  # the author is not the room's owner
+        hide = await http.post(f"/api/rooms/{rid}/messages/{mid}/hide", headers=headers)
+        assert hide.status_code == 403 and hide.json()["error"]["code"] == "not_room_owner"
+        peek = await http.get(f"/api/rooms/{rid}/messages?include_hidden=true", headers=headers)
+        assert peek.status_code == 403
+
+    hide = await http.post(f"/api/rooms/{rid}/messages/{mid}/hide", headers=ALICE)
+    assert hide.status_code == 200 and hide.json()["message"]["content"] == "from bob"
+    assert (await bob.until("hidden"))["message_id"] == mid
+    for headers, content in [(BOB, ""), (ALICE, "")]:
+        listed = (await http.get(f"/api/rooms/{rid}/messages", headers=headers)).json()
+        assert listed["messages"][0]["content"] == content
+    owner_view = await http.get(f"/api/rooms/{rid}/messages?include_hidden=true", headers=ALICE)
+    assert owner_view.json()["messages"][0]["content"] == "from bob"
+
+    edit = await http.post(
+        f"/api/rooms/{rid}/messages/{mid}/edit", json={"content": "tidied"}, headers=ALICE
+    )
+    assert edit.status_code == 202
+    assert edit.json()["message"]["author"] == {"id": "alice", "name": "alice", "kind": "user"}
+    await bob.ws.close()

@@ -32,7 +32,7 @@ async def test_stalled_reader_is_dropped_and_others_get_every_token(
     # The gateway dropped the stalled client: it left the room...
     async with httpx2.AsyncClient(base_url=gateway.url) as http:
         deadline = time.monotonic() + scaled(10)
-        while (await http.get(f"/api/rooms/{room['id']}")).json()["members"] != 1:
+        while (await http.get(f"/api/rooms/{room['id']}")).json()["connections"] != 1:
             assert time.monotonic() < deadline, "stalled client still in the room"
             await asyncio.sleep(0.05)
     # ...and its TCP connection ends once the buffered bytes are read.

@@ -38,7 +38,7 @@ async def wait_closed_by_server(port: int, sock: socket.socket, within: float) -
 async def wait_members(gateway: Any, room_id: str, count: int, within: float = 10) -> None:
     async with httpx2.AsyncClient(base_url=gateway.url) as http:
         deadline = time.monotonic() + scaled(within)
-        while (await http.get(f"/api/rooms/{room_id}")).json()["members"] != count:
+        while (await http.get(f"/api/rooms/{room_id}")).json()["connections"] != count:
             assert time.monotonic() < deadline, f"room never had {count} members"
             await asyncio.sleep(0.05)
 

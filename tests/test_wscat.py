@@ -1,6 +1,7 @@
 """The README's ``wscat`` example, run with the real ``wscat`` binary::
 
-    wscat -c ws://127.0.0.1:8000/ws/rooms/ROOM_ID -x '{"type":"send","content":"Hello!"}' -w 3
+    wscat -c 'ws://127.0.0.1:8000/ws/rooms/ROOM_ID?name=Alice' \\
+        -x '{"type":"send","content":"Hello!"}' -w 3
 
 ``-x`` sends the frame once connected, ``-w 3`` waits three seconds and closes.
 Without a terminal wscat prints each received frame on its own line.
@@ -65,7 +66,7 @@ async def test_readme_wscat_example(
     frame = orjson.dumps({"type": "send", "content": "Hello! [[fake count=5 delay=0.01]]"})
 
     code, stdout, stderr = await asyncio.to_thread(
-        run_wscat, wscat, gateway.ws_url(room["id"]), frame.decode(), tmp_path
+        run_wscat, wscat, gateway.ws_url(room["id"], "?name=Alice"), frame.decode(), tmp_path
     )
 
     assert code == 0, (code, stdout, stderr)
@@ -74,7 +75,11 @@ async def test_readme_wscat_example(
     kinds = [f["type"] for f in frames]
     assert kinds[:1] == ["ready"], (kinds, stdout, stderr)
     assert frames[0]["room"]["id"] == room["id"]
+    assert frames[0]["members"] == [frames[0]["you"]]
+    assert frames[0]["you"]["name"] == "Alice"
     assert "message" in kinds
+    sent = next(f for f in frames if f["type"] == "message")
+    assert sent["message"]["author"] == {**frames[0]["you"], "kind": "user"}
     assert kinds[-1] == "done", kinds
     tokens = [f for f in frames if f["type"] == "token"]
     assert len(tokens) >= 2, kinds

@@ -98,7 +98,7 @@ class BrokerUnavailable(Unavailable):
 # Presence: ``P:room:R:holds`` has a field ``"<person> <process>"`` for each process
 # that has the person in the room, ``P:room:R:count`` how many processes that is per
 # person, ``P:room:R:people`` their names; ``P:presence:<process>`` the rooms where
-# the process has people. An enter or exit is announced (numbered, logged, published
+# the process has people (and how many). An enter or exit is announced (numbered, logged, published
 # like any event) only when it changes who is in the room, decided here, in the same
 # step as its id: so every process sees one order of joins and leaves.
 PUBLISH = """
@@ -113,13 +113,15 @@ local function presence(kind, room, person, a, b)
     local name, process = a, b
     if redis.call('HSETNX', base .. ':holds', person .. ' ' .. process, '1') == 1 then
       redis.call('HINCRBY', base .. ':count', person, 1)
-      redis.call('SADD', prefix .. ':presence:' .. process, room)
+      redis.call('HINCRBY', prefix .. ':presence:' .. process, room, 1)
     end
     if redis.call('HGET', base .. ':people', person) == name then return false end
     redis.call('HSET', base .. ':people', person, name)
     return true
   end
   if redis.call('HDEL', base .. ':holds', person .. ' ' .. a) == 0 then return false end
+  local rooms = prefix .. ':presence:' .. a
+  if redis.call('HINCRBY', rooms, room, -1) <= 0 then redis.call('HDEL', rooms, room) end
   if redis.call('HINCRBY', base .. ':count', person, -1) > 0 then return false end
   redis.call('HDEL', base .. ':count', person)
   redis.call('HDEL', base .. ':people', person)
@@ -333,6 +335,9 @@ return {live[2], redis.call('GET', base .. ':text') or ''}
 # ``ARGV``: prefix, room, final frame JSON. Every process closes its subscribers.
 CLOSE = """
 local base = ARGV[1] .. ':room:' .. ARGV[2]
+for _, field in ipairs(redis.call('HKEYS', base .. ':holds')) do
+  redis.call('HDEL', ARGV[1] .. ':presence:' .. string.match(field, ' (%S+)$'), ARGV[2])
+end
 redis.call('DEL', base .. ':meta', base .. ':log', base .. ':live', base .. ':text',
            base .. ':holds', base .. ':count', base .. ':people')
 redis.call('SREM', ARGV[1] .. ':generating', ARGV[2])
@@ -362,7 +367,7 @@ local out = {}
 for _, process in ipairs(redis.call('ZRANGEBYSCORE', ARGV[1] .. ':presence', '-inf', ms)) do
   local rooms = ARGV[1] .. ':presence:' .. process
   local left = 0
-  for _, room in ipairs(redis.call('SMEMBERS', rooms)) do
+  for _, room in ipairs(redis.call('HKEYS', rooms)) do
     local base = ARGV[1] .. ':room:' .. room
     for _, field in ipairs(redis.call('HKEYS', base .. ':holds')) do
       local person, holder = string.match(field, '^(.*) (%S+)$')
