@@ -11,6 +11,7 @@ never a gap or a duplicate.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from operator import attrgetter
 
@@ -27,6 +28,9 @@ from gateway.store.models import Room
 from gateway.store.repository import MessageStore, load_room, room_not_found
 
 log = logging.getLogger(__name__)
+
+SETTLE_SECONDS = 1.0
+"""How long a join waits for its arrival in the room to be applied by the broker."""
 
 SNAPSHOT_TRIES = 8
 """Attempts at a snapshot with no change under way before taking one anyway (a
@@ -117,8 +121,11 @@ class Joining:
             await self.authorize(room_id, viewer)
             if person is not None:
                 if self.presence.arrive(room_id, person):
-                    # So that whoever joins after this one's ready lists them.
-                    await self.bus.settle()
+                    # So that whoever joins after this one's ready lists them; not for
+                    # long if the broker is away (its join is announced when it is back).
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(SETTLE_SECONDS):
+                            await self.bus.settle()
                 subscriber.present = True
             if after is not None:
                 missed = await self.bus.replay(room_id, after)

@@ -8,7 +8,8 @@ import asyncio
 from typing import Any
 
 from gateway.testing.fake_upstream import FakeUpstream, Scenario
-from tests.conftest import Client
+from tests.conftest import Client, create_room, get_messages
+from tests.test_checks_in_rooms import INJECTION
 
 
 def names(members: list[dict[str, str]]) -> list[str]:
@@ -336,3 +337,27 @@ async def test_api_info_and_the_room_list_by_last_activity(
     await client.until("done")
     listed = [r["id"] for r in (await http.get("/api/rooms")).json()["rooms"]]
     assert listed[:2] == [older["id"], newer["id"]]
+
+
+async def test_an_edit_is_screened_and_counted_like_a_send(
+    start_gateway: Any, connect: Any, upstream: FakeUpstream
+) -> None:
+    gateway = start_gateway(checks=["prompt_injection"], rate_limit_messages="2/minute")
+    room = await create_room(gateway)
+    alice = await connect(room["id"], gateway_=gateway, query="?user=u-alice")
+    upstream.script(Scenario(tokens=["ok"]))
+    await alice.send({"type": "send", "content": "hello"})
+    message = (await alice.until("message"))["message"]
+    await alice.until("done")
+
+    await alice.send({"type": "edit", "message_id": message["id"], "content": INJECTION})
+    rejected = await alice.until("error")
+    assert (rejected["code"], rejected["rule"]) == ("input_rejected", "prompt_injection")
+
+    upstream.script(Scenario(tokens=["ok"]))
+    await alice.send({"type": "edit", "message_id": message["id"], "content": "hello again"})
+    await alice.until("done")  # the second message of two a minute
+    await alice.send({"type": "edit", "message_id": message["id"], "content": "third"})
+    assert (await alice.until("error"))["code"] == "rate_limited"
+    assert len(await get_messages(gateway, room["id"])) == 2
+    assert len(upstream.requests) == 2
