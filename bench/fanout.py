@@ -416,9 +416,10 @@ async def run_setup(setup: Setup, options: Options, workdir: Path) -> dict[str, 
         log(f"{setup.name}: upstream pid {upstream.proc.pid}, gateway pids {pids}")
         room_id = (await create_rooms(gateways[0].url, 1))[0]
 
-        joining = now()
+        joining, join_cpu = now(), [sum(g.cpu_times()) for g in gateways]
         members = await connect_members(gateways, room_id, options)
         join_s = now() - joining
+        join_cpu_s = sum(sum(g.cpu_times()) for g in gateways) - sum(join_cpu)
         failed = sum(m.connect_error is not None for m in members)
         log(f"{setup.name}: {options.members - failed}/{options.members} members ready")
         if members[0].ws is None:
@@ -430,7 +431,11 @@ async def run_setup(setup: Setup, options: Options, workdir: Path) -> dict[str, 
             await asyncio.sleep(0.5)
         log(f"{setup.name}: measured answer ({options.tokens} tokens)")
         answer = await run_answer(members, options.content, options.timeout, gateways)
-        result = {**analyse(answer, members, options.tokens), "join_s": round(join_s, 2)}
+        result = {
+            **analyse(answer, members, options.tokens),
+            "join_s": round(join_s, 2),
+            "join_cpu_s": round(join_cpu_s, 2),
+        }
         for gateway in gateways:
             if gateway.proc.poll() is not None:
                 log(f"{gateway.name} exited early:\n{gateway.log_tail()}")
@@ -490,6 +495,7 @@ COLUMNS: list[tuple[str, int, Callable[[dict[str, Any]], str]]] = [
     ("merged", 7, lambda r: f"{r['merged_frames']:,}"),
     ("gw CPU s", 8, lambda r: _f(r["gateway_cpu_s"], 2)),
     ("join s", 6, lambda r: _f(r["join_s"], 2)),
+    ("join CPU", 8, lambda r: _f(r["join_cpu_s"], 2)),
     ("lg lag p99", 10, lambda r: _f(r["loadgen_lag_ms"]["p99"])),
     ("lg CPU %", 8, lambda r: _f(r["loadgen_busy_pct"], 0)),
 ]
@@ -518,7 +524,7 @@ def format_table(results: list[dict[str, Any]], baseline: str | None) -> str:
         f"token at the first member, ms; merged: token frames carrying several tokens; "
         f"gw CPU s: all gateway processes during the answer; join s: every member "
         f"connected and given its ready (each join is announced to those already in the "
-        f"room); lg: this load generator "
+        f"room), and the gateways' CPU seconds meanwhile; lg: this load generator "
         f"(event-loop lag p99 ms, CPU % of the answer's wall time)."
     )
     for r in results:

@@ -167,3 +167,4 @@ class ChatService:
         """Stop every generation, storing its text as ``interrupted``."""
         await self.generations.shutdown()
         self.joining.shutdown()
+        self.presence.announce()  # who left as the streams ended

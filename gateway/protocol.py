@@ -361,9 +361,10 @@ def resumed_frame(room_id: str, after: int, replayed: int, you: Frame | None = N
     }
 
 
-def presence_frame(action: Literal["join", "leave"], person: Frame) -> Frame:
-    """Someone came into the room (or changed their name: ``join`` again), or left."""
-    return {"type": "presence", "action": action, "person": person}
+def presence_frame(joined: list[Frame], left: list[Frame]) -> Frame:
+    """Who came into the room (or changed their name: in ``joined`` again), and who
+    left, since the room's last ``presence`` event."""
+    return {"type": "presence", "joined": joined, "left": left}
 
 
 TYPING_SECONDS = 6

@@ -330,7 +330,7 @@ async def members(process: Process, room_id: str) -> list[dict[str, str]]:
     return sorted((await process.bus.position(room_id)).members, key=lambda m: m["id"])
 
 
-async def test_entering_announces_a_join_and_exiting_a_leave_as_logged_events(
+async def test_who_came_and_went_is_announced_as_they_are_now_in_one_logged_event(
     spawn: Spawn,
 ) -> None:
     a = await spawn()
@@ -338,21 +338,41 @@ async def test_entering_announces_a_join_and_exiting_a_leave_as_logged_events(
     member = a.join("room_1")
     a.bus.enter("room_1", ALICE)
     a.bus.enter("room_1", BOB)
+    a.bus.announce("room_1")
+    (first,) = await received(member, 1)
+    assert first["type"] == "presence" and "event_id" in first
+    assert sorted(p["id"] for p in first["joined"]) == ["u-alice", "u-bob"]
+    assert first["left"] == []
+
     a.bus.enter("room_1", ALICE)  # already in, same name: nothing to say
-    a.bus.enter("room_1", {**ALICE, "name": "Alice B."})  # a new name: join again
+    a.bus.enter("room_1", {**ALICE, "name": "Alice B."})  # a new name: joined again
     a.bus.exit("room_1", BOB)
-    a.bus.exit("room_1", BOB)  # gone already: nothing to say
-    frames = await received(member, 4)
-    assert [(f["action"], f["person"]["name"]) for f in frames] == [
-        ("join", "Alice"),
-        ("join", "Bob"),
-        ("join", "Alice B."),
-        ("leave", "Bob"),
-    ]
+    a.bus.exit("room_1", BOB)  # gone already
+    a.bus.announce("room_1")
+    a.bus.announce("room_1")  # nothing new: no event
+    a.bus.publish("room_1", event(1))
+    second, after = await received(member, 2)
+    assert (second["joined"], second["left"]) == ([{**ALICE, "name": "Alice B."}], [BOB])
+    assert after["type"] == "message"
     assert await members(a, "room_1") == [{"id": "u-alice", "name": "Alice B."}]
-    replayed = await a.bus.replay("room_1", frames[0]["event_id"])
-    assert replayed is not None
-    assert [e.frame for e in replayed] == frames[1:]
+    replayed = await a.bus.replay("room_1", first["event_id"])
+    assert replayed is not None and [e.frame for e in replayed] == [second, after]
+
+
+async def test_a_leave_and_a_join_in_between_announces_the_person_as_they_are(
+    spawn: Spawn,
+) -> None:
+    a = await spawn()
+    await a.bus.listen("room_1")
+    member = a.join("room_1")
+    a.bus.enter("room_1", ALICE)
+    a.bus.announce("room_1")
+    await received(member, 1)
+    a.bus.exit("room_1", ALICE)  # a reload: gone, and back before any announcement
+    a.bus.enter("room_1", ALICE)
+    a.bus.announce("room_1")
+    (frame,) = await received(member, 1)
+    assert (frame["joined"], frame["left"]) == ([ALICE], [])
 
 
 async def test_a_person_on_two_processes_is_one_member_until_both_exit(spawn: Spawn) -> None:
@@ -364,15 +384,19 @@ async def test_a_person_on_two_processes_is_one_member_until_both_exit(spawn: Sp
     await a.bus.settle()
     await b.bus.settle()  # applied: seen by every process
     assert await members(a, "room_1") == [ALICE]
-    assert (await received(member, 1))[0]["action"] == "join"
+    b.bus.announce("room_1")  # any process may announce what any other changed
+    assert (await received(member, 1))[0]["joined"] == [ALICE]
+
     a.bus.exit("room_1", ALICE)
+    a.bus.announce("room_1")
     await a.bus.settle()
     b.bus.publish("room_1", event(1))
     assert (await received(member, 1))[0]["type"] == "message"  # no leave before it
     assert await members(a, "room_1") == [ALICE]  # still in, through b
     b.bus.exit("room_1", ALICE)
+    b.bus.announce("room_1")
     left = (await received(member, 1))[0]
-    assert (left["action"], left["person"]) == ("leave", ALICE)
+    assert (left["joined"], left["left"]) == ([], [ALICE])
     assert await members(a, "room_1") == []
 
 

@@ -3,6 +3,7 @@ sockets (a real in-memory event bus and hub; a clock the test moves)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -87,36 +88,63 @@ def test_names_may_hold_any_script_and_emoji_sequences() -> None:
 # ----------------------------------------------------------------------- presence
 
 
-async def test_a_person_joins_on_their_first_connection_and_leaves_with_their_last(
+def changes(subscriber: Subscriber) -> list[tuple[list[str], list[str]]]:
+    """(joined, left) names of each ``presence`` event delivered."""
+    return [
+        ([p["name"] for p in f["joined"]], [p["name"] for p in f["left"]])
+        for f in frames(subscriber)
+    ]
+
+
+async def test_a_person_is_in_from_their_first_connection_to_their_last(
     bus: MemoryEventBus,
 ) -> None:
-    presence, room = Presence(bus), watch(bus)
+    presence, room = Presence(bus, announce_every=3600), watch(bus)
     assert presence.arrive("room_1", ALICE) is True
     assert presence.arrive("room_1", ALICE) is False  # a second tab
+    assert (await bus.position("room_1")).members == [ALICE.view()]  # at once
     presence.depart("room_1", ALICE)
-    (joined,) = frames(room)
-    assert (joined["action"], joined["person"]) == ("join", ALICE.view())
-    assert "event_id" in joined  # logged: a resuming client gets it
     assert (await bus.position("room_1")).members == [ALICE.view()]
+    presence.announce()
+    (joined,) = frames(room)
+    assert joined["joined"] == [ALICE.view()] and "event_id" in joined  # logged
     presence.depart("room_1", ALICE)
-    assert [f["action"] for f in frames(room)] == ["leave"]
     assert (await bus.position("room_1")).members == []
+    presence.announce()
+    assert changes(room) == [([], ["Alice"])]
 
 
-async def test_a_new_name_is_announced_as_a_join_and_kept_for_the_leave(
+async def test_comings_and_goings_are_announced_together_a_moment_later(
     bus: MemoryEventBus,
 ) -> None:
-    presence, room = Presence(bus), watch(bus)
+    presence, room = Presence(bus, announce_every=0.05), watch(bus)
+    bob = Person("u-bob", "Bob")
     presence.arrive("room_1", ALICE)
+    presence.arrive("room_1", bob)
+    presence.arrive("room_2", bob)
+    assert frames(room) == []
+    await asyncio.sleep(0.1)
+    assert changes(room) == [(["Alice", "Bob"], [])]
+    presence.depart("room_1", bob)  # a reload: gone and back before the announcement
+    presence.arrive("room_1", bob)
+    presence.depart("room_1", ALICE)
+    await asyncio.sleep(0.1)
+    assert changes(room) == [(["Bob"], ["Alice"])]
+
+
+async def test_a_new_name_is_announced_as_joined_again_and_kept_for_the_leave(
+    bus: MemoryEventBus,
+) -> None:
+    presence, room = Presence(bus, announce_every=3600), watch(bus)
+    presence.arrive("room_1", ALICE)
+    presence.announce()
     renamed = Person(ALICE.id, "Alice B.")
     presence.rename("room_1", renamed)
-    presence.rename("room_1", renamed)  # no change: nothing said
+    presence.rename("room_1", renamed)  # no change
+    presence.announce()
     presence.depart("room_1", ALICE)  # the connection still holds the old Person
-    assert [(f["action"], f["person"]["name"]) for f in frames(room)] == [
-        ("join", "Alice"),
-        ("join", "Alice B."),
-        ("leave", "Alice B."),
-    ]
+    presence.announce()
+    assert changes(room) == [(["Alice"], []), (["Alice B."], []), ([], ["Alice B."])]
 
 
 async def test_typing_is_announced_once_per_interval_and_a_stop_only_after_a_start(

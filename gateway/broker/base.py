@@ -92,12 +92,13 @@ class EventBus(Protocol):
     - **never awaits to publish**: :meth:`publish` (and the end of :meth:`changing`)
       only enqueue, so a generation publishes a token without waiting for anything;
     - **presence**: a person is in a room while some process has :meth:`enter`\\ ed
-      them and not :meth:`exit`\\ ed them; the room's ``presence`` events (``join`` when
-      the first process enters them or their name changes, ``leave`` when the last
-      exits) are logged events like the others, in the same order on every process,
-      and :attr:`Position.members` is read in the same step as the newest id. The
-      people a process entered leave when it stops, or, if it dies, within about
-      ``presence_seconds`` (no ghosts);
+      them and not :meth:`exit`\\ ed them (:attr:`Position.members`). Who came in (the
+      first process entered them, or their name changed) and who left (the last one
+      exited) is noted, and :meth:`announce` publishes what was noted as one
+      ``presence`` event, a logged event like the others: each person in it as they
+      are at that moment, so however the changes of several processes interleave, the
+      last event is right. The people a process entered leave when it stops, or, if
+      it dies, within about ``presence_seconds`` (no ghosts);
     - **signals** (:meth:`signal`: typing) reach the room's subscribers on every
       process like events, but are neither numbered nor logged: a client that was
       away never gets them.
@@ -135,13 +136,18 @@ class EventBus(Protocol):
         ...
 
     def enter(self, room_id: str, person: dict[str, str]) -> None:
-        """This process has ``person`` (``{"id", "name"}``) in the room: announce
-        ``join`` unless they were in it already under that name; never awaits."""
+        """This process has ``person`` (``{"id", "name"}``) in the room (noted as
+        joined unless they were in it already under that name); never awaits."""
         ...
 
     def exit(self, room_id: str, person: dict[str, str]) -> None:
-        """This process no longer has ``person`` in the room: announce ``leave`` if
-        no other process has them; never awaits."""
+        """This process no longer has ``person`` in the room (noted as left if no
+        other process has them); never awaits."""
+        ...
+
+    def announce(self, room_id: str) -> None:
+        """Publish the room's noted comings and goings, if any, as one ``presence``
+        event; never awaits."""
         ...
 
     async def listen(self, room_id: str) -> None:

@@ -39,6 +39,13 @@ class LiveAnswer:
         }
 
 
+def presence_of(people: dict[str, str], changed: dict[str, str]) -> Frame:
+    """The ``presence`` event for the ``changed`` people, as they are now."""
+    joined = [{"id": id_, "name": people[id_]} for id_ in changed if id_ in people]
+    left = [{"id": id_, "name": name} for id_, name in changed.items() if id_ not in people]
+    return protocol.presence_frame(joined, left)
+
+
 class MemoryEventBus:
     """One process's rooms: an event log and live answers in dicts."""
 
@@ -50,6 +57,7 @@ class MemoryEventBus:
         self._hub: RoomHub | None = None
         self.live: dict[str, LiveAnswer] = {}  # room -> its running answer
         self.people: dict[str, dict[str, str]] = {}  # room -> person id -> name
+        self.changed: dict[str, dict[str, str]] = {}  # room -> who came or went -> name
 
     async def start(self, hub: RoomHub) -> None:
         self._hub = hub
@@ -83,14 +91,20 @@ class MemoryEventBus:
         people = self.people.setdefault(room_id, {})
         if people.get(person["id"]) != person["name"]:
             people[person["id"]] = person["name"]
-            self.publish(room_id, protocol.presence_frame("join", person))
+            self.changed.setdefault(room_id, {})[person["id"]] = person["name"]
 
     def exit(self, room_id: str, person: dict[str, str]) -> None:
         people = self.people.get(room_id, {})
-        if people.pop(person["id"], None) is not None:
+        name = people.pop(person["id"], None)
+        if name is not None:
             if not people:
                 del self.people[room_id]
-            self.publish(room_id, protocol.presence_frame("leave", person))
+            self.changed.setdefault(room_id, {})[person["id"]] = name
+
+    def announce(self, room_id: str) -> None:
+        changed = self.changed.pop(room_id, None)
+        if changed:
+            self.publish(room_id, presence_of(self.people.get(room_id, {}), changed))
 
     async def settle(self) -> None:
         pass  # published is applied
@@ -125,6 +139,7 @@ class MemoryEventBus:
         self.log.drop(room_id)
         self.live.pop(room_id, None)
         self.people.pop(room_id, None)
+        self.changed.pop(room_id, None)
 
     def prune(self) -> None:
         self.log.prune()

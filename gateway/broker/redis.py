@@ -88,7 +88,7 @@ class BrokerUnavailable(Unavailable):
 # kind, room, frame JSON without its opening brace, then per kind:
 #   start: generation, message | token: generation, seq, text | end: generation
 #   ended: - (a change is published) | release: lease value
-#   enter: person, name, process | exit: person, process (the frame: join / leave)
+#   enter: person, name, process | exit: person, process | announce: - (no frame)
 #   signal: - (the frame's whole JSON: not numbered, not logged)
 # What a room's events change is read and written once per room and batch (its ids,
 # the live answer's generation, seq and text, the log's expiry), not once per event:
@@ -98,9 +98,10 @@ class BrokerUnavailable(Unavailable):
 # Presence: ``P:room:R:holds`` has a field ``"<person> <process>"`` for each process
 # that has the person in the room, ``P:room:R:count`` how many processes that is per
 # person, ``P:room:R:people`` their names; ``P:presence:<process>`` the rooms where
-# the process has people (and how many). An enter or exit is announced (numbered, logged, published
-# like any event) only when it changes who is in the room, decided here, in the same
-# step as its id: so every process sees one order of joins and leaves.
+# the process has people (and how many); ``P:room:R:changed`` who came or went since
+# the room's last ``presence`` event. An announce publishes one for them, each person
+# as they are now (in the room or not): so whichever process announces, and however
+# the changes of several processes interleave, the room's last event is right.
 PUBLISH = """
 local prefix, maxlen, ttl = ARGV[1], ARGV[2], ARGV[3]
 -- A batch whose reply was lost (the connection broke) is sent again: apply it once.
@@ -115,26 +116,51 @@ local function presence(kind, room, person, a, b)
       redis.call('HINCRBY', base .. ':count', person, 1)
       redis.call('HINCRBY', prefix .. ':presence:' .. process, room, 1)
     end
-    if redis.call('HGET', base .. ':people', person) == name then return false end
-    redis.call('HSET', base .. ':people', person, name)
-    return true
+    if redis.call('HGET', base .. ':people', person) ~= name then
+      redis.call('HSET', base .. ':people', person, name)
+      redis.call('HSET', base .. ':changed', person, name)
+    end
+    return
   end
-  if redis.call('HDEL', base .. ':holds', person .. ' ' .. a) == 0 then return false end
+  if redis.call('HDEL', base .. ':holds', person .. ' ' .. a) == 0 then return end
   local rooms = prefix .. ':presence:' .. a
   if redis.call('HINCRBY', rooms, room, -1) <= 0 then redis.call('HDEL', rooms, room) end
-  if redis.call('HINCRBY', base .. ':count', person, -1) > 0 then return false end
+  if redis.call('HINCRBY', base .. ':count', person, -1) > 0 then return end
+  local name = redis.call('HGET', base .. ':people', person) or person
   redis.call('HDEL', base .. ':count', person)
   redis.call('HDEL', base .. ':people', person)
-  return true
+  redis.call('HSET', base .. ':changed', person, name)
+end
+-- The presence event of who came or went in the room (the frame's JSON without its
+-- opening brace), or nil.
+local function announcement(room)
+  local base = prefix .. ':room:' .. room
+  local changed = redis.call('HGETALL', base .. ':changed')
+  if #changed == 0 then return nil end
+  redis.call('DEL', base .. ':changed')
+  local joined, left = {}, {}
+  for j = 1, #changed, 2 do
+    local name = redis.call('HGET', base .. ':people', changed[j])
+    if name then
+      table.insert(joined, cjson.encode({id = changed[j], name = name}))
+    else
+      table.insert(left, cjson.encode({id = changed[j], name = changed[j + 1]}))
+    end
+  end
+  return '"type":"presence","joined":[' .. table.concat(joined, ',') .. '],"left":[' ..
+    table.concat(left, ',') .. ']}'
 end
 local rooms = {}  -- room -> what this batch does to it
-local announced = {}  -- the enter and exit operations that change who is in a room
+local bodies = {}  -- announce operation -> its event, if it has one
 for i = 5, #ARGV, 6 do
   local kind, room = ARGV[i], ARGV[i + 1]
   local numbered = kind ~= 'ended' and kind ~= 'release' and kind ~= 'signal'
   if kind == 'enter' or kind == 'exit' then
-    numbered = presence(kind, room, ARGV[i + 3], ARGV[i + 4], ARGV[i + 5])
-    announced[i] = numbered
+    presence(kind, room, ARGV[i + 3], ARGV[i + 4], ARGV[i + 5])
+    numbered = false
+  elseif kind == 'announce' then
+    bodies[i] = announcement(room)
+    numbered = bodies[i] ~= nil
   end
   if numbered then
     local r = rooms[room]
@@ -172,7 +198,7 @@ for i = 5, #ARGV, 6 do
     table.insert(out, 's')
     table.insert(out, room)
     table.insert(out, ARGV[i + 2])
-  elseif announced[i] ~= false then
+  elseif kind ~= 'enter' and kind ~= 'exit' and (kind ~= 'announce' or bodies[i]) then
     local r = rooms[room]
     if (kind == 'token' or kind == 'start' or kind == 'end') and r.g == nil then
       r.g = redis.call('HGET', base .. ':live', 'g') or false
@@ -194,7 +220,7 @@ for i = 5, #ARGV, 6 do
     end
     local id = string.format('%d', r.next)
     r.next = r.next + 1
-    local payload = '{"event_id":' .. id .. ',' .. ARGV[i + 2]
+    local payload = '{"event_id":' .. id .. ',' .. (bodies[i] or ARGV[i + 2])
     redis.call('XADD', base .. ':log', 'MAXLEN', maxlen, id .. '-0', 'e', payload)
     table.insert(out, 'e')
     table.insert(out, room)
@@ -339,7 +365,7 @@ for _, field in ipairs(redis.call('HKEYS', base .. ':holds')) do
   redis.call('HDEL', ARGV[1] .. ':presence:' .. string.match(field, ' (%S+)$'), ARGV[2])
 end
 redis.call('DEL', base .. ':meta', base .. ':log', base .. ':live', base .. ':text',
-           base .. ':holds', base .. ':count', base .. ':people')
+           base .. ':holds', base .. ':count', base .. ':people', base .. ':changed')
 redis.call('SREM', ARGV[1] .. ':generating', ARGV[2])
 redis.call('PUBLISH', ARGV[1] .. ':events', 'c\\n' .. ARGV[2] .. '\\n' .. ARGV[3])
 return 0
@@ -358,7 +384,7 @@ return was ~= false and tonumber(was) >= ms
 """
 
 # ``ARGV``: prefix. The people that processes no longer alive still have in rooms:
-# room, person, process, name; each to be exited (by whichever live process asks:
+# room, person, process; each to be exited (by whichever live process asks:
 # an exit applies once). A dead process with none left is forgotten.
 GHOSTS = """
 local now = redis.call('TIME')
@@ -376,7 +402,6 @@ for _, process in ipairs(redis.call('ZRANGEBYSCORE', ARGV[1] .. ':presence', '-i
         table.insert(out, room)
         table.insert(out, person)
         table.insert(out, process)
-        table.insert(out, redis.call('HGET', base .. ':people', person) or person)
       end
     end
   end
@@ -640,6 +665,7 @@ class RedisEventBus:
         for room_id, people in list(self._entered.items()):  # they leave with us
             for person, name in list(people.items()):
                 self.exit(room_id, {"id": person, "name": name})
+            self.announce(room_id)
         await self._backend.aclose()
 
     def publish(self, room_id: str, frame: Frame) -> None:
@@ -666,23 +692,19 @@ class RedisEventBus:
 
     def enter(self, room_id: str, person: dict[str, str]) -> None:
         self._entered.setdefault(room_id, {})[person["id"]] = person["name"]
-        self._queue_enter(room_id, person["id"], person["name"])
-
-    def _queue_enter(self, room_id: str, person: str, name: str) -> None:
-        join = protocol.presence_frame("join", {"id": person, "name": name})
-        body = protocol.encode(join)[1:]
-        self._backend.queue("enter", room_id, body, person, name, self._backend.process)
+        self._backend.queue(
+            "enter", room_id, "", person["id"], person["name"], self._backend.process
+        )
 
     def exit(self, room_id: str, person: dict[str, str]) -> None:
         people = self._entered.get(room_id, {})
         people.pop(person["id"], None)
         if not people:
             self._entered.pop(room_id, None)
-        self._queue_exit(room_id, person, self._backend.process)
+        self._backend.queue("exit", room_id, "", person["id"], self._backend.process, "")
 
-    def _queue_exit(self, room_id: str, person: dict[str, str], process: str) -> None:
-        body = protocol.encode(protocol.presence_frame("leave", person))[1:]
-        self._backend.queue("exit", room_id, body, person["id"], process, "")
+    def announce(self, room_id: str) -> None:
+        self._backend.queue("announce", room_id, "", "", "", "")
 
     async def _keep_presence(self) -> None:
         """Keep this process marked alive, and make the people of dead ones leave."""
@@ -702,15 +724,20 @@ class RedisEventBus:
         if not alive:  # away too long: our people may have been swept; enter them again
             for room_id, people in self._entered.items():
                 for person, name in people.items():
-                    self._queue_enter(room_id, person, name)
+                    self.enter(room_id, {"id": person, "name": name})
+                self.announce(room_id)
 
     async def _exit_ghosts(self) -> None:
         backend = self._backend
         found = await backend.scripts["ghosts"](args=[backend.prefix])
-        for i in range(0, len(found), 4):
-            room, person, process, name = (part.decode() for part in found[i : i + 4])
+        rooms = set()
+        for i in range(0, len(found), 3):
+            room, person, process = (part.decode() for part in found[i : i + 3])
             log.info("room %s: %s left with process %s, which stopped", room, person, process)
-            self._queue_exit(room, {"id": person, "name": name}, process)
+            backend.queue("exit", room, "", person, process, "")
+            rooms.add(room)
+        for room in rooms:
+            self.announce(room)
 
     async def listen(self, room_id: str) -> None:
         if room_id in self._listening:

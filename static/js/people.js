@@ -1,6 +1,7 @@
 // Who is in the open room and who is typing, from `ready`, `presence`, `typing` and
-// `message` frames (docs/protocol.md). Presence frames may repeat (a rename is a join
-// for an id already listed, a replay may bring one twice): everything is keyed by id.
+// `message` frames (docs/protocol.md). Presence events say how each person they name
+// is now, and may repeat (a rename joins an id already listed, a person listed in
+// `ready` may be announced just after it): everything is keyed by id.
 
 export class People {
   /** @param {() => void} onChange called after anything shown changed */
@@ -37,11 +38,12 @@ export class People {
     this.onChange();
   }
 
-  onPresence({ action, person }) {
-    if (action === "join") {
+  onPresence({ joined = [], left = [] }) {
+    for (const person of joined) {
       this.members.set(person.id, person.name);
       if (person.id === this.you?.id) this.you = { ...this.you, name: person.name };
-    } else if (action === "leave") {
+    }
+    for (const person of left) {
       this.members.delete(person.id);
       this.stopTyping(person.id);
     }
