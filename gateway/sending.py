@@ -203,29 +203,10 @@ class Sending:
                 history = await store.branch(target.parent_id)
                 branch = await store.views(room_id, history)
                 siblings = await store.sibling_ids(room_id, target.parent_id, "assistant")
-            async with (
-                self.generations.releasing_on_error(sender),
-                self.bus.changing(room_id) as version,
-            ):
-                planned = plan(
-                    room,
-                    history,
-                    self.defaults,
-                    generation_id=generation_id,
-                    message_id=new_id("msg"),
-                    now=utcnow(),
-                    temperature=temperature,
-                )
-                answer = planned.answer
-                await self.writer.write(
-                    WriteBatch(inserts=[message_row(answer)], leaves={room_id: answer.id})
-                )
-                room.active_leaf_id = answer.id
-                self.cache.remember(room, [*history, answer], version)
-                view = answer.to_dict([*siblings, answer.id])
-                branch.append(view)
-                self.bus.publish(room_id, protocol.branch_frame(branch, answer.id))
-                return self.generations.launch(room, generation_id, view, planned.request, sender)
+            _, started = await self._fork(
+                room, history, branch, None, siblings, generation_id, sender, temperature
+            )
+            return started
 
     async def edit(
         self,
@@ -266,43 +247,63 @@ class Sending:
                     history = await store.branch(target.parent_id)
                     branch = await store.views(room_id, history)
                     siblings = await store.sibling_ids(room_id, target.parent_id, "user")
-                async with (
-                    self.generations.releasing_on_error(sender),
-                    self.bus.changing(room_id) as version,
-                ):
-                    now = utcnow()
-                    user = _user_message(room_id, target.parent_id, content, client_id, author, now)
-                    planned = plan(
-                        room,
-                        [*history, user],
-                        self.defaults,
-                        generation_id=generation_id,
-                        message_id=new_id("msg"),
-                        now=now,
+                user = _user_message(
+                    room_id, target.parent_id, content, client_id, author, utcnow()
+                )
+                try:
+                    return await self._fork(
+                        room, history, branch, user, siblings, generation_id, sender
                     )
-                    answer = planned.answer
-                    batch = WriteBatch(
-                        inserts=[message_row(user), message_row(answer)],
-                        leaves={room_id: answer.id},
-                    )
-                    try:
-                        await self.writer.write(batch)
-                    except Conflict:
-                        if client_id is not None and (
-                            stored := await self._stored(room_id, client_id)
-                        ):
-                            return stored, None  # sent meanwhile with the same id
-                        raise
-                    room.active_leaf_id = answer.id
-                    self.cache.remember(room, [*history, user, answer], version)
-                    user_view = user.to_dict([*siblings, user.id])
-                    view = answer.to_dict([answer.id])
-                    branch += [user_view, view]
-                    self.bus.publish(room_id, protocol.branch_frame(branch, answer.id))
-                    started = self.generations.launch(
-                        room, generation_id, view, planned.request, sender
-                    )
-                    return user_view, started
+                except Conflict:
+                    if client_id is not None and (stored := await self._stored(room_id, client_id)):
+                        return stored, None  # sent meanwhile with the same id
+                    raise
+
+    async def _fork(
+        self,
+        room: Room,
+        history: list[Message],
+        branch: list[dict[str, Any]],
+        user: Message | None,
+        siblings: list[str],
+        generation_id: str,
+        sender: str,
+        temperature: float | None = None,
+    ) -> tuple[dict[str, Any], Started]:
+        """Start a new branch below ``history`` (as ``branch``, its views): the new
+        version ``user`` of a user message (an edit) if given, and a streaming answer
+        (to it, or, a regenerate, to the end of ``history``); ``siblings`` are the
+        versions the first new message adds to. Store it, make it the room's active
+        branch, publish it and launch the answer (the caller holds the room's lock and
+        lease). Returns the first new message's view and the generation."""
+        asked = [*history, user] if user is not None else history
+        async with (
+            self.generations.releasing_on_error(sender),
+            self.bus.changing(room.id) as version,
+        ):
+            planned = plan(
+                room,
+                asked,
+                self.defaults,
+                generation_id=generation_id,
+                message_id=new_id("msg"),
+                now=utcnow(),
+                temperature=temperature,
+            )
+            answer = planned.answer
+            added = [answer] if user is None else [user, answer]
+            await self.writer.write(
+                WriteBatch(inserts=[message_row(m) for m in added], leaves={room.id: answer.id})
+            )
+            room.active_leaf_id = answer.id
+            self.cache.remember(room, [*asked, answer], version)
+            views = [m.to_dict() for m in added]
+            views[0]["siblings"] = [*siblings, added[0].id]
+            self.bus.publish(room.id, protocol.branch_frame([*branch, *views], answer.id))
+            launched = self.generations.launch(
+                room, generation_id, views[-1], planned.request, sender
+            )
+            return views[0], launched
 
     async def hide(
         self, room_id: str, message_id: str, hidden: bool = True, viewer: Viewer = OPEN
