@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
@@ -104,6 +105,8 @@ class GenerationTask:
         self._stop_status = "cancelled"
         self._finishing = False
         self._running = False  # the task's body has begun
+        self._began = 0.0  # when the task's body began, and when the first token was shown
+        self._first_token_at: float | None = None
         self._exited = False  # the owner has been told
         self._task: asyncio.Task[None] | None = None
 
@@ -148,6 +151,7 @@ class GenerationTask:
 
     async def _run(self) -> None:
         self._running = True
+        self._began = time.monotonic()
         finish_reason: str | None = None
         usage: dict[str, Any] | None = None
         error: GatewayError | None = None
@@ -177,6 +181,8 @@ class GenerationTask:
                             if not text:
                                 continue
                         self.seq += 1
+                        if self.seq == 1:
+                            self._first_token_at = time.monotonic()
                         self._parts.append(text)
                         publish(room_id, protocol.token_frame(generation_id, self.seq, text))
                         if self._checks is not None and not self._hold_back:
@@ -191,6 +197,8 @@ class GenerationTask:
                 self._check_output(0, final=True)
             if self._held:  # checked whole: shown at last
                 self.seq += 1
+                if self.seq == 1:
+                    self._first_token_at = time.monotonic()
                 self._parts.append(self._held)
                 publish(room_id, protocol.token_frame(generation_id, self.seq, self._held))
                 self._held = ""
@@ -302,7 +310,18 @@ class GenerationTask:
             "status": status,
             "finish_reason": finish_reason,
             "usage": usage,
+            "timing": self._timing(),
             "error": error.to_dict() if error else INTERRUPTED if status == "interrupted" else None,
+        }
+
+    def _timing(self) -> dict[str, int | None] | None:
+        """Milliseconds from the answer's start to its first token shown, and to now."""
+        if not self._began:
+            return None  # never ran
+        first = self._first_token_at
+        return {
+            "first_token_ms": round((first - self._began) * 1000) if first is not None else None,
+            "duration_ms": round((time.monotonic() - self._began) * 1000),
         }
 
     async def _store(self, final: dict[str, Any]) -> bool:

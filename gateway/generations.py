@@ -313,6 +313,7 @@ class GenerationRegistry:
                     "content": orphan.text,
                     "status": "interrupted",
                     "finish_reason": None,
+                    "timing": None,
                     "usage": None,
                     "error": INTERRUPTED,
                 }

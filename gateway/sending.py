@@ -1,5 +1,6 @@
-"""Conversation use cases: send a message, regenerate an answer, select a branch,
-cancel the running answer.
+"""Conversation use cases: send a message, edit one (a new version of it, answered
+as a new branch), regenerate an answer, select a branch, hide a message (the room
+owner's moderation), cancel the running answer.
 
 Every change that clients see is committed first and published second, under the
 room's lock and inside the event bus's
@@ -50,7 +51,7 @@ class _AlreadySent(Exception):
 
 
 class Sending:
-    """What members do in a room: send, regenerate, select, cancel."""
+    """What members do in a room: send, edit, regenerate, select, hide, cancel."""
 
     def __init__(
         self,

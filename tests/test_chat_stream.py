@@ -21,7 +21,7 @@ async def test_ready_is_the_first_frame_with_room_and_history(connect: Any, room
 async def test_send_streams_answer_token_by_token_and_stores_it(
     connect: Any, room: dict, http: Any, upstream: FakeUpstream
 ) -> None:
-    upstream.script(Scenario(tokens=["Hel", "lo", " there", "!"], delay=0.05))
+    upstream.script(Scenario(tokens=["Hel", "lo", " there", "!"], delay=0.05, first_delay=0.2))
     client = await connect(room["id"])
     await client.send({"type": "send", "content": "hi", "id": "c1"})
 
@@ -32,6 +32,7 @@ async def test_send_streams_answer_token_by_token_and_stores_it(
 
     start = await client.until("start")
     assert start["parent_id"] == message["message"]["id"]
+    assert start["message"]["timing"] is None  # known when it ends
     done = await client.until("done")
     tokens = client.of_type("token")
     # A client that falls behind may get runs of tokens merged into one frame; at
@@ -44,6 +45,10 @@ async def test_send_streams_answer_token_by_token_and_stores_it(
     assert done["message"]["status"] == "complete"
     assert done["finish_reason"] == "stop"
     assert done["usage"]["completion_tokens"] == 4
+    # The upstream waited 0.2 s before the first token and 0.05 s between the others.
+    timing = done["message"]["timing"]
+    assert timing["first_token_ms"] >= 200
+    assert timing["duration_ms"] >= timing["first_token_ms"] + 150
 
     stored = (await http.get(f"/api/rooms/{room['id']}/messages")).json()["messages"]
     assert [(m["role"], m["content"], m["status"]) for m in stored] == [
@@ -55,6 +60,7 @@ async def test_send_streams_answer_token_by_token_and_stores_it(
     assert answer["model"] == "fake-model"
     assert answer["finish_reason"] == "stop"
     assert answer["siblings"] == [answer["id"]]
+    assert answer["timing"] == timing
 
 
 async def test_upstream_gets_system_prompt_and_active_branch(

@@ -81,6 +81,7 @@ async def test_final_state_wins_over_a_checkpoint_in_the_same_commit(
         "status": "complete",
         "finish_reason": "stop",
         "usage": {"completion_tokens": 2},
+        "timing": {"first_token_ms": 40, "duration_ms": 90},
         "error": None,
     }
     await asyncio.gather(
@@ -91,10 +92,11 @@ async def test_final_state_wins_over_a_checkpoint_in_the_same_commit(
     await writer.write(WriteBatch(checkpoints=[{"id": "m", "content": "stale"}]))
     message = await stored(db, "m")
     assert message is not None
-    assert (message.content, message.status, message.usage) == (
+    assert (message.content, message.status, message.usage, message.timing) == (
         "full text",
         "complete",
         {"completion_tokens": 2},
+        {"first_token_ms": 40, "duration_ms": 90},
     )
     async with db.read() as session:
         room = await session.get(Room, "room")

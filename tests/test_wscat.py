@@ -71,7 +71,11 @@ async def test_readme_wscat_example(
 
     assert code == 0, (code, stdout, stderr)
     assert stderr == ""
-    frames = [orjson.loads(line) for line in stdout.splitlines() if line.strip()]
+    printed = [orjson.loads(line) for line in stdout.splitlines() if line.strip()]
+    # A moment after joining, the room (Alice included) hears that she came.
+    arrivals = [f["joined"] for f in printed if f["type"] == "presence"]
+    assert arrivals == [[printed[0]["you"]]], stdout
+    frames = [f for f in printed if f["type"] != "presence"]
     kinds = [f["type"] for f in frames]
     assert kinds[:1] == ["ready"], (kinds, stdout, stderr)
     assert frames[0]["room"]["id"] == room["id"]
@@ -114,8 +118,10 @@ async def test_wscat_with_the_key_as_a_header(
     )
 
     assert code == 0, (code, stdout, stderr)
-    kinds = [orjson.loads(line)["type"] for line in stdout.splitlines() if line.strip()]
-    assert kinds == ["ready", "pong"], (stdout, stderr)
+    frames = [orjson.loads(line) for line in stdout.splitlines() if line.strip()]
+    assert [f["type"] for f in frames] == ["ready", "pong", "presence"], (stdout, stderr)
+    assert frames[0]["you"] == {"id": "alice", "name": "alice"}  # the key's name
+    assert frames[2]["joined"] == [frames[0]["you"]]
 
 
 async def create_room_as(gateway: Gateway, key: str) -> dict[str, Any]:

@@ -162,6 +162,8 @@ class Message(Base):
     author_name: Mapped[str | None] = mapped_column(String(200))
     # Hidden by the room's owner: kept, but its content is served to nobody else.
     hidden: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # An answer's ``first_token_ms`` and ``duration_ms`` from its start, as streamed.
+    timing: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
@@ -203,6 +205,7 @@ class Message(Base):
                 max_tokens=params.get("max_tokens"),
                 finish_reason=self.finish_reason,
                 usage=self.usage,
+                timing=self.timing,
                 error=self.error,
             )
         return data

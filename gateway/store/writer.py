@@ -44,7 +44,7 @@ from gateway.store.models import MESSAGE_COLUMNS, Message, Room, utcnow
 log = logging.getLogger(__name__)
 
 # Columns a final answer update sets (besides the primary key).
-FINAL_FIELDS = ("content", "status", "finish_reason", "usage", "error")
+FINAL_FIELDS = ("content", "status", "finish_reason", "usage", "timing", "error")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""message authors and hiding: who wrote each message, and the owner's moderation
+"""message authors, hiding and answer timing: who wrote each message, the owner's
+moderation, and how long an answer took
 
 Revision ID: 0004
 Revises: 0003
@@ -25,6 +26,8 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("hidden", sa.Boolean(), nullable=False, server_default=sa.false())
         )
+        # Answers: milliseconds to the first token shown and to the end, as the gateway saw.
+        batch.add_column(sa.Column("timing", sa.JSON(), nullable=True))
     with op.batch_alter_table("rooms") as batch:
         # The room list is ordered by last activity.
         batch.create_index("ix_rooms_updated_at", ["updated_at"])
@@ -34,6 +37,7 @@ def downgrade() -> None:
     with op.batch_alter_table("rooms") as batch:
         batch.drop_index("ix_rooms_updated_at")
     with op.batch_alter_table("messages") as batch:
+        batch.drop_column("timing")
         batch.drop_column("hidden")
         batch.drop_column("author_name")
         batch.drop_column("author_id")

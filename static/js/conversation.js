@@ -34,8 +34,6 @@ export class Conversation {
     this.earlier = false; // the server left older messages of the branch out of `ready`
     this.editing = null; // {id, element} of the user message being edited in place
     this.peeks = new Map(); // message id -> text of a hidden message the owner asked to read
-    this.startedAt = new Map(); // generation id -> when its `start` arrived (ms)
-    this.durations = new Map(); // message id -> seconds from `start` to `done` seen here
     this.dirty = new Set();
     this.redrawAll = false;
     this.scheduled = false;
@@ -64,7 +62,6 @@ export class Conversation {
       case "start":
         this.upsert(frame.message);
         this.live = { generation_id: frame.generation_id, message_id: frame.message_id, seq: 0 };
-        this.startedAt.set(frame.generation_id, performance.now());
         this.redrawAll = true; // every answer's buttons are disabled while generating
         break;
       case "token": {
@@ -80,7 +77,6 @@ export class Conversation {
       }
       case "done":
       case "cancelled":
-        this.timeAnswer(frame.generation_id, frame.message.id);
         this.upsert(frame.message);
         this.endGeneration(frame.generation_id);
         break;
@@ -132,12 +128,6 @@ export class Conversation {
     if (!this.find(message.id)) return;
     this.upsert(message);
     this.schedule();
-  }
-
-  timeAnswer(generationId, messageId) {
-    const started = this.startedAt.get(generationId);
-    this.startedAt.delete(generationId);
-    if (started !== undefined) this.durations.set(messageId, (performance.now() - started) / 1000);
   }
 
   /** Put the older messages of the branch (`all`, from GET /api/rooms/{id}/messages)
@@ -193,8 +183,6 @@ export class Conversation {
     this.live = null;
     this.editing = null;
     this.peeks.clear();
-    this.startedAt.clear();
-    this.durations.clear();
     this.placeholder = placeholder;
     this.redrawAll = true;
     this.schedule();
@@ -301,7 +289,7 @@ export class Conversation {
     const label = STATUS_LABELS[message.status];
     if (label) head.append(el("span", `badge ${message.status}`, label));
     if (message.role === "assistant") {
-      const stats = answerStats(message, this.durations.get(message.id));
+      const stats = answerStats(message);
       if (stats) head.append(el("span", "stats", stats));
     }
     return head;
@@ -422,12 +410,14 @@ const authorName = (message) =>
 // Below this, an answer came in one burst (buffered somewhere): a speed would be noise.
 const MIN_TIMED_SECONDS = 0.25;
 
-/** "30 tokens · 42 tokens/s": what is known of an ended answer; the speed only when
- * this page saw it from `start` to `done`. */
-function answerStats(message, seconds) {
+/** "30 tokens · 42 tokens/s": what is known of an ended answer. The speed is from
+ * its first token to its end, as the gateway streamed it (`timing`). */
+function answerStats(message) {
   const tokens = message.usage?.completion_tokens;
   if (tokens == null || message.status === "streaming") return "";
   const bits = [tokens === 1 ? "1 token" : `${tokens} tokens`];
+  const { first_token_ms: first, duration_ms: duration } = message.timing ?? {};
+  const seconds = first == null || duration == null ? 0 : (duration - first) / 1000;
   if (seconds >= MIN_TIMED_SECONDS) bits.push(`${Math.round(tokens / seconds)} tokens/s`);
   return bits.join(" · ");
 }
