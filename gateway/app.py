@@ -31,7 +31,7 @@ from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store.db import Database
 from gateway.store.repository import MessageStore
 from gateway.store.writer import Writer
-from gateway.transports import http, websocket
+from gateway.transports import http, openai_api, websocket
 from gateway.transports.guard import AccessGuard, redact_tokens_in_logs
 from gateway.transports.web import SecurityHeaders, UIFiles
 
@@ -276,7 +276,7 @@ def create_app(
                 await moderator.aclose()
             await db.dispose()
 
-    routes: list[Any] = [*websocket.routes, *http.routes]  # the hot ones first
+    routes: list[Any] = [*websocket.routes, *http.routes, *openai_api.routes]  # hot ones first
     if STATIC.is_dir():
         routes.append(Mount("/", UIFiles(directory=STATIC, html=True), name="static"))
     return Starlette(

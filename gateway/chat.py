@@ -29,7 +29,7 @@ from gateway.planning import Defaults
 from gateway.presence import Presence
 from gateway.providers.base import ChatProvider, Moderation
 from gateway.quotas import Quotas
-from gateway.roomstate import RoomCache, RoomLocks, Snapshot
+from gateway.roomstate import Page, RoomCache, RoomLocks, Snapshot
 from gateway.screening import Screening
 from gateway.sending import Sending
 from gateway.settings import Settings
@@ -65,9 +65,8 @@ class ChatService:
         self.bus = bus
         self.settings = settings
         self.quotas = quotas or Quotas()
-        self.cache = RoomCache(
-            settings.default_context_tokens, snapshot_bytes=settings.ready_max_bytes
-        )
+        page = Page(settings.page_messages, settings.ready_max_bytes)
+        self.cache = RoomCache(settings.default_context_tokens, page=page)
         self.locks = RoomLocks()
         screening = Screening(
             settings.checks, max_chars=settings.max_message_chars, moderator=moderator
@@ -93,7 +92,8 @@ class ChatService:
             cache=self.cache,
             locks=self.locks,
             presence=self.presence,
-            ready_max_bytes=settings.ready_max_bytes,
+            page=page,
+            depth=settings.max_history_messages,
         )
         self.sending = Sending(
             db=db,
@@ -105,6 +105,7 @@ class ChatService:
             screening=screening,
             defaults=Defaults.of(settings, provider.default_model),
             max_message_chars=settings.max_message_chars,
+            page=page,
         )
 
     async def start(self) -> None:

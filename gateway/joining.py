@@ -22,7 +22,7 @@ from gateway.errors import Unavailable
 from gateway.hub import RoomHub, Subscriber
 from gateway.people import Person, check_name
 from gateway.presence import Presence
-from gateway.roomstate import RoomCache, RoomLocks, Snapshot, newest_within
+from gateway.roomstate import Page, RoomCache, RoomLocks, Snapshot
 from gateway.store.db import Database
 from gateway.store.models import Room
 from gateway.store.repository import MessageStore, load_room, room_not_found
@@ -50,7 +50,8 @@ class Joining:
         cache: RoomCache,
         locks: RoomLocks,
         presence: Presence,
-        ready_max_bytes: int,
+        page: Page,
+        depth: int,
     ) -> None:
         self.db = db
         self.hub = hub
@@ -58,7 +59,10 @@ class Joining:
         self.bus = bus
         self.cache = cache
         self.locks = locks
-        self.ready_max_bytes = ready_max_bytes
+        self.page = page
+        # A cold join reads this many of the branch's newest messages: the page it
+        # shows, and what the next answer's prompt may use (the room's state is cached).
+        self.depth = max(depth, page.messages)
         # Rooms whose access is being checked again: how many changes were announced
         # since the check began (see _check_access).
         self._access_asks: dict[str, int] = {}
@@ -185,17 +189,18 @@ class Joining:
             async with self.db.read() as session:
                 store = MessageStore(session)
                 room = await load_room(store, room_id)
-                branch = await store.branch(room.active_leaf_id)
-                shown = newest_within(branch, self.ready_max_bytes, attrgetter("content"))
+                branch = await store.branch(room.active_leaf_id, self.depth)
+                shown, _ = self.page.newest(branch, attrgetter("content"))
                 views = await store.views(room_id, shown)
+            # Older messages are left out when the oldest shown is not the first.
+            snapshot = Snapshot(views, bool(shown) and shown[0].parent_id is not None)
             position = await self.bus.position(room_id)
             if begun == ended and (position.begun, position.ended) == (begun, ended):
-                snapshot = Snapshot(views, len(shown) < len(branch))
                 self.cache.remember(room, branch, begun, Snapshot(list(views), snapshot.earlier))
                 return room, snapshot, position
             await asyncio.sleep(0.002 * 2**attempt)
         log.warning("room %s: a change seems stuck; snapshot taken as it is", room_id)
-        return room, Snapshot(views, len(shown) < len(branch)), position
+        return room, snapshot, position
 
     async def watch(self, room_id: str, viewer: Viewer = OPEN) -> Subscriber:
         """Subscribe to a room's events from now on, with no first frame: for a client

@@ -59,20 +59,23 @@ def plan(
     message_id: str,
     now: datetime,
     temperature: float | None = None,
+    max_tokens: int | None = None,
 ) -> Plan:
     """Plan the answer to the last message of ``history`` (the branch from the first
     message down to the user message being answered), with ``temperature`` instead of
-    the room's when given (a regenerate may ask for one).
+    the room's when given (a regenerate may ask for one), and at most ``max_tokens``
+    when given (a caller may lower the room's limit, never raise it).
 
     The answer records the persona values in force (``params``), so that a later
     persona change does not rewrite what produced it.
     """
     if temperature is None:
         temperature = room.temperature
+    limit = room.max_tokens or defaults.max_tokens
     params: dict[str, Any] = {
         "model": room.model or defaults.model,
         "temperature": defaults.temperature if temperature is None else temperature,
-        "max_tokens": room.max_tokens or defaults.max_tokens,
+        "max_tokens": limit if max_tokens is None else min(limit, max_tokens),
         "context_tokens": room.context_tokens or defaults.context_tokens,
         "system_prompt": room.system_prompt,
     }

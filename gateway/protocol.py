@@ -448,8 +448,17 @@ def error_frame(
     return frame
 
 
-def branch_frame(messages: list[Frame], active_leaf_id: str | None) -> Frame:
-    return {"type": "branch", "active_leaf_id": active_leaf_id, "messages": messages}
+def branch_frame(
+    messages: list[Frame], active_leaf_id: str | None, *, earlier: bool = False
+) -> Frame:
+    """The room's active branch changed: its newest ``messages`` (``earlier`` when
+    older ones are left out, read over REST)."""
+    return {
+        "type": "branch",
+        "active_leaf_id": active_leaf_id,
+        "messages": messages,
+        "earlier": earlier,
+    }
 
 
 def room_frame(room: Frame) -> Frame:

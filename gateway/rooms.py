@@ -10,7 +10,7 @@ from gateway.errors import Forbidden
 from gateway.protocol import RoomCreate, RoomUpdate
 from gateway.store.db import Database
 from gateway.store.models import Room, RoomGrant, new_id
-from gateway.store.repository import MessageStore, load_room, room_not_found
+from gateway.store.repository import MessageStore, load_message, load_room, room_not_found
 
 
 class RoomService:
@@ -100,19 +100,45 @@ class RoomService:
                 await store.delete_room(room)
 
     async def messages(
-        self, room_id: str, viewer: Viewer = OPEN, *, include_hidden: bool = False
-    ) -> list[dict[str, Any]]:
-        """The active branch, oldest first, with the sibling versions of each message;
-        with ``include_hidden`` (the owner only), hidden messages' content too."""
+        self,
+        room_id: str,
+        viewer: Viewer = OPEN,
+        *,
+        limit: int,
+        before: str | None = None,
+        include_hidden: bool = False,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """A page of a branch, oldest first, with the sibling versions of each message:
+        the newest ``limit`` messages of the active branch, or of the messages above
+        ``before`` (a message of the room: the page before it, on its branch); and
+        whether older ones are left out. With ``include_hidden`` (the owner only),
+        hidden messages' content too."""
         async with self.db.read() as session:
             store = MessageStore(session)
             room = await self._visible(store, room_id, viewer)
-            if include_hidden and not viewer.owns(room):
-                raise Forbidden(
-                    "only the room's owner may read hidden messages", code="not_room_owner"
-                )
-            branch = await store.branch(room.active_leaf_id)
-            return await store.views(room_id, branch, reveal_hidden=include_hidden)
+            self._may_reveal(room, viewer, include_hidden)
+            leaf = room.active_leaf_id
+            if before is not None:
+                leaf = (await load_message(store, room_id, before))[1].parent_id
+            messages, earlier = await store.page(leaf, limit)
+            return await store.views(room_id, messages, reveal_hidden=include_hidden), earlier
+
+    async def message(
+        self, room_id: str, message_id: str, viewer: Viewer = OPEN, *, include_hidden: bool = False
+    ) -> dict[str, Any]:
+        """One message of the room (on any branch), with its versions."""
+        async with self.db.read() as session:
+            store = MessageStore(session)
+            room = await self._visible(store, room_id, viewer)
+            self._may_reveal(room, viewer, include_hidden)
+            _, message = await load_message(store, room_id, message_id)
+            views = await store.views(room_id, [message], reveal_hidden=include_hidden)
+            return views[0]
+
+    @staticmethod
+    def _may_reveal(room: Room, viewer: Viewer, include_hidden: bool) -> None:
+        if include_hidden and not viewer.owns(room):
+            raise Forbidden("only the room's owner may read hidden messages", code="not_room_owner")
 
     @staticmethod
     async def _visible(store: MessageStore, room_id: str, viewer: Viewer) -> Room:

@@ -40,6 +40,25 @@ def newest_within(items: list[T], budget: int, content: Callable[[T], str]) -> l
     return items
 
 
+@dataclass(frozen=True, slots=True)
+class Page:
+    """How much of a branch a frame shows (``ready``, ``resync``, ``branch``): its
+    newest ``messages`` at most, within about ``max_bytes``. Older ones are read page
+    by page over REST (``GET /api/rooms/{id}/messages?before=``), so joining a room
+    costs the same whatever its length."""
+
+    messages: int = 50
+    max_bytes: int = 256 * 1024
+
+    def newest(self, items: list[T], content: Callable[[T], str]) -> tuple[list[T], bool]:
+        """The newest of ``items`` shown, and whether older ones are left out."""
+        kept = newest_within(items[-self.messages :], self.max_bytes, content)
+        return kept, len(kept) < len(items)
+
+
+DEFAULT_PAGE = Page()
+
+
 def trimmed(branch: list[Message], budget: int) -> list[Message]:
     """The newest part of ``branch`` that a prompt of ``budget`` tokens can use (and at
     least its newest two messages): older messages would be trimmed from every prompt
@@ -54,10 +73,9 @@ def trimmed(branch: list[Message], budget: int) -> list[Message]:
 
 @dataclass
 class Snapshot:
-    """What a joining client's ``ready`` frame shows of the active branch: the views of
-    its newest messages (up to ``GATEWAY_READY_MAX_BYTES``), and whether older ones
-    were left out. Kept current with the branch, so a join of a warm room reads
-    nothing from the database."""
+    """What a frame (``ready``, ``branch``) shows of a branch: the views of its newest
+    messages (a :class:`Page`), and whether older ones were left out. The active
+    branch's is kept current, so a join of a warm room reads nothing from the database."""
 
     views: list[dict[str, Any]]
     earlier: bool
@@ -77,8 +95,8 @@ class RoomState:
     """Prompt tokens the room allows: how much of the branch is kept."""
     snapshot: Snapshot | None = None
     """The ``ready`` snapshot at :attr:`version`; None when unknown (then read)."""
-    snapshot_bytes: int = 256 * 1024
-    """About how many bytes of views :attr:`snapshot` keeps."""
+    page: Page = DEFAULT_PAGE
+    """How much of the branch :attr:`snapshot` keeps."""
     _sent: dict[str, Message] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -99,9 +117,8 @@ class RoomState:
             if views is None:
                 self.snapshot = None
             else:
-                longer = [*snapshot.views, *views]
-                kept = newest_within(longer, self.snapshot_bytes, itemgetter("content"))
-                self.snapshot = Snapshot(kept, snapshot.earlier or len(kept) < len(longer))
+                kept, left_out = self.page.newest([*snapshot.views, *views], itemgetter("content"))
+                self.snapshot = Snapshot(kept, snapshot.earlier or left_out)
         longer = [*self.branch, *messages]
         self.branch = trimmed(longer, self.budget)
         for message in longer[: len(longer) - len(self.branch)]:  # trimmed away
@@ -132,11 +149,11 @@ class RoomCache:
     """The most recently used rooms' :class:`RoomState`, up to ``size`` rooms."""
 
     def __init__(
-        self, default_context_tokens: int, size: int = 10_000, snapshot_bytes: int = 256 * 1024
+        self, default_context_tokens: int, size: int = 10_000, page: Page = DEFAULT_PAGE
     ) -> None:
         self.default_context_tokens = default_context_tokens
         self.size = size
-        self.snapshot_bytes = snapshot_bytes
+        self.page = page
         self._states: OrderedDict[str, RoomState] = OrderedDict()
 
     def get(self, room_id: str) -> RoomState | None:
@@ -155,7 +172,7 @@ class RoomCache:
         """Cache ``room`` with its active ``branch`` (and what joining shows of it, if
         known) as of change ``version`` (the caller holds the room's lock)."""
         budget = room.context_tokens or self.default_context_tokens
-        state = RoomState(room, branch, version, budget, snapshot, self.snapshot_bytes)
+        state = RoomState(room, branch, version, budget, snapshot, self.page)
         self._states[room.id] = state
         self._states.move_to_end(room.id)
         while len(self._states) > self.size:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from datetime import datetime
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from gateway import protocol
@@ -35,7 +36,7 @@ from gateway.errors import BadRequest, Busy, Conflict, Forbidden, NotFound
 from gateway.generations import GenerationRegistry, Started
 from gateway.people import Person
 from gateway.planning import Defaults, plan
-from gateway.roomstate import RoomCache, RoomLocks, RoomState
+from gateway.roomstate import DEFAULT_PAGE, Page, RoomCache, RoomLocks, RoomState, Snapshot
 from gateway.screening import Screening
 from gateway.store.db import Database
 from gateway.store.models import Message, Room, message_row, new_id, utcnow
@@ -65,6 +66,7 @@ class Sending:
         screening: Screening,
         defaults: Defaults,
         max_message_chars: int,
+        page: Page = DEFAULT_PAGE,
     ) -> None:
         self.db = db
         self.writer = writer
@@ -75,6 +77,9 @@ class Sending:
         self.screening = screening
         self.defaults = defaults
         self.max_message_chars = max_message_chars
+        self.page = page
+        # Reads of a branch stop at what a prompt may use and a frame shows.
+        self.depth = max(defaults.max_history_messages, page.messages)
 
     async def send(
         self,
@@ -83,8 +88,12 @@ class Sending:
         client_id: str | None = None,
         sender: str = "anonymous",
         author: Person | None = None,
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
     ) -> tuple[dict[str, Any], Started | None]:
-        """Store a user message and start answering it.
+        """Store a user message and start answering it (with ``temperature`` instead of
+        the room's, and at most ``max_tokens``, when given: see :func:`plan`).
 
         Returns the stored message and the generation started for it; None for a
         duplicate (a retry with a ``client_id`` already used in this room: nothing new
@@ -121,7 +130,14 @@ class Sending:
                         continue
                     try:
                         return await self._send(
-                            state, content, client_id, sender, author, generation_id
+                            state,
+                            content,
+                            client_id,
+                            sender,
+                            author,
+                            generation_id,
+                            temperature=temperature,
+                            max_tokens=max_tokens,
                         )
                     except _AlreadySent as already:
                         return already.view, None
@@ -143,6 +159,9 @@ class Sending:
         sender: str,
         author: Person | None,
         generation_id: str,
+        *,
+        temperature: float | None,
+        max_tokens: int | None,
     ) -> tuple[dict[str, Any], Started]:
         """Store the screened message and its streaming answer, publish the message
         and launch the answer (the caller holds the room's lock and lease)."""
@@ -161,6 +180,8 @@ class Sending:
                 generation_id=generation_id,
                 message_id=new_id("msg"),
                 now=now,
+                temperature=temperature,
+                max_tokens=max_tokens,
             )
             answer = planned.answer
             batch = WriteBatch(
@@ -201,11 +222,10 @@ class Sending:
                         "only an assistant message can be regenerated", code="invalid_target"
                     )
                 await self.generations.admit(sender, room_id)
-                history = await store.branch(target.parent_id)
-                branch = await store.views(room_id, history)
+                history, shown = await self._branch(store, room_id, target.parent_id)
                 siblings = await store.sibling_ids(room_id, target.parent_id, "assistant")
             _, started = await self._fork(
-                room, history, branch, None, siblings, generation_id, sender, temperature
+                room, history, shown, None, siblings, generation_id, sender, temperature
             )
             return started
 
@@ -245,15 +265,14 @@ class Sending:
                     if self.screening.rules_of(room) != self.screening.rules_of(screened):
                         await self.screening.check_message(room, content)  # changed meanwhile
                     await self.generations.admit(sender, room_id)
-                    history = await store.branch(target.parent_id)
-                    branch = await store.views(room_id, history)
+                    history, shown = await self._branch(store, room_id, target.parent_id)
                     siblings = await store.sibling_ids(room_id, target.parent_id, "user")
                 user = _user_message(
                     room_id, target.parent_id, content, client_id, author, utcnow()
                 )
                 try:
                     return await self._fork(
-                        room, history, branch, user, siblings, generation_id, sender
+                        room, history, shown, user, siblings, generation_id, sender
                     )
                 except Conflict:
                     if client_id is not None and (stored := await self._stored(room_id, client_id)):
@@ -264,14 +283,14 @@ class Sending:
         self,
         room: Room,
         history: list[Message],
-        branch: list[dict[str, Any]],
+        shown: Snapshot,
         user: Message | None,
         siblings: list[str],
         generation_id: str,
         sender: str,
         temperature: float | None = None,
     ) -> tuple[dict[str, Any], Started]:
-        """Start a new branch below ``history`` (as ``branch``, its views): the new
+        """Start a new branch below ``history`` (``shown``: what frames show of it): the new
         version ``user`` of a user message (an edit) if given, and a streaming answer
         (to it, or, a regenerate, to the end of ``history``); ``siblings`` are the
         versions the first new message adds to. Store it, make it the room's active
@@ -300,7 +319,9 @@ class Sending:
             self.cache.remember(room, [*asked, answer], version)
             views = [m.to_dict() for m in added]
             views[0]["siblings"] = [*siblings, added[0].id]
-            self.bus.publish(room.id, protocol.branch_frame([*branch, *views], answer.id))
+            kept, left_out = self.page.newest([*shown.views, *views], itemgetter("content"))
+            frame = protocol.branch_frame(kept, answer.id, earlier=shown.earlier or left_out)
+            self.bus.publish(room.id, frame)
             launched = self.generations.launch(
                 room, generation_id, views[-1], planned.request, sender
             )
@@ -331,7 +352,7 @@ class Sending:
             self.bus.publish(room_id, protocol.hidden_frame(public))
         return view
 
-    async def select(self, room_id: str, message_id: str) -> list[dict[str, Any]]:
+    async def select(self, room_id: str, message_id: str) -> Snapshot:
         """Make the branch through ``message_id`` (down to its newest leaf) active
         (holding the room's lease, as nothing to cancel: a cancel meanwhile gets
         ``not_running``)."""
@@ -343,14 +364,15 @@ class Sending:
                 store = MessageStore(session)
                 room, target = await load_message(store, room_id, message_id)
                 leaf = await store.newest_leaf_under(target)
-                messages = await store.branch(leaf)
-                branch = await store.views(room_id, messages)
+                messages, shown = await self._branch(store, room_id, leaf)
             async with self.bus.changing(room_id) as version:
                 await self.writer.write(WriteBatch(leaves={room_id: leaf}))
                 room.active_leaf_id = leaf
                 self.cache.remember(room, messages, version)
-                self.bus.publish(room_id, protocol.branch_frame(branch, leaf))
-        return branch
+                self.bus.publish(
+                    room_id, protocol.branch_frame(shown.views, leaf, earlier=shown.earlier)
+                )
+        return shown
 
     async def cancel(self, room_id: str, generation_id: str | None = None) -> str:
         """Stop the room's running generation; returns its id.
@@ -382,6 +404,16 @@ class Sending:
         async with self.db.read() as session:
             return await load_room(MessageStore(session), room_id)
 
+    async def _branch(
+        self, store: MessageStore, room_id: str, leaf_id: str | None
+    ) -> tuple[list[Message], Snapshot]:
+        """The newest messages of the branch ending at ``leaf_id`` that a prompt may use
+        (oldest first), and what frames show of them."""
+        history = await store.branch(leaf_id, self.depth)
+        shown, _ = self.page.newest(history, attrgetter("content"))
+        earlier = bool(shown) and shown[0].parent_id is not None
+        return history, Snapshot(await store.views(room_id, shown), earlier)
+
     async def _state(self, room_id: str, version: int) -> RoomState:
         """The room's state as of change ``version``: cached, or read when not cached
         or older (another process changed the room). Caller holds the room's lock."""
@@ -390,7 +422,7 @@ class Sending:
             async with self.db.read() as session:
                 store = MessageStore(session)
                 room = await load_room(store, room_id)
-                branch = await store.branch(room.active_leaf_id)
+                branch = await store.branch(room.active_leaf_id, self.depth)
             state = self.cache.remember(room, branch, version)
         return state
 

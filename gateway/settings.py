@@ -94,10 +94,12 @@ class Settings(BaseSettings):
     # reading in a quiet room, where no send ever times out. (uvicorn: 20 + 20 s.)
     ws_ping_interval: float = Field(10.0, gt=0)
     ws_ping_timeout: float = Field(5.0, gt=0)
-    # The ``ready``/``resync`` snapshot holds the newest messages of the active
-    # branch up to about this many bytes (always at least the newest one), with
-    # ``"earlier": true`` when older ones were left out (read them over REST):
-    # what one joining client can make the server hold is bounded.
+    # The ``ready``/``resync``/``branch`` frames hold the newest messages of the
+    # branch: at most this many, up to about this many bytes (always at least the
+    # newest one), with ``"earlier": true`` when older ones were left out (read them
+    # page by page over REST, this many by default): joining costs the same whatever
+    # a room's length, and what one joining client can make the server hold is bounded.
+    page_messages: int = Field(50, ge=1, le=1000)
     ready_max_bytes: int = Field(256 * 1024, ge=1024)
     checkpoint_interval: float = Field(0.5, gt=0)
 

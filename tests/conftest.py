@@ -210,7 +210,7 @@ async def create_room(gateway: Gateway, **persona: Any) -> dict[str, Any]:
 async def get_messages(gateway: Gateway, room_id: str) -> list[dict[str, Any]]:
     """The room's active branch, as ``GET /api/rooms/{id}/messages`` gives it."""
     async with httpx2.AsyncClient(base_url=gateway.url, timeout=scaled(10)) as client:
-        response = await client.get(f"/api/rooms/{room_id}/messages")
+        response = await client.get(f"/api/rooms/{room_id}/messages?limit=1000")
     assert response.status_code == 200, response.text
     return response.json()["messages"]
 

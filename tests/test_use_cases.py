@@ -504,9 +504,10 @@ async def test_regenerate_adds_a_version_and_select_goes_back_to_the_first(
     assert provider.requests[-1].temperature == 1.3
     assert [m["content"] for m in provider.requests[-1].messages] == ["one"]
 
-    messages = await parts.chat.sending.select(room_id, first)
+    shown = await parts.chat.sending.select(room_id, first)
 
-    assert [m["id"] for m in messages][-1] == first
+    assert [m["id"] for m in shown.views][-1] == first
+    assert not shown.earlier
     assert (await member.until("branch"))[-1]["active_leaf_id"] == first
     await parts.chat.sending.send(room_id, "two")
     rows = await parts.stored(room_id)

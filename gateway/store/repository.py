@@ -57,22 +57,31 @@ class MessageStore:
         query = select(Message).where(Message.room_id == room_id, Message.client_id == client_id)
         return (await self.session.scalars(query)).first()
 
-    async def branch(self, leaf_id: str | None) -> list[Message]:
-        """The messages from the root to ``leaf_id``, oldest first (one recursive query)."""
-        if leaf_id is None:
+    async def branch(self, leaf_id: str | None, limit: int | None = None) -> list[Message]:
+        """The messages from the root to ``leaf_id``, oldest first: all of them, or the
+        newest ``limit`` (one recursive query that stops walking up at ``limit``, so a
+        long room costs what the page does)."""
+        if leaf_id is None or limit == 0:
             return []
         chain = (
             select(Message.id, Message.parent_id, literal(0).label("depth"))
             .where(Message.id == leaf_id)
             .cte("chain", recursive=True)
         )
-        chain = chain.union_all(
-            select(Message.id, Message.parent_id, (chain.c.depth + 1).label("depth")).join(
-                chain, Message.id == chain.c.parent_id
-            )
+        step = select(Message.id, Message.parent_id, (chain.c.depth + 1).label("depth")).join(
+            chain, Message.id == chain.c.parent_id
         )
+        if limit is not None:
+            step = step.where(chain.c.depth < limit - 1)
+        chain = chain.union_all(step)
         query = select(Message).join(chain, Message.id == chain.c.id).order_by(chain.c.depth.desc())
         return list((await self.session.scalars(query)).all())
+
+    async def page(self, leaf_id: str | None, limit: int) -> tuple[list[Message], bool]:
+        """The newest ``limit`` messages of the branch ending at ``leaf_id``, oldest
+        first, and whether older ones are left out."""
+        messages = await self.branch(leaf_id, limit + 1)
+        return (messages[1:], True) if len(messages) > limit else (messages, False)
 
     async def siblings(self, room_id: str, messages: Sequence[Message]) -> dict[str, list[str]]:
         """For each message: the ids of all versions under the same parent, oldest first."""

@@ -7,6 +7,9 @@ from typing import Any, Protocol
 
 from starlette.convertors import Convertor, register_url_convertor
 
+from gateway import openai_format, protocol
+from gateway.errors import GatewayError
+
 
 class IdConvertor(Convertor[str]):
     """``{name:id}`` in a route: an id in a URL path, without control characters
@@ -22,6 +25,19 @@ class IdConvertor(Convertor[str]):
 
 
 register_url_convertor("id", IdConvertor())
+
+
+def is_openai_path(path: str) -> bool:
+    """Under ``/v1``: the OpenAI-compatible API (:mod:`gateway.transports.openai_api`)."""
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def error_body_for(path: str, error: GatewayError) -> dict[str, Any]:
+    """An error body as the path's clients expect it: OpenAI's shape under ``/v1`` (so
+    its SDKs read it), the gateway's own elsewhere."""
+    if is_openai_path(path):
+        return openai_format.error_body(error)
+    return protocol.error_body(error)
 
 
 ABORT_EXTENSION = "gateway.abort"

@@ -19,11 +19,12 @@ from gateway import protocol
 from gateway.access import OPEN, AccessControl, Client, Unauthorized, Viewer
 from gateway.errors import CLOSE_POLICY_VIOLATION, BadRequest, Forbidden, GatewayError
 from gateway.settings import is_ip_address
+from gateway.transports import error_body_for, is_openai_path
 
 OPEN_PATHS = ("/healthz",)
-"""HTTP paths outside ``/api`` (the UI's files, health checks) need no key. The
-liveness check answers any Host too (probes may use a name of their own); it tells
-nothing about rooms."""
+"""HTTP paths outside ``/api`` and ``/v1`` (the UI's files, health checks) need no
+key. The liveness check answers any Host too (probes may use a name of their own); it
+tells nothing about rooms."""
 
 # Paths a browser opens without being able to set headers: they take ?token=.
 TOKEN_PATHS = re.compile(r"^/api/rooms/[^/]+/events$")
@@ -98,7 +99,7 @@ class AccessGuard:
             if scope["type"] == "websocket":
                 await refuse_websocket(receive, send, exc)
             else:
-                await refuse_http(send, exc)
+                await refuse_http(send, exc, scope["path"])
             return
         state = scope.setdefault("state", {})
         if client is not None:
@@ -122,7 +123,9 @@ class AccessGuard:
             if key is not None:
                 return self.access.check_key(key)
             return self.access.check_token(query_param(scope, "token"))
-        if not path.startswith("/api/") or path in OPEN_PATHS or not self.access.enabled:
+        if not self.access.enabled or path in OPEN_PATHS:
+            return None
+        if not path.startswith("/api/") and not is_openai_path(path):
             return None
         key = bearer(scope)
         if key is None and TOKEN_PATHS.match(path) and scope["method"] == "GET":
@@ -180,8 +183,8 @@ def query_param(scope: Scope, name: str) -> str | None:
     return values[0] if values else None
 
 
-async def refuse_http(send: Send, exc: GatewayError) -> None:
-    body = protocol.encode(protocol.error_body(exc)).encode()
+async def refuse_http(send: Send, exc: GatewayError, path: str) -> None:
+    body = protocol.encode(error_body_for(path, exc)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if isinstance(exc, Unauthorized):
         headers.append((b"www-authenticate", b'Bearer realm="chat-gateway"'))

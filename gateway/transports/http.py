@@ -19,7 +19,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway import protocol
 from gateway.access import AccessControl, Client, Viewer
 from gateway.chat import ChatService
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, RateLimited, internal_error
@@ -36,11 +35,12 @@ from gateway.protocol import (
     parse_body,
 )
 from gateway.rooms import RoomService
-from gateway.transports import sse
+from gateway.transports import error_body_for, sse
 from gateway.transports.guard import sender_of, viewer_of
 from gateway.transports.sse import GenerationFilter, event_stream
 
 MAX_BODY_BYTES = 1024 * 1024
+MAX_PAGE = 1000  # messages in one page of history
 
 
 class JSON(JSONResponse):
@@ -48,8 +48,9 @@ class JSON(JSONResponse):
         return orjson.dumps(content)
 
 
-def error_response(exc: GatewayError) -> JSON:
-    response = JSON(protocol.error_body(exc), status_code=exc.status)
+def error_response(exc: GatewayError, path: str) -> JSON:
+    """``exc`` as a JSON response: the gateway's error body, or OpenAI's under ``/v1``."""
+    response = JSON(error_body_for(path, exc), status_code=exc.status)
     if isinstance(exc, RateLimited):
         response.headers["retry-after"] = str(exc.retry_after)
     return response
@@ -92,6 +93,15 @@ def _int_param(request: Request, name: str, default: int, high: int) -> int:
     return int(raw)
 
 
+def _id_param(request: Request, name: str) -> str | None:
+    """An id given in the query string (never stored: only compared), checked as an id
+    in a path is (:class:`gateway.transports.IdConvertor`)."""
+    raw = request.query_params.get(name)
+    if raw is not None and (not raw or len(raw) > 64 or any(ord(c) < 32 for c in raw)):
+        raise BadRequest(f"{name} must be an id", code="invalid_query")
+    return raw
+
+
 async def list_rooms(request: Request) -> Response:
     limit = _int_param(request, "limit", 100, 1000)
     offset = _int_param(request, "offset", 0, 10**9)
@@ -121,16 +131,41 @@ async def delete_room(request: Request) -> Response:
     return Response(status_code=204)
 
 
-async def list_messages(request: Request) -> Response:
-    """The active branch; ``?include_hidden=true`` (the owner only): with the content
-    of hidden messages."""
+def _include_hidden(request: Request) -> bool:
+    """``?include_hidden=true``: the owner reads the content of hidden messages."""
     raw = request.query_params.get("include_hidden", "false")
     if raw not in ("true", "false"):
         raise BadRequest("include_hidden must be true or false", code="invalid_query")
-    messages = await _rooms(request).messages(
-        request.path_params["room_id"], _viewer(request), include_hidden=raw == "true"
+    return raw == "true"
+
+
+async def get_message(request: Request) -> Response:
+    """One message of the room, on any branch (``?include_hidden=true``: the owner)."""
+    room_id, message_id = request.path_params["room_id"], request.path_params["message_id"]
+    message = await _rooms(request).message(
+        room_id, message_id, _viewer(request), include_hidden=_include_hidden(request)
     )
-    return JSON({"messages": messages})
+    return JSON({"message": message})
+
+
+async def list_messages(request: Request) -> Response:
+    """A page of the active branch, newest last: ``?limit=`` messages (default
+    ``GATEWAY_PAGE_MESSAGES``), ``?before=<message id>`` for the page above a message;
+    ``?include_hidden=true`` (the owner only): with the content of hidden messages."""
+    include_hidden = _include_hidden(request)
+    chat: ChatService = request.state.chat
+    limit = _int_param(request, "limit", chat.settings.page_messages, MAX_PAGE)
+    if limit == 0:
+        raise BadRequest(f"limit must be an integer from 1 to {MAX_PAGE}", code="invalid_query")
+    before = _id_param(request, "before")
+    messages, earlier = await _rooms(request).messages(
+        request.path_params["room_id"],
+        _viewer(request),
+        limit=limit,
+        before=before,
+        include_hidden=include_hidden,
+    )
+    return JSON({"messages": messages, "earlier": earlier})
 
 
 def wants_event_stream(request: Request) -> bool:
@@ -264,8 +299,9 @@ async def cancel(request: Request) -> Response:
 async def select(request: Request) -> Response:
     """Make the branch through ``message_id`` (down to its newest leaf) active."""
     room_id, message_id = request.path_params["room_id"], request.path_params["message_id"]
-    branch = await (await _room_chat(request)).sending.select(room_id, message_id)
-    return JSON({"active_leaf_id": branch[-1]["id"] if branch else None, "messages": branch})
+    shown = await (await _room_chat(request)).sending.select(room_id, message_id)
+    leaf = shown.views[-1]["id"] if shown.views else None
+    return JSON({"active_leaf_id": leaf, "messages": shown.views, "earlier": shown.earlier})
 
 
 async def create_token(request: Request) -> Response:
@@ -292,14 +328,15 @@ async def readyz(request: Request) -> Response:
 
 async def handle_gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
-    return error_response(exc)
+    return error_response(exc, request.scope["path"])
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed"}
     code = codes.get(exc.status_code, "http_error")
-    return error_response(GatewayError(str(exc.detail), code=code, status=exc.status_code))
+    error = GatewayError(str(exc.detail), code=code, status=exc.status_code)
+    return error_response(error, request.scope["path"])
 
 
 ROOM = "/api/rooms/{room_id:id}"
@@ -319,6 +356,7 @@ routes = [
     Route("/api/rooms/{room_id:id}", update_room, methods=["PATCH"]),
     Route("/api/rooms/{room_id:id}", delete_room, methods=["DELETE"]),
     Route("/api/rooms/{room_id:id}/messages", list_messages, methods=["GET"]),
+    Route(MESSAGE, get_message, methods=["GET"]),
     Route(f"{MESSAGE}/regenerate", regenerate, methods=["POST"]),
     Route(f"{MESSAGE}/select", select, methods=["POST"]),
     Route(f"{MESSAGE}/edit", edit_message, methods=["POST"]),
@@ -331,7 +369,7 @@ routes = [
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     """A bug: JSON like every other error, with no detail (uvicorn logs the traceback)."""
-    return error_response(internal_error())
+    return error_response(internal_error(), request.scope["path"])
 
 
 exception_handlers = {

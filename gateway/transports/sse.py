@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -34,7 +34,7 @@ from starlette.types import Receive, Scope, Send
 from gateway import protocol
 from gateway.chat import ChatService
 from gateway.generations import Started
-from gateway.hub import Event, SlowConsumer, Subscriber
+from gateway.hub import Event, SlowConsumer, Subscriber, TokenRun
 from gateway.people import identify
 from gateway.protocol import Frame
 from gateway.transports import ABORT_EXTENSION, WIRE_EXTENSION, Wire, until_first_done
@@ -60,6 +60,39 @@ def format_frame(frame: Frame) -> bytes:
     right after them resumes from there."""
     event_id = frame.get("last_event_id") if frame["type"] in ("ready", "resync") else None
     return protocol.sse_event(frame["type"], protocol.encode_bytes(frame), event_id)
+
+
+class StreamFormat(Protocol):
+    """How an :class:`EventStream` writes a room's events."""
+
+    def opening(self, first: list[Frame]) -> bytes:
+        """What the stream begins with (``first``: frames before any event)."""
+        ...
+
+    def event(self, event: Event | TokenRun) -> bytes:
+        """One event of the room (may be ``b""``: nothing to say)."""
+        ...
+
+    def closing(self, frame: Frame) -> bytes:
+        """The subscription's final frame (the room was deleted, the server stops...)."""
+        ...
+
+
+class RoomEventFormat:
+    """The gateway's own: every frame as an event named by its ``type``, each logged
+    one with its ``id``, for ``EventSource`` and ``Last-Event-ID``."""
+
+    def opening(self, first: list[Frame]) -> bytes:
+        return f"retry: {RETRY_MS}\n\n".encode() + b"".join(map(format_frame, first))
+
+    def event(self, event: Event | TokenRun) -> bytes:
+        return event.sse
+
+    def closing(self, frame: Frame) -> bytes:
+        return format_frame(frame)
+
+
+ROOM_EVENTS = RoomEventFormat()
 
 
 class GenerationFilter:
@@ -91,6 +124,7 @@ class EventStream(Response):
 
     ``first`` frames go out before any event. With ``only``, events it rejects are
     skipped and the stream ends once ``only.ended`` (one generation's stream).
+    ``event_format`` writes them (the gateway's own events, or another API's).
     """
 
     def __init__(
@@ -103,6 +137,7 @@ class EventStream(Response):
         heartbeat: float = 15.0,
         send_timeout: float = 10.0,
         cleanup: contextlib.ExitStack | None = None,
+        event_format: StreamFormat = ROOM_EVENTS,
     ) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
         self.chat = chat
@@ -112,14 +147,14 @@ class EventStream(Response):
         self.heartbeat = heartbeat
         self.send_timeout = send_timeout
         self.cleanup = cleanup or contextlib.ExitStack()
+        self.format = event_format
         self.wire: Wire | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-            preamble = f"retry: {RETRY_MS}\n\n".encode()
             try:
-                await self._send(send, preamble + b"".join(map(format_frame, self.first)))
+                await self._send(send, self.format.opening(self.first))
                 wire: Wire | None = scope.get("extensions", {}).get(WIRE_EXTENSION)
                 if wire is not None and wire.is_open:  # else: ASGI send (h11, HTTP/1.0)
                     self.wire = wire
@@ -175,12 +210,17 @@ class EventStream(Response):
         if not wire.can_write():
             return not wire.is_open  # gone: nothing to queue for (the listener ends it)
         if only is None:
-            wire.write(event.sse)
+            self._write_through(wire, event)
         elif not only.ended and only(event.frame):
-            wire.write(event.sse)
+            self._write_through(wire, event)
             if only.ended:
                 self.subscriber.wake()  # the writer ends the stream
         return True
+
+    def _write_through(self, wire: Wire, event: Event) -> None:
+        data = self.format.event(event)
+        if data:  # an empty write is the end of a chunked body
+            wire.write(data)
 
     async def _write(self, send: Send) -> Literal["ended", "stalled"]:
         """Send what the subscription queues (events written through, see
@@ -208,16 +248,17 @@ class EventStream(Response):
                 chunks: list[bytes] = []
                 for item in batch:
                     if only is None or only(item.frame):
-                        chunks.append(item.sse)
+                        chunks.append(self.format.event(item))
                         if only is not None and only.ended:
                             break
                 if subscriber.closed_with is not None:
-                    chunks.append(format_frame(subscriber.closed_with))
-                if chunks:
+                    chunks.append(self.format.closing(subscriber.closed_with))
+                data = b"".join(chunks)
+                if data:  # never empty: that would end a chunked body
                     if wire is not None:
-                        wire.write(b"".join(chunks))
+                        wire.write(data)
                     else:
-                        await self._send(send, b"".join(chunks))
+                        await self._send(send, data)
                 if (
                     subscriber.closed_with is not None
                     or (only is not None and only.ended)

@@ -105,29 +105,38 @@ async function readHidden(messageId) {
   if (message) conversation.peek(messageId, message.content);
 }
 
-/** A message of the open room's active branch, as the server has it now; null if
- * it is not there (or the room changed meanwhile). */
+/** A message of the open room, as the server has it now; null if it is not there (or
+ * another room was opened meanwhile). */
 async function fetchMessage(messageId, query) {
   const id = roomId;
   try {
-    const { messages } = await api.get(`/api/rooms/${encodeURIComponent(id)}/messages${query}`);
-    return (id === roomId && messages.find((m) => m.id === messageId)) || null;
+    const path = `/api/rooms/${encodeURIComponent(id)}/messages/${encodeURIComponent(messageId)}${query}`;
+    const { message } = await api.get(path);
+    return id === roomId ? message : null;
   } catch (error) {
     showNotice(`Could not load the message: ${error.message}`);
     return null;
   }
 }
 
-// `ready` holds only the newest messages of a long conversation (docs/protocol.md):
-// the rest comes over REST when asked for.
+// `ready` and `branch` hold only the newest messages of a long conversation
+// (docs/protocol.md): older ones come over REST a page at a time (the server's page
+// size), as the reader scrolls up (or asks with the button on top).
+let loadingEarlier = null; // the room whose older page is being fetched
+
 async function loadEarlier() {
   const id = roomId;
-  if (!id) return;
+  const before = conversation.oldestId;
+  if (!id || !before || loadingEarlier === id) return;
+  loadingEarlier = id;
   try {
-    const { messages } = await api.get(`/api/rooms/${encodeURIComponent(id)}/messages`);
-    if (id === roomId) conversation.prependEarlier(messages);
+    const path = `/api/rooms/${encodeURIComponent(id)}/messages?before=${encodeURIComponent(before)}`;
+    const { messages, earlier } = await api.get(path);
+    if (id === roomId) conversation.prependEarlier(messages, before, earlier);
   } catch (error) {
     showNotice(`Could not load the earlier messages: ${error.message}`);
+  } finally {
+    if (loadingEarlier === id) loadingEarlier = null;
   }
 }
 

@@ -31,12 +31,21 @@ export class Conversation {
     this.room = null;
     this.messages = [];
     this.live = null; // {generation_id, message_id, seq} of the running answer
-    this.earlier = false; // the server left older messages of the branch out of `ready`
+    this.earlier = false; // older messages of the branch are not held (paged in on demand)
+    this.anchor = null; // after older messages are put on top: the distance to the bottom to keep
     this.editing = null; // {id, element} of the user message being edited in place
     this.peeks = new Map(); // message id -> text of a hidden message the owner asked to read
     this.dirty = new Set();
     this.redrawAll = false;
     this.scheduled = false;
+    // Scrolled up near the top of a long conversation: the page before comes in.
+    // (Up only: the list also scrolls when it is redrawn or follows a stream.)
+    let lastTop = 0;
+    list.addEventListener("scroll", () => {
+      const up = list.scrollTop < lastTop;
+      lastTop = list.scrollTop;
+      if (up && this.earlier && list.scrollTop < 300) this.actions.onLoadEarlier?.();
+    });
   }
 
   get generating() {
@@ -88,7 +97,7 @@ export class Conversation {
         break;
       case "branch":
         this.messages = frame.messages;
-        this.earlier = false; // a branch frame carries the whole branch
+        this.earlier = Boolean(frame.earlier);
         this.redrawAll = true;
         break;
       case "room":
@@ -130,14 +139,19 @@ export class Conversation {
     this.schedule();
   }
 
-  /** Put the older messages of the branch (`all`, from GET /api/rooms/{id}/messages)
-   * before the ones held; ignored if the branch changed meanwhile. */
-  prependEarlier(all) {
-    const first = this.messages[0];
-    const index = first ? all.findIndex((m) => m.id === first.id) : -1;
-    if (index === -1) return;
-    this.messages = [...all.slice(0, index), ...this.messages];
-    this.earlier = false;
+  /** The id of the oldest message held, above which the next older page goes. */
+  get oldestId() {
+    return this.messages[0]?.id ?? null;
+  }
+
+  /** Put the page of messages above `beforeId` (GET /api/rooms/{id}/messages?before=)
+   * on top of the ones held, keeping what the reader sees where it is; ignored if the
+   * branch changed meanwhile. `earlier`: there are older ones still. */
+  prependEarlier(page, beforeId, earlier) {
+    if (this.oldestId !== beforeId) return;
+    this.messages = [...page, ...this.messages];
+    this.earlier = earlier;
+    this.anchor = this.list.scrollHeight - this.list.scrollTop;
     this.redrawAll = true;
     this.schedule();
   }
@@ -220,7 +234,10 @@ export class Conversation {
       this.editing.fresh = false;
       this.editing.element.querySelector("textarea").focus();
     }
-    if (following) list.scrollTop = list.scrollHeight;
+    if (this.anchor !== null) {
+      list.scrollTop = list.scrollHeight - this.anchor;
+      this.anchor = null;
+    } else if (following) list.scrollTop = list.scrollHeight;
     this.actions.onChange?.();
   }
 

@@ -477,3 +477,33 @@ async def test_a_long_room_shows_its_newest_messages_and_the_earlier_ones_on_req
     await expect(page.locator(".message.user").first).to_contain_text("question 0")
     await expect(page.locator(".load-earlier")).to_have_count(0)
     await screenshot(page, "earlier-loaded")
+
+
+async def test_scrolling_up_a_long_room_loads_it_a_page_at_a_time(
+    open_page: Any, start_gateway: Any, upstream: FakeUpstream, page_errors: PageErrors
+) -> None:
+    gateway = start_gateway(page_messages=4)  # 12 messages: 3 pages
+    room = await create_room(gateway)
+    async with httpx2.AsyncClient(base_url=gateway.url, timeout=scaled(10)) as http:
+        for i in range(6):
+            upstream.script(Scenario(tokens=[f"answer{i} ", "line\n" * 8]))
+            response = await http.post(
+                f"/api/rooms/{room['id']}/messages",
+                json={"content": f"question {i}"},
+                headers={"accept": "text/event-stream"},
+            )
+            assert "event: done" in response.text
+    page = await open_page(f"/#/rooms/{room['id']}", gateway_=gateway)
+    messages = page.locator("#messages .message")
+    await expect(messages).to_have_count(4)
+    await expect(messages.first).to_contain_text("question 4")
+
+    for count in (8, 12):
+        first_id = await messages.first.get_attribute("data-id")
+        shown_first = page.locator(f'#messages [data-id="{first_id}"]')
+        await page.locator("#messages").evaluate("list => list.scrollTo(0, 0)")
+        await expect(messages).to_have_count(count)
+        await expect(shown_first).to_be_in_viewport()  # the reader stays where they were
+    await expect(messages.first).to_contain_text("question 0")
+    await expect(page.locator(".load-earlier")).to_have_count(0)
+    assert page_errors == []
