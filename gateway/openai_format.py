@@ -26,6 +26,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.errors import BadRequest, GatewayError, NotFound
+from gateway.protocol import parse_json
 
 ROOM_MODEL_PREFIX = "room:"
 
@@ -93,10 +94,7 @@ def parse_request(raw: bytes) -> ChatRequest:
     """A chat-completion request body, checked; :class:`BadRequest` with a code that
     says what is wrong (``invalid_json``, ``invalid_body``, ``unsupported_parameter``,
     ``invalid_messages``), or ``model_not_found``."""
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
+    data = parse_json(raw)  # no U+0000: nothing stores it
     try:
         body = _Request.model_validate(data)
     except ValidationError as exc:

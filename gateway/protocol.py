@@ -234,16 +234,23 @@ def parse_body(model: type[BodyT], raw: bytes, *, optional: bool = False) -> Bod
     With ``optional``, an empty body means all defaults."""
     if optional and not raw.strip():
         return model()
+    data = parse_json(raw)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(_describe(exc, skip=0, whole="body"), code="invalid_body") from None
+
+
+def parse_json(raw: bytes) -> Any:
+    """A JSON request body, with no U+0000 in any string; :class:`BadRequest`
+    (``invalid_json``, ``invalid_character``) otherwise."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
     if b"\\u0000" in raw:
         _refuse_nul(data, "body")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise BadRequest(_describe(exc, skip=0, whole="body"), code="invalid_body") from None
+    return data
 
 
 def _refuse_nul(data: Any, where: str) -> None:

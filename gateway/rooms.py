@@ -1,15 +1,19 @@
-"""Room use cases for the REST API: create, list, read, update, delete, history."""
+"""Room use cases for the REST API: create, list, read, update, delete, history,
+export and import."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
+from gateway import roomfile
 from gateway.access import OPEN, Viewer
 from gateway.chat import ChatService
-from gateway.errors import Forbidden
+from gateway.errors import BadRequest, Forbidden
 from gateway.protocol import RoomCreate, RoomUpdate
 from gateway.store.db import Database
-from gateway.store.models import Room, RoomGrant, new_id
+from gateway.store.models import Message, Room, RoomGrant, message_row, new_id, utcnow
 from gateway.store.repository import MessageStore, load_message, load_room, room_not_found
 
 
@@ -25,26 +29,55 @@ class RoomService:
         self.chat = chat
 
     async def create(self, body: RoomCreate, viewer: Viewer = OPEN) -> dict[str, Any]:
-        persona = body.persona
-        room = Room(
-            id=new_id("room"),
-            name=body.name,
-            system_prompt=persona.system_prompt or "",
-            model=persona.model,
-            temperature=persona.temperature,
-            max_tokens=persona.max_tokens,
-            context_tokens=persona.context_tokens,
-            owner=viewer.key_name,
-            private=body.private,
-            secret_prompt=body.secret_prompt,
-            grants=[RoomGrant(key_name=name) for name in sorted(set(body.grants))],
-            checks=body.checks,
-        )
+        room = _new_room(body, viewer)
         async with self.db.transaction() as session:
             await MessageStore(session).add_room(room)
             view = room.to_dict(owner_view=True)
         self.chat.room_created(room)  # committed
         return view
+
+    async def export(self, room_id: str, viewer: Viewer = OPEN) -> dict[str, Any]:
+        """The whole room as a room file (:mod:`gateway.roomfile`), as ``viewer`` may
+        see it: a secret system prompt and hidden messages' content for the owner only."""
+        async with self.db.read() as session:
+            store = MessageStore(session)
+            room = await self._visible(store, room_id, viewer)
+            owner = viewer.owns(room)
+            views = [m.to_dict(reveal_hidden=owner) for m in await store.tree(room_id)]
+            return roomfile.export(room.to_dict(owner_view=owner), views, utcnow())
+
+    async def export_markdown(self, room_id: str, viewer: Viewer = OPEN) -> str:
+        """The room's active branch as Markdown."""
+        async with self.db.read() as session:
+            store = MessageStore(session)
+            room = await self._visible(store, room_id, viewer)
+            branch = [m.to_dict() for m in await store.branch(room.active_leaf_id)]
+            return roomfile.markdown(room.to_dict(owner_view=viewer.owns(room)), branch)
+
+    async def import_room(self, data: Any, viewer: Viewer = OPEN) -> dict[str, Any]:
+        """A new room from a room file: new ids, the tree and the active branch kept,
+        owned by ``viewer``. Checked whole before anything is stored."""
+        file = roomfile.read_import(data)
+        try:
+            body = RoomCreate(**file.room.model_dump())
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(("room", *map(str, first["loc"])))
+            raise BadRequest(f"{where}: {first['msg']}", code="invalid_room_file") from None
+        room = _new_room(body, viewer)
+        ids = [new_id("msg") for _ in file.messages]
+        rows = [
+            message_row(_imported_message(room.id, ids, i, imported))
+            for i, imported in enumerate(file.messages)
+        ]
+        leaf = file.active_leaf if file.active_leaf is not None else len(ids) - 1
+        room.active_leaf_id = ids[leaf] if ids else None
+        async with self.db.transaction() as session:
+            store = MessageStore(session)
+            await store.add_room(room)
+            await store.add_messages(rows)
+            view = room.to_dict(owner_view=True)
+        return {**view, "messages": len(rows)}
 
     async def list(
         self, *, limit: int = 100, offset: int = 0, viewer: Viewer = OPEN
@@ -152,3 +185,59 @@ class RoomService:
         if not viewer.owns(room):
             raise Forbidden("only the room's owner may change or delete it", code="not_room_owner")
         return room
+
+
+def _new_room(body: RoomCreate, viewer: Viewer) -> Room:
+    """A new room as ``body`` asks, owned by ``viewer``."""
+    persona = body.persona
+    return Room(
+        id=new_id("room"),
+        name=body.name,
+        system_prompt=persona.system_prompt or "",
+        model=persona.model,
+        temperature=persona.temperature,
+        max_tokens=persona.max_tokens,
+        context_tokens=persona.context_tokens,
+        owner=viewer.key_name,
+        private=body.private,
+        secret_prompt=body.secret_prompt,
+        grants=[RoomGrant(key_name=name) for name in sorted(set(body.grants))],
+        checks=body.checks,
+    )
+
+
+def _imported_message(
+    room_id: str, ids: list[str], index: int, imported: roomfile.ImportedMessage
+) -> Message:
+    """Message ``index`` of a room file as stored in the new room (``ids``: the new
+    ids, by position in the file). An answer that was streaming when exported is stored as
+    interrupted: nothing will finish it here."""
+    fields = imported.fields
+    parent = ids[imported.parent] if imported.parent is not None else None
+    message = Message(
+        id=ids[index],
+        room_id=room_id,
+        parent_id=parent,
+        role=fields.role,
+        content=fields.content,
+        status="interrupted" if fields.status == "streaming" else fields.status,
+        hidden=fields.hidden,
+        created_at=fields.created_at,
+        updated_at=fields.created_at,
+    )
+    if fields.role == "assistant":
+        message.generation_id = new_id("gen")
+        message.params = {
+            "model": fields.model,
+            "temperature": fields.temperature,
+            "max_tokens": fields.max_tokens,
+        }
+        message.author_name = fields.model
+        message.finish_reason = fields.finish_reason
+        message.usage = fields.usage
+        message.timing = fields.timing
+        message.error = fields.error
+    elif fields.author is not None:
+        message.author_id = fields.author.id
+        message.author_name = fields.author.name
+    return message

@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     # page by page over REST, this many by default): joining costs the same whatever
     # a room's length, and what one joining client can make the server hold is bounded.
     page_messages: int = Field(50, ge=1, le=1000)
+    # A room file (POST /api/rooms/import) may be this big; other bodies 1 MiB.
+    import_max_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     ready_max_bytes: int = Field(256 * 1024, ge=1024)
     checkpoint_interval: float = Field(0.5, gt=0)
 

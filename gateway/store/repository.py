@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Collection, Sequence
 
-from sqlalchemy import literal, select, update
+from sqlalchemy import insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.errors import NotFound
@@ -82,6 +82,21 @@ class MessageStore:
         first, and whether older ones are left out."""
         messages = await self.branch(leaf_id, limit + 1)
         return (messages[1:], True) if len(messages) > limit else (messages, False)
+
+    async def tree(self, room_id: str) -> list[Message]:
+        """Every message of the room, every branch, oldest first."""
+        query = (
+            select(Message)
+            .where(Message.room_id == room_id)
+            .order_by(Message.created_at, Message.id)
+        )
+        return list((await self.session.scalars(query)).all())
+
+    async def add_messages(self, rows: Sequence[dict]) -> None:
+        """Insert messages (column values: :func:`~gateway.store.models.message_row`),
+        parents first, in one statement per batch."""
+        if rows:
+            await self.session.execute(insert(Message), list(rows))
 
     async def siblings(self, room_id: str, messages: Sequence[Message]) -> dict[str, list[str]]:
         """For each message: the ids of all versions under the same parent, oldest first."""

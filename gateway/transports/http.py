@@ -33,6 +33,7 @@ from gateway.protocol import (
     RoomUpdate,
     TypingBody,
     parse_body,
+    parse_json,
 )
 from gateway.rooms import RoomService
 from gateway.transports import error_body_for, sse
@@ -56,15 +57,13 @@ def error_response(exc: GatewayError, path: str) -> JSON:
     return response
 
 
-async def read_body(request: Request) -> bytes:
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PayloadTooLarge(
-                f"request body exceeds {MAX_BODY_BYTES} bytes", code="body_too_large"
-            )
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes", code="body_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -166,6 +165,29 @@ async def list_messages(request: Request) -> Response:
         include_hidden=include_hidden,
     )
     return JSON({"messages": messages, "earlier": earlier})
+
+
+async def export_room(request: Request) -> Response:
+    """The whole room as a room file (JSON), or ``?format=markdown``: its active branch
+    as Markdown."""
+    room_id = request.path_params["room_id"]
+    kind = request.query_params.get("format", "json")
+    if kind not in ("json", "markdown"):
+        raise BadRequest("format must be json or markdown", code="invalid_query")
+    if kind == "markdown":
+        text = await _rooms(request).export_markdown(room_id, _viewer(request))
+        headers = {"content-disposition": f'attachment; filename="{room_id}.md"'}
+        return Response(text, media_type="text/markdown; charset=utf-8", headers=headers)
+    exported = await _rooms(request).export(room_id, _viewer(request))
+    headers = {"content-disposition": f'attachment; filename="{room_id}.json"'}
+    return JSON(exported, headers=headers)
+
+
+async def import_room(request: Request) -> Response:
+    """A new room from a room file (``GET .../export``): ``201`` with the room."""
+    limit: int = request.state.chat.settings.import_max_bytes
+    data = parse_json(await read_body(request, limit))
+    return JSON(await _rooms(request).import_room(data, _viewer(request)), status_code=201)
 
 
 def wants_event_stream(request: Request) -> bool:
@@ -352,10 +374,12 @@ routes = [
     Route("/api/info", info, methods=["GET"]),
     Route("/api/rooms", list_rooms, methods=["GET"]),
     Route("/api/rooms", create_room, methods=["POST"]),
+    Route("/api/rooms/import", import_room, methods=["POST"]),
     Route("/api/rooms/{room_id:id}", get_room, methods=["GET"]),
     Route("/api/rooms/{room_id:id}", update_room, methods=["PATCH"]),
     Route("/api/rooms/{room_id:id}", delete_room, methods=["DELETE"]),
     Route("/api/rooms/{room_id:id}/messages", list_messages, methods=["GET"]),
+    Route(f"{ROOM}/export", export_room, methods=["GET"]),
     Route(MESSAGE, get_message, methods=["GET"]),
     Route(f"{MESSAGE}/regenerate", regenerate, methods=["POST"]),
     Route(f"{MESSAGE}/select", select, methods=["POST"]),
