@@ -27,6 +27,7 @@ from gateway.providers.base import ChatProvider
 from gateway.providers.moderation import Moderator
 from gateway.quotas import Quotas
 from gateway.rooms import RoomService
+from gateway.search import SearchService
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store.db import Database
 from gateway.store.repository import MessageStore
@@ -260,6 +261,7 @@ def create_app(
                 "access": access,
                 "chat": chat,
                 "rooms": RoomService(db, chat),
+                "search": SearchService(db),
                 "drain": drain,
             }
         finally:

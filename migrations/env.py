@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from gateway.store.models import Base
+from gateway.store.models import Base, described_by_models
 
 config = context.config
 if config.config_file_name is not None and not config.attributes.get("database_url"):
@@ -38,6 +38,7 @@ def run_migrations(connection: Connection) -> None:
         # SQLite cannot ALTER most things; batch mode rebuilds tables instead.
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        include_object=described_by_models,
     )
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":

@@ -21,13 +21,17 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
 from gateway.store.db import alembic_config
-from gateway.store.models import Base
+from gateway.store.models import Base, described_by_models
 from tests.conftest import scaled
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-TABLES = {"rooms", "messages", "room_grants"}
+TABLES = {"rooms", "messages", "room_grants", "message_search"}
+FTS_TABLES = {
+    "messages_fts",
+    *(f"messages_fts_{t}" for t in ("data", "idx", "content", "docsize", "config")),
+}
 
 
 def alembic_command() -> str:
@@ -82,7 +86,7 @@ def test_single_head() -> None:
 def test_upgrade_head_from_empty_then_downgrade_base(tmp_path: Path) -> None:
     db = tmp_path / "m.db"
     upgraded(db)
-    assert sqlite_tables(db) == {*TABLES, "alembic_version"}
+    assert sqlite_tables(db) == {*TABLES, *FTS_TABLES, "alembic_version"}
     assert alembic_versions(db) == [head_revision()]
 
     result = alembic(db, "downgrade", "base")
@@ -91,7 +95,7 @@ def test_upgrade_head_from_empty_then_downgrade_base(tmp_path: Path) -> None:
     assert alembic_versions(db) == []
 
     upgraded(db)  # and back up again, on the same file
-    assert sqlite_tables(db) == {*TABLES, "alembic_version"}
+    assert sqlite_tables(db) == {*TABLES, *FTS_TABLES, "alembic_version"}
 
 
 def test_models_match_migrations(tmp_path: Path) -> None:
@@ -101,7 +105,8 @@ def test_models_match_migrations(tmp_path: Path) -> None:
     try:
         with engine.connect() as conn:
             # The same comparison options as migrations/env.py uses for autogenerate.
-            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            opts = {"compare_type": True, "include_object": described_by_models}
+            context = MigrationContext.configure(conn, opts=opts)
             diffs = compare_metadata(context, Base.metadata)
     finally:
         engine.dispose()
@@ -114,3 +119,29 @@ def test_alembic_check_passes(tmp_path: Path) -> None:
     result = alembic(db, "check")
     assert result.returncode == 0, result
     assert "No new upgrade operations detected" in result.stdout + result.stderr
+
+
+def test_messages_stored_before_the_search_index_are_found_after_upgrading(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "m.db"
+    assert alembic(db, "upgrade", "0004").returncode == 0
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(
+            "INSERT INTO rooms (id, name, system_prompt, private, secret_prompt, created_at,"
+            " updated_at) VALUES ('r', 'r', '', 0, 0, '2026-01-01', '2026-01-01')"
+        )
+        conn.execute(
+            "INSERT INTO messages (id, room_id, role, content, status, hidden, created_at,"
+            " updated_at) VALUES ('m1', 'r', 'user', '古い天気の話', 'complete', 0,"
+            " '2026-01-01', '2026-01-01'), ('m2', 'r', 'assistant', 'half', 'streaming', 0,"
+            " '2026-01-01', '2026-01-01')"
+        )
+    upgraded(db)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        query = (
+            "SELECT s.message_id FROM messages_fts JOIN message_search s"
+            " ON s.rowid = messages_fts.rowid WHERE messages_fts MATCH ?"
+        )
+        assert conn.execute(query, ('"天気の"',)).fetchall() == [("m1",)]
+        assert conn.execute(query, ('"half"',)).fetchall() == []  # streaming: not yet

@@ -36,6 +36,7 @@ from gateway.protocol import (
     parse_json,
 )
 from gateway.rooms import RoomService
+from gateway.search import SearchService
 from gateway.transports import error_body_for, sse
 from gateway.transports.guard import sender_of, viewer_of
 from gateway.transports.sse import GenerationFilter, event_stream
@@ -188,6 +189,23 @@ async def import_room(request: Request) -> Response:
     limit: int = request.state.chat.settings.import_max_bytes
     data = parse_json(await read_body(request, limit))
     return JSON(await _rooms(request).import_room(data, _viewer(request)), status_code=201)
+
+
+async def search(request: Request) -> Response:
+    """Messages holding every word of ``?q=``, best first, in the rooms the caller may
+    see (``?room=``: one of them), ``?limit=`` (1-100, 20) from ``?offset=``."""
+    service: SearchService = request.state.search
+    limit = _int_param(request, "limit", 20, 100)
+    if limit == 0:
+        raise BadRequest("limit must be an integer from 1 to 100", code="invalid_query")
+    found = await service.search(
+        request.query_params.get("q", ""),
+        _viewer(request),
+        room_id=_id_param(request, "room"),
+        limit=limit,
+        offset=_int_param(request, "offset", 0, 10**6),
+    )
+    return JSON(found)
 
 
 def wants_event_stream(request: Request) -> bool:
@@ -372,6 +390,7 @@ routes = [
     Route("/readyz", readyz),
     Route("/api/tokens", create_token, methods=["POST"]),
     Route("/api/info", info, methods=["GET"]),
+    Route("/api/search", search, methods=["GET"]),
     Route("/api/rooms", list_rooms, methods=["GET"]),
     Route("/api/rooms", create_room, methods=["POST"]),
     Route("/api/rooms/import", import_room, methods=["POST"]),
