@@ -5,6 +5,7 @@ import { RoomConnection } from "./connection.js";
 import { Conversation } from "./conversation.js";
 import { identity, nameProblem } from "./identity.js";
 import { People } from "./people.js";
+import { Search } from "./search.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -12,6 +13,8 @@ const ui = {
   sidebar: $("sidebar"),
   toggleSidebar: $("toggle-sidebar"),
   roomList: $("room-list"),
+  search: $("search"),
+  searchResults: $("search-results"),
   newRoom: $("new-room"),
   roomName: $("room-name"),
   roomPersona: $("room-persona"),
@@ -56,9 +59,11 @@ let rooms = [];
 let roomId = null;
 let connection = null;
 let linkState = null; // the connection's state: connecting, connected, reconnecting, closed
+let focusId = null; // a message to show once the room is open (a search result)
 const pending = new Map(); // client id -> content of a send not yet confirmed
 
 const people = new People(() => showPeople());
+new Search(ui.search, ui.searchResults, (showing) => (ui.roomList.hidden = showing), showNotice);
 const conversation = new Conversation(
   ui.messages,
   {
@@ -122,22 +127,30 @@ async function fetchMessage(messageId, query) {
 // `ready` and `branch` hold only the newest messages of a long conversation
 // (docs/protocol.md): older ones come over REST a page at a time (the server's page
 // size), as the reader scrolls up (or asks with the button on top).
-let loadingEarlier = null; // the room whose older page is being fetched
+let loadingEarlier = null; // {id, before, done}: the older page being fetched
 
-async function loadEarlier() {
+/** Fetch the page above the oldest message held (once, however many ask at a time);
+ * resolves to whether it was added. */
+function loadEarlier() {
   const id = roomId;
   const before = conversation.oldestId;
-  if (!id || !before || loadingEarlier === id) return;
-  loadingEarlier = id;
-  try {
-    const path = `/api/rooms/${encodeURIComponent(id)}/messages?before=${encodeURIComponent(before)}`;
-    const { messages, earlier } = await api.get(path);
-    if (id === roomId) conversation.prependEarlier(messages, before, earlier);
-  } catch (error) {
-    showNotice(`Could not load the earlier messages: ${error.message}`);
-  } finally {
-    if (loadingEarlier === id) loadingEarlier = null;
-  }
+  if (!id || !before) return Promise.resolve(false);
+  if (loadingEarlier?.id === id && loadingEarlier.before === before) return loadingEarlier.done;
+  const done = (async () => {
+    try {
+      const path = `/api/rooms/${encodeURIComponent(id)}/messages?before=${encodeURIComponent(before)}`;
+      const { messages, earlier } = await api.get(path);
+      if (id === roomId) conversation.prependEarlier(messages, before, earlier);
+      return id === roomId;
+    } catch (error) {
+      showNotice(`Could not load the earlier messages: ${error.message}`);
+      return false;
+    } finally {
+      if (loadingEarlier?.done === done) loadingEarlier = null;
+    }
+  })();
+  loadingEarlier = { id, before, done };
+  return done;
 }
 
 // --- rooms ----------------------------------------------------------------------
@@ -283,12 +296,38 @@ async function deleteRoom() {
 // --- the open room --------------------------------------------------------------
 
 function route() {
-  const match = location.hash.match(/^#\/rooms\/([^/]+)$/);
+  const match = location.hash.match(/^#\/rooms\/([^/]+)(?:\/messages\/([^/]+))?$/);
+  focusId = match?.[2] ? decodeURIComponent(match[2]) : null;
   openRoom(match ? decodeURIComponent(match[1]) : null);
+  if (focusId && conversation.room) reveal(); // already open
+}
+
+/** Show the message `focusId` of the open room: paged in from further back if need
+ * be; if it is on another version of the conversation, offer to switch to it. */
+async function reveal() {
+  const id = focusId;
+  const room = roomId;
+  while (!conversation.find(id) && conversation.earlier && room === roomId && id === focusId) {
+    if (!(await loadEarlier())) return;
+  }
+  if (room !== roomId || id !== focusId) return;
+  focusId = null;
+  if (conversation.find(id)) {
+    conversation.focus(id);
+    return;
+  }
+  showNotice("That message is in another version of this conversation.", {
+    retry: () => {
+      focusId = id; // shown when the branch arrives
+      act({ type: "select", message_id: id });
+    },
+    label: "Show that version",
+  });
 }
 
 function openRoom(id) {
   if (id === roomId && connection) return;
+  if (roomId !== null) ui.search.querySelector("input").blur();
   connection?.close();
   connection = null;
   roomId = id;
@@ -327,6 +366,10 @@ function onFrame(frame) {
     case "resync":
     case "room":
       showRoomHeader(frame.room);
+      if (frame.type !== "room" && focusId) reveal();
+      break;
+    case "branch":
+      if (focusId) reveal();
       break;
     case "message":
       if (frame.id) pending.delete(frame.id);
@@ -486,9 +529,10 @@ function updateControls() {
 
 let noticeRetry = null;
 
-function showNotice(text, { retry = null } = {}) {
+function showNotice(text, { retry = null, label = "Retry" } = {}) {
   ui.noticeText.textContent = text;
   noticeRetry = retry;
+  ui.noticeRetry.textContent = label;
   ui.noticeRetry.hidden = !retry;
   ui.notice.hidden = false;
 }

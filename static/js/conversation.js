@@ -33,6 +33,7 @@ export class Conversation {
     this.live = null; // {generation_id, message_id, seq} of the running answer
     this.earlier = false; // older messages of the branch are not held (paged in on demand)
     this.anchor = null; // after older messages are put on top: the distance to the bottom to keep
+    this.focusId = null; // a message to scroll to and mark once drawn (a search result)
     this.editing = null; // {id, element} of the user message being edited in place
     this.peeks = new Map(); // message id -> text of a hidden message the owner asked to read
     this.dirty = new Set();
@@ -139,6 +140,13 @@ export class Conversation {
     this.schedule();
   }
 
+  /** Scroll to the message `id` (held) and mark it, once drawn. */
+  focus(id) {
+    this.focusId = id;
+    this.redrawAll = true;
+    this.schedule();
+  }
+
   /** The id of the oldest message held, above which the next older page goes. */
   get oldestId() {
     return this.messages[0]?.id ?? null;
@@ -238,6 +246,13 @@ export class Conversation {
       list.scrollTop = list.scrollHeight - this.anchor;
       this.anchor = null;
     } else if (following) list.scrollTop = list.scrollHeight;
+    if (this.focusId) {
+      const found = list.querySelector(`[data-id="${CSS.escape(this.focusId)}"]`);
+      this.focusId = null;
+      for (const old of list.querySelectorAll(".message.found")) old.classList.remove("found");
+      found?.classList.add("found");
+      found?.scrollIntoView({ block: "center" });
+    }
     this.actions.onChange?.();
   }
 
