@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 
+from gateway.testing.fake_upstream import FakeUpstream, Scenario
 from tests.conftest import Gateway, scaled
 
 try:
@@ -115,3 +117,23 @@ async def open_page(browser: Browser, gateway: Gateway, page_errors: PageErrors)
 async def screenshot(page: Page, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=SCREENSHOTS / f"{name}.png")
+
+
+async def fill_room(
+    gateway: Gateway,
+    upstream: FakeUpstream,
+    room_id: str,
+    questions: Sequence[str],
+    answer: Callable[[int], list[str]],
+) -> None:
+    """Post each of ``questions`` over REST and wait for its answer (``answer(i)``: the
+    tokens of the i-th)."""
+    async with httpx2.AsyncClient(base_url=gateway.url, timeout=scaled(10)) as http:
+        for i, question in enumerate(questions):
+            upstream.script(Scenario(tokens=answer(i)))
+            response = await http.post(
+                f"/api/rooms/{room_id}/messages",
+                json={"content": question},
+                headers={"accept": "text/event-stream"},
+            )
+            assert "event: done" in response.text

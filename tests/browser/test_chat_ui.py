@@ -9,7 +9,7 @@ import httpx2
 from playwright.async_api import Page, WebSocketRoute, expect
 
 from gateway.testing.fake_upstream import FakeUpstream, Scenario
-from tests.browser.conftest import PageErrors, screenshot
+from tests.browser.conftest import PageErrors, fill_room, screenshot
 from tests.conftest import Gateway, create_room, scaled
 
 ANSWER = [f"word{i} " for i in range(30)]
@@ -460,15 +460,8 @@ async def test_a_long_room_shows_its_newest_messages_and_the_earlier_ones_on_req
     # out of it, and the page offers to load them.
     gateway = start_gateway(ready_max_bytes=2048)
     room = await create_room(gateway)
-    async with httpx2.AsyncClient(base_url=gateway.url, timeout=scaled(10)) as http:
-        for i in range(6):
-            upstream.script(Scenario(tokens=[f"answer{i} ", "x" * 300]))
-            response = await http.post(
-                f"/api/rooms/{room['id']}/messages",
-                json={"content": f"question {i}"},
-                headers={"accept": "text/event-stream"},
-            )
-            assert "event: done" in response.text
+    questions = [f"question {i}" for i in range(6)]
+    await fill_room(gateway, upstream, room["id"], questions, lambda i: [f"answer{i} ", "x" * 300])
     page = await open_page(f"/#/rooms/{room['id']}", gateway_=gateway)
     await expect(page.locator(".message.user").last).to_contain_text("question 5")
     await expect(page.locator(".message.user", has_text="question 0")).to_have_count(0)
@@ -484,15 +477,10 @@ async def test_scrolling_up_a_long_room_loads_it_a_page_at_a_time(
 ) -> None:
     gateway = start_gateway(page_messages=4)  # 12 messages: 3 pages
     room = await create_room(gateway)
-    async with httpx2.AsyncClient(base_url=gateway.url, timeout=scaled(10)) as http:
-        for i in range(6):
-            upstream.script(Scenario(tokens=[f"answer{i} ", "line\n" * 8]))
-            response = await http.post(
-                f"/api/rooms/{room['id']}/messages",
-                json={"content": f"question {i}"},
-                headers={"accept": "text/event-stream"},
-            )
-            assert "event: done" in response.text
+    questions = [f"question {i}" for i in range(6)]
+    await fill_room(
+        gateway, upstream, room["id"], questions, lambda i: [f"answer{i} ", "line\n" * 8]
+    )
     page = await open_page(f"/#/rooms/{room['id']}", gateway_=gateway)
     messages = page.locator("#messages .message")
     await expect(messages).to_have_count(4)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx2
 from playwright.async_api import expect
 
-from gateway.testing.fake_upstream import FakeUpstream, Scenario
-from tests.browser.conftest import PageErrors, screenshot
-from tests.conftest import create_room, scaled
+from gateway.testing.fake_upstream import FakeUpstream
+from tests.browser.conftest import PageErrors, fill_room, screenshot
+from tests.conftest import create_room
 
 
 async def test_a_search_result_opens_its_room_at_the_message_found(
@@ -19,16 +18,8 @@ async def test_a_search_result_opens_its_room_at_the_message_found(
     gateway = start_gateway(page_messages=4)  # the found message is pages back
     room = await create_room(gateway)
     other = await create_room(gateway)
-    async with httpx2.AsyncClient(base_url=gateway.url, timeout=scaled(10)) as http:
-        questions = ["Where do <b>turnips</b> grow?", *(f"question {i}" for i in range(6))]
-        for content in questions:
-            upstream.script(Scenario(tokens=["answer ", "line\n" * 6]))
-            response = await http.post(
-                f"/api/rooms/{room['id']}/messages",
-                json={"content": content},
-                headers={"accept": "text/event-stream"},
-            )
-            assert "event: done" in response.text
+    questions = ["Where do <b>turnips</b> grow?", *(f"question {i}" for i in range(6))]
+    await fill_room(gateway, upstream, room["id"], questions, lambda i: ["answer ", "line\n" * 6])
 
     page = await open_page(f"/#/rooms/{other['id']}", gateway_=gateway)
     await page.fill("#search-input", "turnips")
