@@ -10,7 +10,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, TypedDict
 
 from starlette.applications import Starlette
@@ -20,6 +19,7 @@ from starlette.routing import Mount
 
 from gateway.access import AccessControl, parse_keys, read_keys_file
 from gateway.broker.base import EventBus, RoomLeases
+from gateway.bundled import bundled_dir
 from gateway.chat import ChatService
 from gateway.eventlog import EventLogs
 from gateway.hub import RoomHub
@@ -38,7 +38,7 @@ from gateway.transports.web import SecurityHeaders, UIFiles
 
 log = logging.getLogger("gateway")
 
-STATIC = Path(__file__).resolve().parent.parent / "static"
+STATIC = bundled_dir("static")
 
 
 class State(TypedDict):

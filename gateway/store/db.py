@@ -8,7 +8,6 @@ import fcntl
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 from alembic import command
@@ -20,9 +19,11 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from gateway.bundled import bundled_dir
+
 T = TypeVar("T")
 
-MIGRATIONS = Path(__file__).resolve().parent.parent.parent / "migrations"
+MIGRATIONS = bundled_dir("migrations")
 
 
 def alembic_config(database_url: str) -> Config:
