@@ -29,7 +29,7 @@ from gateway.quotas import Quotas
 from gateway.rooms import RoomService
 from gateway.search import SearchService
 from gateway.settings import Settings, SettingsError, load_settings
-from gateway.store.db import Database
+from gateway.store.db import Database, describe_database
 from gateway.store.repository import MessageStore
 from gateway.store.writer import Writer
 from gateway.transports import http, openai_api, websocket
@@ -161,6 +161,9 @@ def choose_provider(settings: Settings) -> str:
     """
     from gateway.providers.local import LocalModelMissing, check_available
 
+    if settings.local_model is not None and not settings.local_model.is_file():
+        # Whatever the mode: a model named but missing is a mistake, not "no model".
+        raise SettingsError(f"GATEWAY_LOCAL_MODEL={settings.local_model} is not a file")
     if settings.provider == "openai":
         return "openai"
     if settings.provider == "auto" and (settings.openai_api_key or settings.openai_base_url):
@@ -189,6 +192,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
         db = Database(settings.database_url)
+        log.info("database %s", describe_database(settings.database_url))
         await db.upgrade()
         redis = connect_redis(settings.redis_url) if settings.redis_url else None
         bus, leases = make_broker(settings, redis)

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from gateway.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("gateway")
 
+DESCRIPTION = """\
+Shared, persistent, streaming chat rooms in front of any OpenAI-compatible model.
+Settings come from the environment and .env (GATEWAY_*, OPENAI_*: see README)."""
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="chat-gateway", description=__doc__)
+    parser = argparse.ArgumentParser(prog="chat-gateway", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"chat-gateway {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the server")
@@ -34,8 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     db_commands = db.add_subparsers(dest="db_command", required=True)
     up = db_commands.add_parser("upgrade", help="migrate to the newest revision")
     up.add_argument("revision", nargs="?", default="head")
-    down = db_commands.add_parser("downgrade", help="migrate down (default: to empty)")
+    down = db_commands.add_parser(
+        "downgrade", help="migrate down (default: to empty, which deletes every room)"
+    )
     down.add_argument("revision", nargs="?", default="base")
+    down.add_argument("--yes", action="store_true", help="yes, drop what the revision drops")
 
     args = parser.parse_args(argv)
     overrides = {
@@ -51,13 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
 
     if args.command == "db":
-        from gateway.store import db as database
-
-        if args.db_command == "upgrade":
-            database.upgrade(settings.database_url, args.revision)
-        else:
-            database.downgrade(settings.database_url, args.revision)
-        return 0
+        return manage_database(settings, args)
 
     import uvicorn
 
@@ -83,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     warning = host_warning(settings)
     if warning is not None:
         log.warning(warning)
+    # Bound before anything slow (migrations, loading a model): a taken port is said
+    # at once, and "listening" is true when printed.
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        print(f"chat-gateway: {port_problem(settings.host, settings.port, exc)}", file=sys.stderr)
+        return 2
     print(f"chat-gateway listening on http://{settings.host}:{settings.port}", flush=True)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal with
     # the previous handlers restored. Make those no-ops, so a clean shutdown exits 0
@@ -90,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
     if args.workers > 1:
+        sock.close()  # uvicorn binds it again for its workers
         # Each worker builds its own app from the environment: pass the command
         # line's choices on to it that way.
         for key, value in overrides.items():
@@ -114,8 +127,67 @@ def main(argv: list[str] | None = None) -> int:
             **uvicorn_options(settings),
         )
     )
-    server.run()
+    server.run(sockets=[sock])
     return 0 if server.started else 3  # uvicorn's exit status for a failed startup
+
+
+def _version() -> str:
+    try:
+        return version("chat-gateway")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on ``host:port``, as uvicorn would bind it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def port_problem(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {host}:{port}: address already in use (another gateway?); "
+            "choose another port with --port or GATEWAY_PORT"
+        )
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {host}:{port}: permission denied (ports below 1024 need root)"
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc} (check --host and --port)"
+
+
+def manage_database(settings: Settings, args: argparse.Namespace) -> int:
+    """``db upgrade`` and ``db downgrade``, saying what they did."""
+    from gateway.store import db as database
+
+    where = database.describe_database(settings.database_url)
+    before = database.current_revision(settings.database_url)
+    if args.db_command == "downgrade":
+        if not args.yes:
+            print(
+                f"chat-gateway: db downgrade {args.revision} drops tables of {where}"
+                f"{' (every room and message)' if args.revision == 'base' else ''}; "
+                "run it again with --yes to go ahead",
+                file=sys.stderr,
+            )
+            return 2
+        database.downgrade(settings.database_url, args.revision)
+    else:
+        database.upgrade(settings.database_url, args.revision)
+    after = database.current_revision(settings.database_url)
+    if before == after:
+        print(f"{where}: already at revision {after or 'none (empty)'}; nothing to do")
+    else:
+        verb = "downgraded" if args.db_command == "downgrade" else "upgraded"
+        print(f"{where}: {verb} from {before or 'empty'} to {after or 'empty'}")
+    return 0
 
 
 def host_warning(settings: Settings) -> str | None:
@@ -146,6 +218,19 @@ def configure_logging(level: str) -> None:
         level=level.upper() if level != "trace" else logging.DEBUG,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Alembic lists every plugin it sets up, and its dialect, at INFO at each start:
+    # noise. What it migrates stays.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    migration = logging.getLogger("alembic.runtime.migration")
+    if not any(isinstance(f, QuietAlembic) for f in migration.filters):
+        migration.addFilter(QuietAlembic())
+
+
+class QuietAlembic(logging.Filter):
+    """Drops alembic's "Context impl ..." and "Will assume ... DDL" lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Context impl", "Will assume"))
 
 
 def worker_app() -> Any:

@@ -149,6 +149,10 @@ def test_serve_creates_schema_serves_and_chats(serve: Any, tmp_path: Path) -> No
     logs = served.logs()
     assert "provider openai" in logs, logs
     assert f"listening on http://127.0.0.1:{served.port}" in logs
+    # Which database it opened, as an absolute path (a relative URL depends on the
+    # folder it was started in); no alembic plugin lines.
+    assert f"INFO gateway: database sqlite+aiosqlite:///{db}" in logs, logs
+    assert "alembic.runtime.plugins" not in logs and "Context impl" not in logs
 
 
 def test_serve_without_upstream_logs_the_local_model_it_chose(serve: Any) -> None:
@@ -338,6 +342,47 @@ def test_serving_beyond_loopback_without_allowed_hosts_warns_at_start(
     assert "address already in use" in configured.stderr.lower(), configured.stderr
 
 
+def test_a_taken_port_is_said_at_once_naming_the_option(
+    tmp_path: Path, upstream_server: FakeUpstreamServer
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run_cli(tmp_path, upstream_server, "serve", "--port", port)
+    assert result.returncode == 2, result
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in result.stderr
+    assert "--port or GATEWAY_PORT" in result.stderr
+    assert "listening" not in result.stdout
+    assert not (tmp_path / "g.db").exists()  # before migrating or loading anything
+
+
+def test_a_local_model_that_is_not_a_file_is_refused_whatever_the_provider(
+    tmp_path: Path, upstream_server: FakeUpstreamServer
+) -> None:
+    for provider in ("auto", "openai", "local"):
+        result = run_cli(
+            tmp_path,
+            upstream_server,
+            "serve",
+            GATEWAY_PROVIDER=provider,
+            GATEWAY_LOCAL_MODEL=str(tmp_path / "missing.gguf"),
+        )
+        assert result.returncode == 2, (provider, result)
+        assert f"GATEWAY_LOCAL_MODEL={tmp_path / 'missing.gguf'} is not a file" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_version_and_a_clean_help(tmp_path: Path, upstream_server: FakeUpstreamServer) -> None:
+    version = run_cli(tmp_path, upstream_server, "--version")
+    assert version.returncode == 0
+    assert version.stdout.strip() == "chat-gateway 0.1.0"
+    for args in ((), ("serve",), ("db",), ("db", "downgrade")):
+        shown = run_cli(tmp_path, upstream_server, *args, "--help")
+        assert shown.returncode == 0, shown
+        assert "``" not in shown.stdout and "usage: chat-gateway" in shown.stdout
+
+
 def test_a_bad_allowed_host_exits_2_naming_the_variable(
     tmp_path: Path, upstream_server: FakeUpstreamServer
 ) -> None:
@@ -360,22 +405,32 @@ def test_several_workers_without_redis_is_refused_with_a_clear_error(
 # --------------------------------------------------------------------------- db
 
 
-def run_db(tmp_path: Path, upstream_server: FakeUpstreamServer, *args: str) -> None:
+def run_db(tmp_path: Path, upstream_server: FakeUpstreamServer, *args: str) -> str:
+    """``chat-gateway db ARGS``; what it printed."""
     result = run_cli(tmp_path, upstream_server, "db", *args)
     assert result.returncode == 0, result
+    return result.stdout
 
 
 def test_db_upgrade_then_downgrade(tmp_path: Path, upstream_server: FakeUpstreamServer) -> None:
     db = tmp_path / "g.db"
     db.touch()  # an empty file, as a fresh deployment might have
-    run_db(tmp_path, upstream_server, "upgrade")
+    said = run_db(tmp_path, upstream_server, "upgrade")
+    assert said == f"sqlite+aiosqlite:///{db}: upgraded from empty to {head_revision()}\n"
     assert {"rooms", "messages", "alembic_version"} <= sqlite_tables(db)
     assert alembic_versions(db) == [head_revision()]
 
-    run_db(tmp_path, upstream_server, "upgrade")  # already at head: a no-op
+    said = run_db(tmp_path, upstream_server, "upgrade")  # already at head: a no-op
+    assert said.endswith(f": already at revision {head_revision()}; nothing to do\n")
     assert alembic_versions(db) == [head_revision()]
 
-    run_db(tmp_path, upstream_server, "downgrade")
+    refused = run_cli(tmp_path, upstream_server, "db", "downgrade")
+    assert refused.returncode == 2
+    assert "drops tables" in refused.stderr and "--yes" in refused.stderr
+    assert alembic_versions(db) == [head_revision()]  # nothing dropped
+
+    said = run_db(tmp_path, upstream_server, "downgrade", "--yes")
+    assert said.endswith(f": downgraded from {head_revision()} to empty\n")
     assert not {"rooms", "messages"} & sqlite_tables(db)
     assert alembic_versions(db) == []
 

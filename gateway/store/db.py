@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -12,6 +13,7 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.ext.asyncio import (
     AsyncSession,
@@ -58,6 +60,32 @@ def _sqlite_file_lock(database_url: str) -> Iterator[None]:
 
 def downgrade(database_url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(database_url), revision)
+
+
+def current_revision(database_url: str) -> str | None:
+    """The schema's revision (None: empty), read without changing anything
+    (blocking; runs its own event loop)."""
+    return asyncio.run(_current_revision_async(database_url))
+
+
+async def _current_revision_async(database_url: str) -> str | None:
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(
+                lambda sync: MigrationContext.configure(sync).get_current_revision()
+            )
+    finally:
+        await engine.dispose()
+
+
+def describe_database(database_url: str) -> str:
+    """The database URL for a log line: the password hidden, a SQLite file's path
+    made absolute (a relative one depends on the folder the server started in)."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        url = url.set(database=os.path.abspath(url.database))
+    return url.render_as_string(hide_password=True)
 
 
 def _tune_sqlite(engine: Engine, begin: str) -> None:
