@@ -13,6 +13,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from gateway import logs
 from gateway.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("gateway")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"chat-gateway: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
 
     if args.command == "db":
         return manage_database(settings, args)
@@ -213,33 +214,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper() if level != "trace" else logging.DEBUG,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # Alembic lists every plugin it sets up, and its dialect, at INFO at each start:
-    # noise. What it migrates stays.
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
-    migration = logging.getLogger("alembic.runtime.migration")
-    if not any(isinstance(f, QuietAlembic) for f in migration.filters):
-        migration.addFilter(QuietAlembic())
-
-
-class QuietAlembic(logging.Filter):
-    """Drops alembic's "Context impl ..." and "Will assume ... DDL" lines."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("Context impl", "Will assume"))
-
-
 def worker_app() -> Any:
     """The app of one ``serve --workers N`` process (settings from the environment)."""
     from gateway.app import create_app
     from gateway.server import tune_gc
 
     settings = load_settings()
-    configure_logging(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     app = create_app(settings)
     tune_gc()
     return app

@@ -9,7 +9,7 @@ import time
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from gateway import protocol
+from gateway import logs, protocol
 from gateway.broker.base import EventBus
 from gateway.checks import CheckPipeline, Verdict
 from gateway.errors import CheckFailed, GatewayError, Unavailable, UpstreamError, internal_error
@@ -295,6 +295,21 @@ class GenerationTask:
                 exc = error or GatewayError(INTERRUPTED["message"], code="interrupted")
                 frame = protocol.error_frame(exc, generation_id=self.id, answer=view)
             self._bus.publish(self.room_id, frame)
+        timing = final["timing"] or {}
+        logs.event(
+            logs.answers,
+            "answer",
+            room=self.room_id,
+            generation=self.id,
+            sender=self.sender,
+            model=self.request.model,
+            status=status,
+            finish_reason=finish_reason,
+            ttft_ms=timing.get("first_token_ms"),
+            duration_ms=timing.get("duration_ms"),
+            tokens=(usage or {}).get("completion_tokens", self.seq),
+            error=error.code if error is not None else None,
+        )
 
     def _final(
         self,

@@ -96,6 +96,8 @@ def uvicorn_options(
         "ws_ping_timeout": settings.ws_ping_timeout,
         "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
         "timeout_graceful_shutdown": 10,
+        # Its lines go through the gateway's own logging (gateway.logs): one format.
+        "log_config": None,
     }
 
 

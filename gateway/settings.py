@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: LogLevel = "info"
+    # "json": one JSON object a line (uvicorn's lines too), for log shippers.
+    log_format: Literal["text", "json"] = "text"
 
     # Upstream: the names the openai SDK itself reads, without our prefix.
     openai_api_key: str | None = Field(

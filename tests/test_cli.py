@@ -468,3 +468,34 @@ def test_sigterm_with_websocket_and_event_stream_clients_mid_answer(serve: Any) 
     assert "Cancel" not in served.logs()
     assert frames[-1]["type"] == "error" and frames[-1]["code"] == "interrupted", frames[-3:]
     assert "event: error" in lines and '"code":"interrupted"' in "".join(lines), lines[-6:]
+
+
+def test_json_logs_have_a_line_per_answer_and_per_connection(serve: Any) -> None:
+    key = "sk-json-logs-123456"
+    served = serve(GATEWAY_LOG_FORMAT="json", GATEWAY_API_KEYS=f"alice={key}")
+    headers = {"authorization": f"Bearer {key}"}
+    response = httpx2.post(
+        f"{served.url}/api/rooms", json={"name": "logged"}, headers=headers, timeout=scaled(10)
+    )
+    room = response.json()
+    url = f"ws://127.0.0.1:{served.port}/ws/rooms/{room['id']}?name=Alice"
+    with ws_connect(url, additional_headers=headers, open_timeout=scaled(10)) as ws:
+        assert recv(ws)["type"] == "ready"
+        send(ws, {"type": "send", "content": "hi [[fake count=5 delay=0.01]]"})
+        until(ws, "done")
+    served.assert_stopped_gracefully(served.terminate())
+
+    text = served.stderr_path.read_text()
+    assert key not in text
+    lines = [orjson.loads(line) for line in text.splitlines() if line.strip()]  # all JSON
+    assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
+    answer = next(line for line in lines if line.get("event") == "answer")
+    assert answer["logger"] == "gateway.answers"
+    assert (answer["room"], answer["status"], answer["tokens"]) == (room["id"], "complete", 5)
+    assert answer["model"] == "fake-model" and answer["sender"] == "key:alice"
+    assert answer["ttft_ms"] >= 0 and answer["duration_ms"] >= answer["ttft_ms"]
+    closed = next(line for line in lines if line.get("event") == "connection closed")
+    assert closed["transport"] == "websocket" and closed["person"] == "alice"
+    assert closed["reason"] == "client_left" and closed["seconds"] > 0
+    assert any(line["logger"] == "uvicorn.access" for line in lines)
+    assert any(line["message"].startswith("database sqlite") for line in lines)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any, Literal, Protocol
 
@@ -31,7 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from gateway import protocol
+from gateway import logs, protocol
 from gateway.chat import ChatService
 from gateway.generations import Started
 from gateway.hub import Event, SlowConsumer, Subscriber, TokenRun
@@ -151,6 +152,8 @@ class EventStream(Response):
         self.wire: Wire | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        opened = time.monotonic()
+        outcome = "gone"
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             try:
@@ -172,6 +175,17 @@ class EventStream(Response):
         finally:
             self.chat.joining.leave(self.subscriber)
             self.cleanup.close()
+            subscriber = self.subscriber
+            logs.event(
+                logs.connections,
+                "connection closed",
+                transport="event-stream",
+                room=subscriber.room_id,
+                person=subscriber.person.id if subscriber.person else None,
+                sender=sender_of(scope),
+                seconds=round(time.monotonic() - opened, 3),
+                reason={"gone": "client_left", "stalled": "slow_client"}.get(outcome, "ended"),
+            )
 
     async def _stream(self, send: Send, receive: Receive) -> Literal["ended", "stalled", "gone"]:
         """Run the writer until the stream ends, the client leaves, or the server

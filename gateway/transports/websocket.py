@@ -23,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from gateway import protocol
+from gateway import logs, protocol
 from gateway.chat import ChatService
 from gateway.errors import (
     CLOSE_ROOM_GONE,
@@ -62,15 +63,29 @@ class Connection:
         self.person: Person | None = None  # known once the query is checked
         self.wire: Wire | None = websocket.scope.get("extensions", {}).get(WIRE_EXTENSION)
         self.subscriber: Subscriber | None = None
+        self.ended = "client_left"  # why the connection ended, for its log line
 
     async def serve(self) -> None:
         await self.websocket.accept()
+        opened = time.monotonic()
         try:
             with self.chat.quotas.connection(self.sender):
                 await self._serve()
         except RateLimited as exc:
+            self.ended = exc.code
             await self.websocket.send_text(protocol.encode(protocol.error_frame(exc)))
             await self.websocket.close(exc.close_code, exc.code)
+        finally:
+            logs.event(
+                logs.connections,
+                "connection closed",
+                transport="websocket",
+                room=self.room_id,
+                person=self.person.id if self.person else None,
+                sender=self.sender,
+                seconds=round(time.monotonic() - opened, 3),
+                reason=self.ended,
+            )
 
     async def _serve(self) -> None:
         try:
@@ -82,6 +97,7 @@ class Connection:
             )
             self.subscriber = subscriber
         except GatewayError as exc:
+            self.ended = exc.code
             await self.websocket.send_text(protocol.encode(protocol.error_frame(exc)))
             await self.websocket.close(exc.close_code, exc.code)
             return
@@ -100,8 +116,10 @@ class Connection:
             for task in done:
                 task.result()
             if cut in done:  # the server is stopping and cannot wait for this client
+                self.ended = "server_restarting"
                 await self._close(CLOSE_SERVICE_RESTART, "server restarting")
         except TimeoutError:
+            self.ended = "slow_client"
             log.info("closing a client of room %s that does not read its snapshot", self.room_id)
             await self._close(CLOSE_TRY_AGAIN_LATER, "too slow; reconnect")
         except WebSocketDisconnect:
@@ -155,12 +173,15 @@ class Connection:
                     # resume. Otherwise the room is gone for this client (room_deleted,
                     # room_not_found after its access was revoked).
                     code = CLOSE_TRY_AGAIN_LATER if final.get("retryable") else CLOSE_ROOM_GONE
+                    self.ended = final["code"]
                     await self.websocket.close(code, final["code"])
                     return
                 if subscriber.drained:  # the server is stopping; all was sent
+                    self.ended = "server_restarting"
                     await self._close(CLOSE_SERVICE_RESTART, "server restarting")
                     return
         except (SlowConsumer, TimeoutError):
+            self.ended = "slow_client"
             log.info("closing a slow client of room %s", self.room_id)
             await self._close(CLOSE_TRY_AGAIN_LATER, "too slow; reconnect")
 
