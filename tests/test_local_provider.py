@@ -18,6 +18,7 @@ import pytest
 from gateway.app import choose_provider
 from gateway.providers.base import CompletionRequest
 from gateway.providers.local import LocalModelMissing, LocalProvider, check_available
+from gateway.settings import SettingsError
 from tests.conftest import Client, console_script, create_room, scaled
 
 
@@ -227,10 +228,13 @@ def test_choice_follows_gateway_provider(make_settings: Any, tmp_path: Path) -> 
     missing = tmp_path / "missing.gguf"
     assert choose_provider(make_settings(provider="openai", openai_base_url=None)) == "openai"
     assert choose_provider(make_settings(provider="auto")) == "openai"
-    auto_without_model = make_settings(
-        provider="auto", openai_base_url=None, openai_api_key=None, local_model=missing
-    )
-    assert choose_provider(auto_without_model) == "none"
+    # A model named but missing is refused whatever the mode: not taken for "no model".
+    for provider in ("auto", "openai", "local"):
+        named_but_missing = make_settings(
+            provider=provider, openai_base_url=None, openai_api_key=None, local_model=missing
+        )
+        with pytest.raises(SettingsError, match=r"GATEWAY_LOCAL_MODEL=.* is not a file"):
+            choose_provider(named_but_missing)
     if MODEL is not None:
         local = make_settings(provider="local", openai_api_key=None)
         assert choose_provider(local) == "local"
@@ -252,5 +256,5 @@ def test_serve_with_an_unusable_local_model_exits_2_saying_why(tmp_path: Path) -
         timeout=scaled(60),
     )
     assert result.returncode == 2, result
-    assert "GATEWAY_PROVIDER=local" in result.stderr
+    assert f"GATEWAY_LOCAL_MODEL={tmp_path / 'missing.gguf'} is not a file" in result.stderr
     assert "Traceback" not in result.stderr
