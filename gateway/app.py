@@ -23,6 +23,7 @@ from gateway.bundled import bundled_dir
 from gateway.chat import ChatService
 from gateway.eventlog import EventLogs
 from gateway.hub import RoomHub
+from gateway.metrics import OFF, Metrics
 from gateway.providers.base import ChatProvider
 from gateway.providers.moderation import Moderator
 from gateway.quotas import Quotas
@@ -104,7 +105,9 @@ def _unavailable(settings: Settings) -> ChatProvider:
     return UnavailableProvider(reason)
 
 
-def make_broker(settings: Settings, redis: Any) -> tuple[EventBus, RoomLeases]:
+def make_broker(
+    settings: Settings, redis: Any, metrics: Metrics = OFF
+) -> tuple[EventBus, RoomLeases]:
     """The event bus and the room leases: on Redis when ``GATEWAY_REDIS_URL`` is set
     (several processes, sharing one connection), else in memory."""
     if redis is not None:
@@ -115,6 +118,7 @@ def make_broker(settings: Settings, redis: Any) -> tuple[EventBus, RoomLeases]:
             prefix=settings.redis_prefix,
             log_size=settings.event_buffer_size,
             log_seconds=settings.event_buffer_seconds,
+            metrics=metrics,
         )
         return RedisEventBus(backend, presence_seconds=settings.lease_seconds), RedisRoomLeases(
             backend, lease_seconds=settings.lease_seconds
@@ -187,6 +191,7 @@ def create_app(
     settings = settings or load_settings()
     make_provider = PROVIDERS[choose_provider(settings)] if provider is None else None
     access = access_control(settings)
+    metrics = Metrics(enabled=settings.metrics)
     redact_tokens_in_logs()
 
     @asynccontextmanager
@@ -195,7 +200,7 @@ def create_app(
         log.info("database %s", describe_database(settings.database_url))
         await db.upgrade()
         redis = connect_redis(settings.redis_url) if settings.redis_url else None
-        bus, leases = make_broker(settings, redis)
+        bus, leases = make_broker(settings, redis, metrics)
         # Answers other processes are streaming are theirs (or, if those died, the
         # leases' takeover ends them with their published text).
         streaming_elsewhere = await leases.generating()
@@ -221,12 +226,12 @@ def create_app(
             if settings.moderation_model
             else None
         )
-        writer = Writer(db)
+        writer = Writer(db, metrics)
         writer.start()
         chat = ChatService(
             db=db,
             writer=writer,
-            hub=RoomHub(settings.send_queue_size),
+            hub=RoomHub(settings.send_queue_size, metrics),
             bus=bus,
             leases=leases,
             provider=chosen,
@@ -244,6 +249,7 @@ def create_app(
                 ),
             ),
             moderator=moderator,
+            metrics=metrics,
         )
         await chat.start()
         draining: list[asyncio.Task[None]] = []
@@ -265,6 +271,7 @@ def create_app(
                 "access": access,
                 "chat": chat,
                 "rooms": RoomService(db, chat),
+                "metrics": metrics,
                 "search": SearchService(db),
                 "drain": drain,
             }
@@ -298,6 +305,7 @@ def create_app(
                 access=access,
                 allowed_origins=settings.allowed_origins,
                 allowed_hosts=settings.allowed_hosts,
+                metrics=metrics,
             ),
         ],
     )

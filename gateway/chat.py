@@ -25,6 +25,7 @@ from gateway.errors import NotFound
 from gateway.generations import GenerationRegistry
 from gateway.hub import RoomHub
 from gateway.joining import Joining
+from gateway.metrics import OFF, Metrics
 from gateway.planning import Defaults
 from gateway.presence import Presence
 from gateway.providers.base import ChatProvider, Moderation
@@ -59,7 +60,9 @@ class ChatService:
         settings: Settings,
         quotas: Quotas | None = None,
         moderator: Moderation | None = None,
+        metrics: Metrics = OFF,
     ) -> None:
+        self.metrics = metrics
         self.db = db
         self.hub = hub
         self.bus = bus
@@ -83,6 +86,7 @@ class ChatService:
             cache=self.cache,
             locks=self.locks,
             checkpoint_interval=settings.checkpoint_interval,
+            metrics=metrics,
         )
         self.presence = Presence(bus)
         self.joining = Joining(

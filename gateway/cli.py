@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from gateway import logs
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: None)
     if args.workers > 1:
         sock.close()  # uvicorn binds it again for its workers
+        if settings.metrics:
+            share_metrics_between_workers()
         # Each worker builds its own app from the environment: pass the command
         # line's choices on to it that way.
         for key, value in overrides.items():
@@ -130,6 +136,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     server.run(sockets=[sock])
     return 0 if server.started else 3  # uvicorn's exit status for a failed startup
+
+
+def share_metrics_between_workers() -> None:
+    """Give the workers one folder for their metrics (prometheus-client's multiprocess
+    mode, read when they start): ``PROMETHEUS_MULTIPROC_DIR`` if set, emptied of an
+    earlier run's values, else a new temporary folder removed at exit."""
+    from gateway.metrics import MULTIPROCESS_ENV
+
+    folder = os.environ.get(MULTIPROCESS_ENV)
+    if folder:
+        for stale in Path(folder).glob("*.db"):
+            stale.unlink()
+        return
+    made = tempfile.mkdtemp(prefix="chat-gateway-metrics-")
+    atexit.register(shutil.rmtree, made, ignore_errors=True)
+    os.environ[MULTIPROCESS_ENV] = made
 
 
 def _version() -> str:

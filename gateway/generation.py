@@ -13,6 +13,7 @@ from gateway import logs, protocol
 from gateway.broker.base import EventBus
 from gateway.checks import CheckPipeline, Verdict
 from gateway.errors import CheckFailed, GatewayError, Unavailable, UpstreamError, internal_error
+from gateway.metrics import OFF, Metrics
 from gateway.providers.base import ChatProvider, CompletionRequest, Moderation
 from gateway.store.writer import WriteBatch, Writer
 
@@ -77,6 +78,7 @@ class GenerationTask:
         owner: GenerationOwner,
         sender: str = "anonymous",
         hold_back: int = 0,
+        metrics: Metrics = OFF,
     ) -> None:
         self.id = generation_id
         self.sender = sender  # who started it: its quotas are released at the end
@@ -107,6 +109,8 @@ class GenerationTask:
         self._running = False  # the task's body has begun
         self._began = 0.0  # when the task's body began, and when the first token was shown
         self._first_token_at: float | None = None
+        self._last_token_at = 0.0
+        self._metrics = metrics
         self._exited = False  # the owner has been told
         self._task: asyncio.Task[None] | None = None
 
@@ -152,6 +156,7 @@ class GenerationTask:
     async def _run(self) -> None:
         self._running = True
         self._began = time.monotonic()
+        self._metrics.generations.inc()
         finish_reason: str | None = None
         usage: dict[str, Any] | None = None
         error: GatewayError | None = None
@@ -180,9 +185,7 @@ class GenerationTask:
                             text = self._releasable()
                             if not text:
                                 continue
-                        self.seq += 1
-                        if self.seq == 1:
-                            self._first_token_at = time.monotonic()
+                        self._count_token()
                         self._parts.append(text)
                         publish(room_id, protocol.token_frame(generation_id, self.seq, text))
                         if self._checks is not None and not self._hold_back:
@@ -196,9 +199,7 @@ class GenerationTask:
             if self._checks is not None:
                 self._check_output(0, final=True)
             if self._held:  # checked whole: shown at last
-                self.seq += 1
-                if self.seq == 1:
-                    self._first_token_at = time.monotonic()
+                self._count_token()
                 self._parts.append(self._held)
                 publish(room_id, protocol.token_frame(generation_id, self.seq, self._held))
                 self._held = ""
@@ -235,8 +236,22 @@ class GenerationTask:
             self._exited = True
             self._owner.exited(self)
 
+    def _count_token(self) -> None:
+        """One more token shown: its number, and when (the first's delay and the gaps
+        between them are measured)."""
+        self.seq += 1
+        now = time.monotonic()
+        if self.seq == 1:
+            self._first_token_at = now
+            self._metrics.first_token.observe(now - self._began)
+        else:
+            self._metrics.token_gap.observe(now - self._last_token_at)
+        self._last_token_at = now
+
     def _after_task(self, task: asyncio.Task[None]) -> None:
         """However the task ended, the room and the sender's quota are given back."""
+        if self._running:
+            self._metrics.generations.dec()
         if not self._exited:
             log.error(
                 "generation %s ended without finishing (%s); its room is released",
@@ -295,6 +310,13 @@ class GenerationTask:
                 exc = error or GatewayError(INTERRUPTED["message"], code="interrupted")
                 frame = protocol.error_frame(exc, generation_id=self.id, answer=view)
             self._bus.publish(self.room_id, frame)
+        metrics = self._metrics
+        metrics.answers.labels(status).inc()
+        # The upstream's count when it gives one: a token frame carries one upstream
+        # read, which may hold several tokens.
+        metrics.tokens.inc((usage or {}).get("completion_tokens") or self.seq)
+        if isinstance(error, UpstreamError):
+            metrics.upstream_errors.labels(error.code).inc()
         timing = final["timing"] or {}
         logs.event(
             logs.answers,

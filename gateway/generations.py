@@ -28,6 +28,7 @@ from gateway.broker.base import EventBus, Orphan, RoomLeases
 from gateway.errors import Busy, GatewayError, Stopping
 from gateway.generation import INTERRUPTED, GenerationTask
 from gateway.hub import RoomHub
+from gateway.metrics import OFF, Metrics
 from gateway.providers.base import ChatProvider, CompletionRequest
 from gateway.quotas import Quotas
 from gateway.roomstate import RoomCache, RoomLocks
@@ -68,7 +69,9 @@ class GenerationRegistry:
         cache: RoomCache,
         locks: RoomLocks,
         checkpoint_interval: float,
+        metrics: Metrics = OFF,
     ) -> None:
+        self.metrics = metrics
         self.db = db
         self.writer = writer
         self.hub = hub
@@ -169,6 +172,7 @@ class GenerationRegistry:
             owner=self,
             sender=sender,
             hold_back=self.screening.hold_back(room),
+            metrics=self.metrics,
         )
         cancelled = self._unlaunched.pop(generation_id, False)
         self._running[room.id] = generation

@@ -40,6 +40,7 @@ from collections.abc import Callable
 
 from gateway import protocol
 from gateway.access import OPEN, Viewer
+from gateway.metrics import OFF, Metrics
 from gateway.people import Person
 from gateway.protocol import Frame
 
@@ -300,8 +301,9 @@ class RoomHub:
     """Which of this process's subscribers are in which room, and delivering room
     events to them."""
 
-    def __init__(self, queue_limit: int = 1024) -> None:
+    def __init__(self, queue_limit: int = 1024, metrics: Metrics = OFF) -> None:
         self.queue_limit = queue_limit
+        self._active_rooms = metrics.rooms
         self._rooms: dict[str, set[Subscriber]] = {}
         self.stopping = False
         self._emptied = asyncio.Event()
@@ -324,7 +326,11 @@ class RoomHub:
             viewer=viewer,
             person=person,
         )
-        self._rooms.setdefault(room_id, set()).add(subscriber)
+        members = self._rooms.get(room_id)
+        if members is None:
+            members = self._rooms[room_id] = set()
+            self._active_rooms.inc()
+        members.add(subscriber)
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> bool:
@@ -334,6 +340,7 @@ class RoomHub:
             members.discard(subscriber)
             if not members:
                 del self._rooms[subscriber.room_id]
+                self._active_rooms.dec()
                 if not self._rooms:
                     self._emptied.set()
                 return True
@@ -403,7 +410,11 @@ class RoomHub:
 
     def close_room(self, room_id: str, final: Frame) -> None:
         """End every subscription to the room with ``final`` (room deleted)."""
-        for subscriber in self._rooms.pop(room_id, set()):
+        members = self._rooms.pop(room_id, None)
+        if members is None:
+            return
+        self._active_rooms.dec()
+        for subscriber in members:
             subscriber.close(final)
 
     def subscribers(self, room_id: str) -> list[Subscriber]:

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     log_level: LogLevel = "info"
     # "json": one JSON object a line (uvicorn's lines too), for log shippers.
     log_format: Literal["text", "json"] = "text"
+    # GET /metrics (Prometheus); false: off, nothing counted.
+    metrics: bool = True
 
     # Upstream: the names the openai SDK itself reads, without our prefix.
     openai_api_key: str | None = Field(

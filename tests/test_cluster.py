@@ -38,6 +38,7 @@ from tests.conftest import (
     scaled,
 )
 from tests.processes import Served, free_port, gateway_env
+from tests.test_metrics import sample
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
@@ -718,6 +719,13 @@ def test_serve_with_workers_runs_that_many_processes_as_one_gateway(
                 assert "event: done" in response.text
             messages = client.get(f"/api/rooms/{room['id']}/messages").json()["messages"]
         assert [m["content"] for m in messages][::2] == [f"m{i}" for i in range(4)]
+        # /metrics counts every worker's answers, whichever worker is asked (a new
+        # connection each time: the kernel spreads them over the workers).
+        for _ in range(6):
+            text = httpx2.get(f"{served.url}/metrics", timeout=scaled(10)).text
+            assert sample(text, "gateway_answers_total", status="complete") == 4, text
+            assert sample(text, "gateway_tokens_total") == 4 * 8
+            assert sample(text, "gateway_generations_running") == 0
         assert served.terminate() == 0, served.logs()
         assert served.logs().count("Application shutdown complete") == 2
     finally:

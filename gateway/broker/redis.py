@@ -54,6 +54,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -64,6 +65,7 @@ from gateway import protocol
 from gateway.broker.base import Orphan, Position, StopHandler, live_change
 from gateway.errors import Unavailable
 from gateway.hub import Event, RoomHub
+from gateway.metrics import OFF, Metrics
 from gateway.protocol import Frame
 
 log = logging.getLogger(__name__)
@@ -434,8 +436,10 @@ class RedisBackend:
         log_size: int = 1024,
         log_seconds: float = 300.0,
         process: str | None = None,
+        metrics: Metrics = OFF,
     ) -> None:
         self.redis = redis  # the caller's, and closed by it
+        self.metrics = metrics
         self.prefix = prefix
         self.process = process or process_id()
         self.log_size = log_size
@@ -589,11 +593,14 @@ class RedisBackend:
         script applies a batch id once, should a reply have been lost)."""
         for failures in itertools.count():
             try:
+                began = time.monotonic()
                 await self.scripts["publish"](
                     args=[self.prefix, self.log_size, self.log_ms, batch_id, *batch]
                 )
+                self.metrics.publish_seconds.observe(time.monotonic() - began)
             except RedisError as exc:
                 if self.publish_ok:
+                    self.metrics.redis_outages.inc()
                     log.error("Redis unreachable, holding events: %s", exc)
                 self.publish_ok = False
                 await asyncio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])

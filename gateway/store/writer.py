@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ from sqlalchemy import Connection, TextClause, bindparam, text
 from sqlalchemy.exc import IntegrityError
 
 from gateway.errors import Conflict
+from gateway.metrics import OFF, Metrics
 from gateway.store.db import Database
 from gateway.store.models import MESSAGE_COLUMNS, Message, Room, utcnow
 
@@ -64,8 +66,10 @@ class WriteBatch:
 class Writer:
     """Commits :class:`WriteBatch` es in the order submitted, many per transaction."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, metrics: Metrics = OFF) -> None:
         self._db = db
+        self._queue_depth = metrics.writer_queue
+        self._commit_seconds = metrics.commit_seconds
         self._pending: list[tuple[WriteBatch, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -84,6 +88,7 @@ class Writer:
             raise RuntimeError("the writer is closed")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((batch, future))
+        self._queue_depth.set(len(self._pending))
         self._wake.set()
         return future
 
@@ -100,6 +105,7 @@ class Writer:
                 await self._wake.wait()
                 self._wake.clear()
                 pending, self._pending = self._pending, []
+                self._queue_depth.set(0)
                 if pending:
                     await self._commit_pending(pending)
                 elif self._closing:
@@ -113,7 +119,9 @@ class Writer:
 
     async def _commit_pending(self, pending: list[tuple[WriteBatch, asyncio.Future[None]]]) -> None:
         try:
+            began = time.monotonic()
             await self._commit([batch for batch, _ in pending])
+            self._commit_seconds.observe(time.monotonic() - began)
         except Exception as exc:
             if len(pending) == 1:
                 _settle(pending[0][1], exc)

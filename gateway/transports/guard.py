@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway import protocol
 from gateway.access import OPEN, AccessControl, Client, Unauthorized, Viewer
 from gateway.errors import CLOSE_POLICY_VIOLATION, BadRequest, Forbidden, GatewayError
+from gateway.metrics import OFF, Metrics
 from gateway.settings import is_ip_address
 from gateway.transports import error_body_for, is_openai_path
 
@@ -83,8 +84,10 @@ class AccessGuard:
         access: AccessControl,
         allowed_origins: list[str],
         allowed_hosts: list[str],
+        metrics: Metrics = OFF,
     ) -> None:
         self.app = app
+        self.refused = metrics.refused
         self.access = access
         self.allowed_origins = set(allowed_origins)
         self.hosts = HostCheck(allowed_hosts)
@@ -96,6 +99,7 @@ class AccessGuard:
         try:
             client = self.authenticate(scope)
         except GatewayError as exc:
+            self.refused.labels(exc.code).inc()
             if scope["type"] == "websocket":
                 await refuse_websocket(receive, send, exc)
             else:
@@ -125,7 +129,7 @@ class AccessGuard:
             return self.access.check_token(query_param(scope, "token"))
         if not self.access.enabled or path in OPEN_PATHS:
             return None
-        if not path.startswith("/api/") and not is_openai_path(path):
+        if not path.startswith("/api/") and not is_openai_path(path) and path != "/metrics":
             return None
         key = bearer(scope)
         if key is None and TOKEN_PATHS.match(path) and scope["method"] == "GET":

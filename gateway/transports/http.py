@@ -21,8 +21,17 @@ from starlette.routing import Route
 
 from gateway.access import AccessControl, Client, Viewer
 from gateway.chat import ChatService
-from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, RateLimited, internal_error
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    internal_error,
+)
 from gateway.generations import Started
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import Metrics
 from gateway.people import Person, identify
 from gateway.protocol import (
     EditBody,
@@ -352,6 +361,14 @@ async def create_token(request: Request) -> Response:
     return JSON({"token": token, "expires_in": access.token_ttl}, status_code=201)
 
 
+async def metrics_text(request: Request) -> Response:
+    """Prometheus' text format (docs/metrics.md); 404 with ``GATEWAY_METRICS=false``."""
+    metrics: Metrics = request.state.metrics
+    if not metrics.enabled:
+        raise NotFound("metrics are off (GATEWAY_METRICS=false)", code="not_found")
+    return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+
 async def healthz(request: Request) -> Response:
     """Liveness: the process serves requests."""
     return JSON({"status": "ok"})
@@ -368,6 +385,9 @@ async def readyz(request: Request) -> Response:
 
 async def handle_gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
+    metrics: Metrics | None = getattr(request.state, "metrics", None)
+    if metrics is not None:
+        metrics.refused.labels(exc.code).inc()
     return error_response(exc, request.scope["path"])
 
 
@@ -388,6 +408,7 @@ routes = [
     Route("/api/rooms/{room_id:id}/messages", post_message, methods=["POST"]),
     Route("/healthz", healthz),
     Route("/readyz", readyz),
+    Route("/metrics", metrics_text, methods=["GET"]),
     Route("/api/tokens", create_token, methods=["POST"]),
     Route("/api/info", info, methods=["GET"]),
     Route("/api/search", search, methods=["GET"]),

@@ -154,6 +154,9 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         opened = time.monotonic()
         outcome = "gone"
+        metrics = self.chat.metrics
+        connections = metrics.connections.labels("event-stream")
+        connections.inc()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             try:
@@ -175,6 +178,9 @@ class EventStream(Response):
         finally:
             self.chat.joining.leave(self.subscriber)
             self.cleanup.close()
+            connections.dec()
+            if outcome == "stalled":
+                metrics.slow_clients.labels("event-stream").inc()
             subscriber = self.subscriber
             logs.event(
                 logs.connections,

@@ -40,6 +40,7 @@ from gateway.errors import (
     internal_error,
 )
 from gateway.hub import Event, SlowConsumer, Subscriber
+from gateway.metrics import Metrics
 from gateway.people import Person, identify
 from gateway.settings import Settings
 from gateway.transports import WIRE_EXTENSION, Wire, until_first_done
@@ -64,18 +65,25 @@ class Connection:
         self.wire: Wire | None = websocket.scope.get("extensions", {}).get(WIRE_EXTENSION)
         self.subscriber: Subscriber | None = None
         self.ended = "client_left"  # why the connection ended, for its log line
+        self.metrics: Metrics = websocket.state.metrics
 
     async def serve(self) -> None:
         await self.websocket.accept()
         opened = time.monotonic()
+        connections = self.metrics.connections.labels("websocket")
+        connections.inc()
         try:
             with self.chat.quotas.connection(self.sender):
                 await self._serve()
         except RateLimited as exc:
             self.ended = exc.code
+            self.metrics.refused.labels(exc.code).inc()
             await self.websocket.send_text(protocol.encode(protocol.error_frame(exc)))
             await self.websocket.close(exc.close_code, exc.code)
         finally:
+            connections.dec()
+            if self.ended == "slow_client":
+                self.metrics.slow_clients.labels("websocket").inc()
             logs.event(
                 logs.connections,
                 "connection closed",
@@ -98,6 +106,7 @@ class Connection:
             self.subscriber = subscriber
         except GatewayError as exc:
             self.ended = exc.code
+            self.metrics.refused.labels(exc.code).inc()
             await self.websocket.send_text(protocol.encode(protocol.error_frame(exc)))
             await self.websocket.close(exc.close_code, exc.code)
             return
@@ -207,6 +216,7 @@ class Connection:
                 client_id = getattr(frame, "id", None)
                 reply = await self._dispatch(frame)
             except GatewayError as exc:
+                self.metrics.refused.labels(exc.code).inc()
                 reply = protocol.error_frame(exc, client_id=client_id)
             except Exception:
                 log.exception("handling a frame in room %s failed", self.room_id)
