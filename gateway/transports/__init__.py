@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Protocol
 
 from starlette.convertors import Convertor, register_url_convertor
 
-from gateway import openai_format, protocol
+from gateway import logs, openai_format, protocol
 from gateway.errors import GatewayError
+from gateway.metrics import Metrics
 
 
 class IdConvertor(Convertor[str]):
@@ -25,6 +27,33 @@ class IdConvertor(Convertor[str]):
 
 
 register_url_convertor("id", IdConvertor())
+
+
+def connection_closed(
+    metrics: Metrics,
+    transport: str,
+    *,
+    room: str,
+    person: str | None,
+    sender: str,
+    opened: float,
+    reason: str,
+) -> None:
+    """A WebSocket or event stream ended (``reason``: ``client_left``, ``slow_client``,
+    ``server_restarting``, an error code...): counted, and logged (gateway.logs)."""
+    metrics.connections.labels(transport).dec()
+    if reason == "slow_client":
+        metrics.slow_clients.labels(transport).inc()
+    logs.event(
+        logs.connections,
+        "connection closed",
+        transport=transport,
+        room=room,
+        person=person,
+        sender=sender,
+        seconds=round(time.monotonic() - opened, 3),
+        reason=reason,
+    )
 
 
 def is_openai_path(path: str) -> bool:

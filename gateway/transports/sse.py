@@ -32,13 +32,19 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from gateway import logs, protocol
+from gateway import protocol
 from gateway.chat import ChatService
 from gateway.generations import Started
 from gateway.hub import Event, SlowConsumer, Subscriber, TokenRun
 from gateway.people import identify
 from gateway.protocol import Frame
-from gateway.transports import ABORT_EXTENSION, WIRE_EXTENSION, Wire, until_first_done
+from gateway.transports import (
+    ABORT_EXTENSION,
+    WIRE_EXTENSION,
+    Wire,
+    connection_closed,
+    until_first_done,
+)
 from gateway.transports.guard import sender_of, viewer_of
 
 log = logging.getLogger(__name__)
@@ -155,8 +161,7 @@ class EventStream(Response):
         opened = time.monotonic()
         outcome = "gone"
         metrics = self.chat.metrics
-        connections = metrics.connections.labels("event-stream")
-        connections.inc()
+        metrics.connections.labels("event-stream").inc()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             try:
@@ -178,18 +183,14 @@ class EventStream(Response):
         finally:
             self.chat.joining.leave(self.subscriber)
             self.cleanup.close()
-            connections.dec()
-            if outcome == "stalled":
-                metrics.slow_clients.labels("event-stream").inc()
             subscriber = self.subscriber
-            logs.event(
-                logs.connections,
-                "connection closed",
-                transport="event-stream",
+            connection_closed(
+                metrics,
+                "event-stream",
                 room=subscriber.room_id,
                 person=subscriber.person.id if subscriber.person else None,
                 sender=sender_of(scope),
-                seconds=round(time.monotonic() - opened, 3),
+                opened=opened,
                 reason={"gone": "client_left", "stalled": "slow_client"}.get(outcome, "ended"),
             )
 

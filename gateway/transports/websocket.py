@@ -28,7 +28,7 @@ import time
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from gateway import logs, protocol
+from gateway import protocol
 from gateway.chat import ChatService
 from gateway.errors import (
     CLOSE_ROOM_GONE,
@@ -43,7 +43,7 @@ from gateway.hub import Event, SlowConsumer, Subscriber
 from gateway.metrics import Metrics
 from gateway.people import Person, identify
 from gateway.settings import Settings
-from gateway.transports import WIRE_EXTENSION, Wire, until_first_done
+from gateway.transports import WIRE_EXTENSION, Wire, connection_closed, until_first_done
 from gateway.transports.guard import sender_of, viewer_of
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,7 @@ class Connection:
     async def serve(self) -> None:
         await self.websocket.accept()
         opened = time.monotonic()
-        connections = self.metrics.connections.labels("websocket")
-        connections.inc()
+        self.metrics.connections.labels("websocket").inc()
         try:
             with self.chat.quotas.connection(self.sender):
                 await self._serve()
@@ -81,17 +80,13 @@ class Connection:
             await self.websocket.send_text(protocol.encode(protocol.error_frame(exc)))
             await self.websocket.close(exc.close_code, exc.code)
         finally:
-            connections.dec()
-            if self.ended == "slow_client":
-                self.metrics.slow_clients.labels("websocket").inc()
-            logs.event(
-                logs.connections,
-                "connection closed",
-                transport="websocket",
+            connection_closed(
+                self.metrics,
+                "websocket",
                 room=self.room_id,
                 person=self.person.id if self.person else None,
                 sender=self.sender,
-                seconds=round(time.monotonic() - opened, 3),
+                opened=opened,
                 reason=self.ended,
             )
 
