@@ -35,7 +35,7 @@ from gateway.store.repository import MessageStore
 from gateway.store.writer import Writer
 from gateway.transports import http, openai_api, websocket
 from gateway.transports.guard import AccessGuard, redact_tokens_in_logs
-from gateway.transports.web import SecurityHeaders, UIFiles
+from gateway.transports.web import RequestIds, SecurityHeaders, UIFiles
 
 log = logging.getLogger("gateway")
 
@@ -297,6 +297,7 @@ def create_app(
         lifespan=lifespan,
         exception_handlers=http.exception_handlers,
         middleware=[
+            Middleware(RequestIds),
             Middleware(SecurityHeaders),
             # Outside the guard: a CORS preflight carries no credentials.
             *cors(settings.allowed_origins),

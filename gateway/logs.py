@@ -9,6 +9,9 @@ Keys and URL tokens never reach a log line (see
 from __future__ import annotations
 
 import logging
+import re
+import secrets
+from contextvars import ContextVar
 from typing import Any, Literal
 
 from pythonjsonlogger.json import JsonFormatter
@@ -21,6 +24,30 @@ connections = logging.getLogger("gateway.connections")
 """One line per WebSocket or event stream that closes."""
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+"""The id of the HTTP request or WebSocket being served (``X-Request-ID``), set by
+:class:`gateway.transports.web.RequestIds`; tasks started while serving it (an answer)
+keep it, so their lines carry it too."""
+
+_GOOD_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def request_id_from(header: str | None) -> str:
+    """A caller's ``X-Request-ID`` if it is a sane one (a proxy's), else a new id."""
+    if header is not None and _GOOD_REQUEST_ID.fullmatch(header):
+        return header
+    return f"req_{secrets.token_urlsafe(9)}"
+
+
+class RequestIdField(logging.Filter):
+    """Adds ``request_id`` to the lines logged while a request is served."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        current = request_id.get()
+        if current is not None:
+            record.request_id = current
+        return True
 
 
 def configure(level: str, log_format: LogFormat = "text") -> None:
@@ -37,6 +64,7 @@ def configure(level: str, log_format: LogFormat = "text") -> None:
         )
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(RequestIdField())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -475,8 +475,12 @@ def test_json_logs_have_a_line_per_answer_and_per_connection(serve: Any) -> None
     served = serve(GATEWAY_LOG_FORMAT="json", GATEWAY_API_KEYS=f"alice={key}")
     headers = {"authorization": f"Bearer {key}"}
     response = httpx2.post(
-        f"{served.url}/api/rooms", json={"name": "logged"}, headers=headers, timeout=scaled(10)
+        f"{served.url}/api/rooms",
+        json={"name": "logged"},
+        headers={**headers, "x-request-id": "trace-abc-123"},
+        timeout=scaled(10),
     )
+    assert response.headers["x-request-id"] == "trace-abc-123"  # a proxy's id, kept
     room = response.json()
     url = f"ws://127.0.0.1:{served.port}/ws/rooms/{room['id']}?name=Alice"
     with ws_connect(url, additional_headers=headers, open_timeout=scaled(10)) as ws:
@@ -497,5 +501,9 @@ def test_json_logs_have_a_line_per_answer_and_per_connection(serve: Any) -> None
     closed = next(line for line in lines if line.get("event") == "connection closed")
     assert closed["transport"] == "websocket" and closed["person"] == "alice"
     assert closed["reason"] == "client_left" and closed["seconds"] > 0
-    assert any(line["logger"] == "uvicorn.access" for line in lines)
+    access = [line for line in lines if line["logger"] == "uvicorn.access"]
+    assert any(line.get("request_id") == "trace-abc-123" for line in access), access
+    # The socket's own id (none was sent), on its answer's line too.
+    assert closed["request_id"].startswith("req_")
+    assert answer["request_id"] == closed["request_id"]
     assert any(line["message"].startswith("database sqlite") for line in lines)

@@ -15,6 +15,8 @@ from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway import logs
+
 CONTENT_SECURITY_POLICY = "; ".join(
     [
         "default-src 'self'",
@@ -56,6 +58,36 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class RequestIds:
+    """ASGI middleware giving every HTTP request and WebSocket an id: the caller's
+    ``X-Request-ID`` (a proxy's) if sane, else a new one; answered in the response's
+    ``X-Request-ID`` and carried by every log line written while serving it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        sent = dict(scope["headers"]).get(b"x-request-id")
+        current = logs.request_id_from(sent.decode("latin-1") if sent is not None else None)
+        token = logs.request_id.set(current)
+        try:
+            if scope["type"] == "websocket":
+                await self.app(scope, receive, send)
+                return
+
+            async def send_with_id(message: MutableMapping[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    MutableHeaders(scope=message)["x-request-id"] = current
+                await send(message)
+
+            await self.app(scope, receive, send_with_id)
+        finally:
+            logs.request_id.reset(token)
 
 
 class UIFiles(StaticFiles):
