@@ -134,9 +134,3 @@ class Metrics:
 
 OFF = Metrics(enabled=False)
 """Metrics that count nothing: the default where none are given (unit tests)."""
-
-
-def worker_exited(pid: int) -> None:
-    """Forget a dead worker's live gauges (multiprocess mode)."""
-    if os.environ.get(MULTIPROCESS_ENV):
-        multiprocess.mark_process_dead(pid)

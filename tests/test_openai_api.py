@@ -219,7 +219,9 @@ async def test_curl_streams_chunks_ending_in_done(
 ) -> None:
     curl = shutil.which("curl")
     if curl is None:
-        pytest.skip("curl not installed")
+        # Debian has it by default and .ci/run's wheel step uses it; a minimal
+        # container may not: the SDK tests above cover the same endpoint.
+        pytest.skip("curl is not installed (apt-get install curl)")
     upstream.script(Scenario(tokens=["a", "b"]))
     body = orjson.dumps(
         {
