@@ -33,6 +33,7 @@ from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store.db import Database, describe_database
 from gateway.store.repository import MessageStore
 from gateway.store.writer import Writer
+from gateway.tracing import NO_TRACING, TraceContext, Tracing, make_tracing
 from gateway.transports import http, openai_api, websocket
 from gateway.transports.guard import AccessGuard, redact_tokens_in_logs
 from gateway.transports.web import RequestIds, SecurityHeaders, UIFiles
@@ -182,14 +183,21 @@ def choose_provider(settings: Settings) -> str:
 
 
 def create_app(
-    settings: Settings | None = None, *, provider: ChatProvider | None = None
+    settings: Settings | None = None,
+    *,
+    provider: ChatProvider | None = None,
+    tracing: Tracing | None = None,
 ) -> Starlette:
-    """Build the ASGI app. ``provider`` overrides the one the settings would choose.
+    """Build the ASGI app. ``provider`` and ``tracing`` override what the settings would
+    choose (tracing given here is not shut down with the app).
 
-    Raises :class:`SettingsError` when the chosen provider cannot run.
+    Raises :class:`SettingsError` when the chosen provider cannot run, or tracing is
+    asked for without its extra.
     """
     settings = settings or load_settings()
     make_provider = PROVIDERS[choose_provider(settings)] if provider is None else None
+    own_tracing = tracing is None
+    tracing = make_tracing(settings) if tracing is None else tracing
     access = access_control(settings)
     metrics = Metrics(enabled=settings.metrics)
     redact_tokens_in_logs()
@@ -250,6 +258,7 @@ def create_app(
             ),
             moderator=moderator,
             metrics=metrics,
+            tracing=tracing,
         )
         await chat.start()
         draining: list[asyncio.Task[None]] = []
@@ -288,6 +297,8 @@ def create_app(
             if moderator is not None:
                 await moderator.aclose()
             await db.dispose()
+            if own_tracing:
+                await asyncio.to_thread(tracing.shutdown)  # sends the last spans
 
     routes: list[Any] = [*websocket.routes, *http.routes, *openai_api.routes]  # hot ones first
     if STATIC.is_dir():
@@ -298,6 +309,7 @@ def create_app(
         exception_handlers=http.exception_handlers,
         middleware=[
             Middleware(RequestIds),
+            *([] if tracing is NO_TRACING else [Middleware(TraceContext)]),
             Middleware(SecurityHeaders),
             # Outside the guard: a CORS preflight carries no credentials.
             *cors(settings.allowed_origins),

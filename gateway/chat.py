@@ -37,6 +37,7 @@ from gateway.settings import Settings
 from gateway.store.db import Database
 from gateway.store.models import Room
 from gateway.store.writer import Writer
+from gateway.tracing import NO_TRACING, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class ChatService:
         quotas: Quotas | None = None,
         moderator: Moderation | None = None,
         metrics: Metrics = OFF,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.metrics = metrics
         self.db = db
@@ -110,6 +112,7 @@ class ChatService:
             defaults=Defaults.of(settings, provider.default_model),
             max_message_chars=settings.max_message_chars,
             page=page,
+            tracing=tracing,
         )
 
     async def start(self) -> None:

@@ -13,11 +13,10 @@ import signal
 import socket
 import sys
 import tempfile
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from gateway import logs
+from gateway import installed_version, logs
 from gateway.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("gateway")
@@ -29,7 +28,9 @@ Settings come from the environment and .env (GATEWAY_*, OPENAI_*: see README).""
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chat-gateway", description=DESCRIPTION)
-    parser.add_argument("--version", action="version", version=f"chat-gateway {_version()}")
+    parser.add_argument(
+        "--version", action="version", version=f"chat-gateway {installed_version()}"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the server")
@@ -152,13 +153,6 @@ def share_metrics_between_workers() -> None:
     made = tempfile.mkdtemp(prefix="chat-gateway-metrics-")
     atexit.register(shutil.rmtree, made, ignore_errors=True)
     os.environ[MULTIPROCESS_ENV] = made
-
-
-def _version() -> str:
-    try:
-        return version("chat-gateway")
-    except PackageNotFoundError:  # run from a checkout that is not installed
-        return "unknown"
 
 
 def bind(host: str, port: int) -> socket.socket:

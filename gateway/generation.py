@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from typing import Any, Protocol
 
 from gateway import logs, protocol
@@ -16,6 +17,7 @@ from gateway.errors import CheckFailed, GatewayError, Unavailable, UpstreamError
 from gateway.metrics import OFF, Metrics
 from gateway.providers.base import ChatProvider, CompletionRequest, Moderation
 from gateway.store.writer import WriteBatch, Writer
+from gateway.tracing import NO_TRACE, AnswerTrace, UpstreamCall
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class GenerationTask:
         sender: str = "anonymous",
         hold_back: int = 0,
         metrics: Metrics = OFF,
+        trace: AnswerTrace = NO_TRACE,
     ) -> None:
         self.id = generation_id
         self.sender = sender  # who started it: its quotas are released at the end
@@ -111,6 +114,9 @@ class GenerationTask:
         self._first_token_at: float | None = None
         self._last_token_at = 0.0
         self._metrics = metrics
+        self._trace = trace
+        trace.launched()  # this generation ends the answer's span
+        self._upstream: UpstreamCall | None = None
         self._exited = False  # the owner has been told
         self._task: asyncio.Task[None] | None = None
 
@@ -164,47 +170,47 @@ class GenerationTask:
         try:
             if self._finishing:  # stopped before this task first ran
                 raise asyncio.CancelledError
-            async with contextlib.aclosing(self._provider.stream(self.request)) as chunks:
-                async for chunk in chunks:
-                    # A chunk may carry the last text and how the answer ended together
-                    # (one upstream read); noted first, as the text may be held back.
-                    if chunk.finish_reason is not None:
-                        finish_reason = chunk.finish_reason
-                    if chunk.usage is not None:
-                        usage = chunk.usage
-                    if text := chunk.text:
-                        if "\x00" in text:
-                            # No database stores U+0000 in text (PostgreSQL refuses
-                            # it), and no reader wants it: dropped, everywhere alike.
-                            text = text.replace("\x00", "")
-                            if not text:
-                                continue
-                        if self._hold_back:
-                            self._held += text
-                            self._check_output(len(text))
-                            text = self._releasable()
-                            if not text:
-                                continue
-                        self._count_token()
-                        self._parts.append(text)
-                        publish(room_id, protocol.token_frame(generation_id, self.seq, text))
-                        if self._checks is not None and not self._hold_back:
-                            self._check_output(len(text))
+            with self._trace.upstream(self._provider.name, self.request) as upstream:
+                self._upstream = upstream
+                request = self.request
+                if upstream.headers:
+                    request = replace(request, headers={**request.headers, **upstream.headers})
+                async with contextlib.aclosing(self._provider.stream(request)) as chunks:
+                    async for chunk in chunks:
+                        # A chunk may carry the last text and how the answer ended together
+                        # (one upstream read); noted first, as the text may be held back.
+                        if chunk.finish_reason is not None:
+                            finish_reason = chunk.finish_reason
+                        if chunk.usage is not None:
+                            usage = chunk.usage
+                        if text := chunk.text:
+                            if "\x00" in text:
+                                # No database stores U+0000 in text (PostgreSQL refuses
+                                # it), and no reader wants it: dropped, everywhere alike.
+                                text = text.replace("\x00", "")
+                                if not text:
+                                    continue
+                            if self._hold_back:
+                                self._held += text
+                                self._check_output(len(text))
+                                text = self._releasable()
+                                if not text:
+                                    continue
+                            self._count_token()
+                            self._parts.append(text)
+                            publish(room_id, protocol.token_frame(generation_id, self.seq, text))
+                            if self._checks is not None and not self._hold_back:
+                                self._check_output(len(text))
+                if finish_reason is None:
+                    raise UpstreamError(
+                        "the model's stream ended before the answer was finished",
+                        code="upstream_truncated",
+                    )
+                upstream.finished(finish_reason, usage)
             self._finishing = True
-            if finish_reason is None:
-                raise UpstreamError(
-                    "the model's stream ended before the answer was finished",
-                    code="upstream_truncated",
-                )
-            if self._checks is not None:
-                self._check_output(0, final=True)
-            if self._held:  # checked whole: shown at last
-                self._count_token()
-                self._parts.append(self._held)
-                publish(room_id, protocol.token_frame(generation_id, self.seq, self._held))
-                self._held = ""
-            if self._moderator is not None:  # a network call: once, on the whole answer
-                rejected(await self._moderator.check(self.text), "output_blocked", "answer")
+            if self._checks is not None or self._moderator is not None:
+                with self._trace.step("checks.output"):
+                    await self._check_whole_answer()
             status = "complete"
         except asyncio.CancelledError:
             if not self._finishing:
@@ -226,10 +232,25 @@ class GenerationTask:
                 # The process that took the room over has ended the answer in the
                 # room; keep the fullest text here, without a second announcement.
                 await self._store(self._final("interrupted", None, None, None))
+                self._trace.end("interrupted", lost=True)
             else:
                 await self._finish(status, finish_reason, usage, error)
         finally:
+            self._trace.end("interrupted")  # unless ended above
             self._exit()
+
+    async def _check_whole_answer(self) -> None:
+        """The last run of the output checks, on the whole answer (then the text held
+        back is shown), and its moderation."""
+        if self._checks is not None:
+            self._check_output(0, final=True)
+        if self._held:  # checked whole: shown at last
+            self._count_token()
+            self._parts.append(self._held)
+            self._bus.publish(self.room_id, protocol.token_frame(self.id, self.seq, self._held))
+            self._held = ""
+        if self._moderator is not None:  # a network call: once, on the whole answer
+            rejected(await self._moderator.check(self.text), "output_blocked", "answer")
 
     def _exit(self) -> None:
         if not self._exited:
@@ -244,6 +265,8 @@ class GenerationTask:
         if self.seq == 1:
             self._first_token_at = now
             self._metrics.first_token.observe(now - self._began)
+            if self._upstream is not None:
+                self._upstream.first_token()
         else:
             self._metrics.token_gap.observe(now - self._last_token_at)
         self._last_token_at = now
@@ -258,6 +281,7 @@ class GenerationTask:
                 self.id,
                 "cancelled" if task.cancelled() else repr(task.exception()),
             )
+            self._trace.end("interrupted")
             self._exit()
 
     def _check_output(self, added: int, *, final: bool = False) -> None:
@@ -314,7 +338,8 @@ class GenerationTask:
         metrics.answers.labels(status).inc()
         # The upstream's count when it gives one: a token frame carries one upstream
         # read, which may hold several tokens.
-        metrics.tokens.inc((usage or {}).get("completion_tokens") or self.seq)
+        tokens = (usage or {}).get("completion_tokens") or self.seq
+        metrics.tokens.inc(tokens)
         if isinstance(error, UpstreamError):
             metrics.upstream_errors.labels(error.code).inc()
         timing = final["timing"] or {}
@@ -329,8 +354,15 @@ class GenerationTask:
             finish_reason=finish_reason,
             ttft_ms=timing.get("first_token_ms"),
             duration_ms=timing.get("duration_ms"),
-            tokens=(usage or {}).get("completion_tokens", self.seq),
+            tokens=tokens,
             error=error.code if error is not None else None,
+        )
+        self._trace.end(
+            status,
+            error,
+            message_id=self.message_id,
+            tokens=tokens,
+            first_token_ms=timing.get("first_token_ms"),
         )
 
     def _final(
@@ -366,7 +398,8 @@ class GenerationTask:
         a lock timeout); False when it could not be stored."""
         for delay in (*STORE_RETRY_DELAYS, None):
             try:
-                await self._writer.write(WriteBatch(finals=[final]))
+                with self._trace.step("store.write", **{"gateway.store.what": "answer"}):
+                    await self._writer.write(WriteBatch(finals=[final]))
                 return True
             except Exception as exc:
                 if delay is None:

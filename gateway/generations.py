@@ -37,6 +37,7 @@ from gateway.store.db import Database
 from gateway.store.models import Room
 from gateway.store.repository import MessageStore
 from gateway.store.writer import WriteBatch, Writer
+from gateway.tracing import NO_TRACE, AnswerTrace
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ class GenerationRegistry:
         message_view: dict[str, Any],
         request: CompletionRequest,
         sender: str,
+        trace: AnswerTrace = NO_TRACE,
     ) -> Started:
         """Publish ``start`` and run the generation that streams into the stored answer
         ``message_view`` (the caller holds the room's lock and, through
@@ -173,6 +175,7 @@ class GenerationRegistry:
             sender=sender,
             hold_back=self.screening.hold_back(room),
             metrics=self.metrics,
+            trace=trace,
         )
         cancelled = self._unlaunched.pop(generation_id, False)
         self._running[room.id] = generation

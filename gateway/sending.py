@@ -42,6 +42,7 @@ from gateway.store.db import Database
 from gateway.store.models import Message, Room, message_row, new_id, utcnow
 from gateway.store.repository import MessageStore, load_message, load_room
 from gateway.store.writer import WriteBatch, Writer
+from gateway.tracing import NO_TRACING, AnswerTrace, Tracing
 
 
 class _AlreadySent(Exception):
@@ -67,6 +68,7 @@ class Sending:
         defaults: Defaults,
         max_message_chars: int,
         page: Page = DEFAULT_PAGE,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.db = db
         self.writer = writer
@@ -78,6 +80,7 @@ class Sending:
         self.defaults = defaults
         self.max_message_chars = max_message_chars
         self.page = page
+        self.tracing = tracing
         # Reads of a branch stop at what a prompt may use and a frame shows.
         self.depth = max(defaults.max_history_messages, page.messages)
 
@@ -110,6 +113,7 @@ class Sending:
         room = await self._room(room_id)
         generation_id = new_id("gen")
         async with contextlib.AsyncExitStack() as held:
+            trace = held.enter_context(self.tracing.answer("send", room_id, generation_id))
             try:
                 claim = self.generations.claimed(room_id, generation_id)
                 version = await held.enter_async_context(claim)
@@ -120,7 +124,8 @@ class Sending:
                 raise
             while True:
                 # Slow: under the room's lease (one send at a time), not its lock.
-                await self.screening.check_message(room, content)
+                with trace.step("checks.input"):
+                    await self.screening.check_message(room, content)
                 async with self.locks(room_id):
                     state = await self._state(room_id, version)
                     if client_id is not None and (message := state.sent(client_id)) is not None:
@@ -136,6 +141,7 @@ class Sending:
                             sender,
                             author,
                             generation_id,
+                            trace,
                             temperature=temperature,
                             max_tokens=max_tokens,
                         )
@@ -159,6 +165,7 @@ class Sending:
         sender: str,
         author: Person | None,
         generation_id: str,
+        trace: AnswerTrace,
         *,
         temperature: float | None,
         max_tokens: int | None,
@@ -188,7 +195,8 @@ class Sending:
                 inserts=[message_row(user), message_row(answer)], leaves={room.id: answer.id}
             )
             try:
-                await self.writer.write(batch)
+                with trace.step("store.write", **{"gateway.store.what": "message"}):
+                    await self.writer.write(batch)
             except Conflict:
                 # The unique (room_id, client_id): sent before, beyond what is cached.
                 if client_id is not None and (stored := await self._stored(room.id, client_id)):
@@ -201,7 +209,7 @@ class Sending:
             room.active_leaf_id = answer.id
             self.bus.publish(room.id, protocol.message_frame(user_view, client_id))
             return user_view, self.generations.launch(
-                room, generation_id, view, planned.request, sender
+                room, generation_id, view, planned.request, sender, trace
             )
 
     async def regenerate(
@@ -213,21 +221,23 @@ class Sending:
     ) -> Started:
         """Answer the same user message again as a new sibling."""
         generation_id = new_id("gen")
-        async with self.locks(room_id), self.generations.claimed(room_id, generation_id):
-            async with self.db.read() as session:
-                store = MessageStore(session)
-                room, target = await load_message(store, room_id, message_id)
-                if target.role != "assistant" or target.parent_id is None:
-                    raise BadRequest(
-                        "only an assistant message can be regenerated", code="invalid_target"
-                    )
-                await self.generations.admit(sender, room_id)
-                history, shown = await self._branch(store, room_id, target.parent_id)
-                siblings = await store.sibling_ids(room_id, target.parent_id, "assistant")
-            _, started = await self._fork(
-                room, history, shown, None, siblings, generation_id, sender, temperature
-            )
-            return started
+        with self.tracing.answer("regenerate", room_id, generation_id) as trace:
+            async with self.locks(room_id), self.generations.claimed(room_id, generation_id):
+                async with self.db.read() as session:
+                    store = MessageStore(session)
+                    room, target = await load_message(store, room_id, message_id)
+                    if target.role != "assistant" or target.parent_id is None:
+                        raise BadRequest(
+                            "only an assistant message can be regenerated",
+                            code="invalid_target",
+                        )
+                    await self.generations.admit(sender, room_id)
+                    history, shown = await self._branch(store, room_id, target.parent_id)
+                    siblings = await store.sibling_ids(room_id, target.parent_id, "assistant")
+                _, started = await self._fork(
+                    room, history, shown, None, siblings, generation_id, sender, trace, temperature
+                )
+                return started
 
     async def edit(
         self,
@@ -255,29 +265,34 @@ class Sending:
             screened, target = await load_message(MessageStore(session), room_id, message_id)
         _check_editable(screened, target, author, viewer)
         generation_id = new_id("gen")
-        async with self.generations.claimed(room_id, generation_id):
-            await self.screening.check_message(screened, content)  # slow: outside the lock
-            async with self.locks(room_id):
-                async with self.db.read() as session:
-                    store = MessageStore(session)
-                    room, target = await load_message(store, room_id, message_id)
-                    _check_editable(room, target, author, viewer)
-                    if self.screening.rules_of(room) != self.screening.rules_of(screened):
-                        await self.screening.check_message(room, content)  # changed meanwhile
-                    await self.generations.admit(sender, room_id)
-                    history, shown = await self._branch(store, room_id, target.parent_id)
-                    siblings = await store.sibling_ids(room_id, target.parent_id, "user")
-                user = _user_message(
-                    room_id, target.parent_id, content, client_id, author, utcnow()
-                )
-                try:
-                    return await self._fork(
-                        room, history, shown, user, siblings, generation_id, sender
+        with self.tracing.answer("edit", room_id, generation_id) as trace:
+            async with self.generations.claimed(room_id, generation_id):
+                with trace.step("checks.input"):  # slow: outside the lock
+                    await self.screening.check_message(screened, content)
+                async with self.locks(room_id):
+                    async with self.db.read() as session:
+                        store = MessageStore(session)
+                        room, target = await load_message(store, room_id, message_id)
+                        _check_editable(room, target, author, viewer)
+                        if self.screening.rules_of(room) != self.screening.rules_of(screened):
+                            with trace.step("checks.input"):  # the checks changed meanwhile
+                                await self.screening.check_message(room, content)
+                        await self.generations.admit(sender, room_id)
+                        history, shown = await self._branch(store, room_id, target.parent_id)
+                        siblings = await store.sibling_ids(room_id, target.parent_id, "user")
+                    user = _user_message(
+                        room_id, target.parent_id, content, client_id, author, utcnow()
                     )
-                except Conflict:
-                    if client_id is not None and (stored := await self._stored(room_id, client_id)):
-                        return stored, None  # sent meanwhile with the same id
-                    raise
+                    try:
+                        return await self._fork(
+                            room, history, shown, user, siblings, generation_id, sender, trace
+                        )
+                    except Conflict:
+                        if client_id is not None and (
+                            stored := await self._stored(room_id, client_id)
+                        ):
+                            return stored, None  # sent meanwhile with the same id
+                        raise
 
     async def _fork(
         self,
@@ -288,6 +303,7 @@ class Sending:
         siblings: list[str],
         generation_id: str,
         sender: str,
+        trace: AnswerTrace,
         temperature: float | None = None,
     ) -> tuple[dict[str, Any], Started]:
         """Start a new branch below ``history`` (``shown``: what frames show of it): the new
@@ -312,9 +328,10 @@ class Sending:
             )
             answer = planned.answer
             added = [answer] if user is None else [user, answer]
-            await self.writer.write(
-                WriteBatch(inserts=[message_row(m) for m in added], leaves={room.id: answer.id})
-            )
+            with trace.step("store.write", **{"gateway.store.what": "message"}):
+                await self.writer.write(
+                    WriteBatch(inserts=[message_row(m) for m in added], leaves={room.id: answer.id})
+                )
             room.active_leaf_id = answer.id
             self.cache.remember(room, [*asked, answer], version)
             views = [m.to_dict() for m in added]
@@ -323,7 +340,7 @@ class Sending:
             frame = protocol.branch_frame(kept, answer.id, earlier=shown.earlier or left_out)
             self.bus.publish(room.id, frame)
             launched = self.generations.launch(
-                room, generation_id, views[-1], planned.request, sender
+                room, generation_id, views[-1], planned.request, sender, trace
             )
             return views[0], launched
 

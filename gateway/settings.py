@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # GET /metrics (Prometheus); false: off, nothing counted.
     metrics: bool = True
+    # Traces of answers (OpenTelemetry; the otel extra): "otlp" sends them to a
+    # collector (OTEL_EXPORTER_OTLP_ENDPOINT, ...), "console" prints them.
+    tracing: Literal["off", "otlp", "console"] = "off"
 
     # Upstream: the names the openai SDK itself reads, without our prefix.
     openai_api_key: str | None = Field(

@@ -174,9 +174,10 @@ def start_gateway(make_settings: Any) -> Iterator[Any]:
     """Start a gateway (call again after stopping to restart on the same database)."""
     started: list[Gateway] = []
 
-    def start(*, http: str = "auto", **overrides: Any) -> Gateway:
+    def start(*, http: str = "auto", tracer: Any = None, **overrides: Any) -> Gateway:
         settings = make_settings(**overrides)
-        server = ThreadedServer(create_app(settings), **uvicorn_options(settings, http=http))  # type: ignore[arg-type]
+        app = create_app(settings, tracing=tracer)
+        server = ThreadedServer(app, **uvicorn_options(settings, http=http))  # type: ignore[arg-type]
         gateway = Gateway(server.start(), settings)
         started.append(gateway)
         return gateway

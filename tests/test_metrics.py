@@ -3,13 +3,19 @@ and answers run (several workers: ``test_cluster.py``)."""
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import httpx2
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.metrics import Metrics
 from gateway.testing.fake_upstream import FakeUpstream, Scenario
 from tests.conftest import Gateway, create_room, scaled
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -101,3 +107,16 @@ async def test_with_api_keys_metrics_need_a_key_and_can_be_turned_off(
     off = start_gateway(metrics=False)
     async with httpx2.AsyncClient(base_url=off.url, timeout=scaled(10)) as http:
         assert (await http.get("/metrics")).status_code == 404
+
+
+def test_the_grafana_dashboard_charts_every_metric_and_only_those() -> None:
+    dashboard = json.loads((ROOT / "docs" / "grafana" / "chat-gateway.json").read_text())
+    queries = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    charted = {
+        re.sub(r"_bucket$", "", name) for q in queries for name in re.findall(r"gateway_\w+", q)
+    }
+    exported = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in Metrics().registry.collect()
+    }
+    assert charted == exported

@@ -358,13 +358,19 @@ class StreamingClient:
         self._idle: list[_Connection] = []
         self._closed = False
 
-    async def post(self, path: str, body: bytes, content_type: str) -> Response:
-        """POST ``body`` to ``path`` (under the base path); the :class:`Response` once its
-        head came. Raises :class:`StatusError` for a status outside 2xx."""
+    async def post(
+        self, path: str, body: bytes, content_type: str, headers: Mapping[str, str] | None = None
+    ) -> Response:
+        """POST ``body`` to ``path`` (under the base path), with ``headers`` besides the
+        client's; the :class:`Response` once its head came. Raises :class:`StatusError`
+        for a status outside 2xx."""
         if self._closed:
             raise ConnectError("the client is closed")
+        extra = (
+            "".join(f"{name}: {value}\r\n" for name, value in headers.items()) if headers else ""
+        )
         request = (
-            f"POST {self._prefix}{path} HTTP/1.1\r\n{self._head_lines}"
+            f"POST {self._prefix}{path} HTTP/1.1\r\n{self._head_lines}{extra}"
             f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n\r\n"
         ).encode("latin-1") + body
         if self._slots is None:

@@ -242,7 +242,7 @@ class OpenAIProvider:
         )
         try:
             async with asyncio.timeout(self.first_token_timeout):
-                response = await self._request(body)
+                response = await self._request(body, request.headers)
         except TimeoutError:
             raise UpstreamError(
                 f"no response from the model within {self.first_token_timeout:g} s",
@@ -291,13 +291,13 @@ class OpenAIProvider:
             # a body read to its end leaves the connection to the pool.
             await response.aclose()
 
-    async def _request(self, body: bytes) -> Response:
+    async def _request(self, body: bytes, headers: Mapping[str, str]) -> Response:
         """POST the completion request, retrying as the SDK does; the response once its
         head came."""
         retries = 0
         while True:
             try:
-                return await self._http.post("/chat/completions", body, "application/json")
+                return await self._http.post("/chat/completions", body, "application/json", headers)
             except HTTPClientError as exc:
                 if retries >= self.max_retries or not _retryable(exc):
                     raise
