@@ -100,6 +100,7 @@ class ChatService:
             presence=self.presence,
             page=page,
             depth=settings.max_history_messages,
+            queue_position=self.generations.queue_position,
         )
         self.sending = Sending(
             db=db,

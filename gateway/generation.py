@@ -91,6 +91,7 @@ class GenerationTask:
         self.final: dict[str, Any] | None = None  # the answer's final row, once stored
         self.request = request
         self.seq = 0
+        self.queue_position = 0  # > 0 while the model keeps it waiting in line
         self.checkpointed_seq = 0
         self._parts: list[str] = []
         self._provider = provider
@@ -123,15 +124,6 @@ class GenerationTask:
     @property
     def text(self) -> str:
         return "".join(self._parts)
-
-    def snapshot(self) -> dict[str, Any]:
-        """What a client joining mid-answer needs: the text so far and its last seq."""
-        return {
-            "generation_id": self.id,
-            "message_id": self.message_id,
-            "seq": self.seq,
-            "text": self.text,
-        }
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"generation {self.id}")
@@ -201,6 +193,8 @@ class GenerationTask:
                             publish(room_id, protocol.token_frame(generation_id, self.seq, text))
                             if self._checks is not None and not self._hold_back:
                                 self._check_output(len(text))
+                        elif chunk.queue_position is not None:
+                            self._queued(chunk.queue_position)
                 if finish_reason is None:
                     raise UpstreamError(
                         "the model's stream ended before the answer was finished",
@@ -238,6 +232,12 @@ class GenerationTask:
         finally:
             self._trace.end("interrupted")  # unless ended above
             self._exit()
+
+    def _queued(self, position: int) -> None:
+        """The model keeps the answer waiting at ``position`` in its line (0: started):
+        the room is told (a signal: only the latest position matters, none is logged)."""
+        self.queue_position = position
+        self._bus.signal(self.room_id, protocol.queue_frame(self.id, position))
 
     async def _check_whole_answer(self) -> None:
         """The last run of the output checks, on the whole answer (then the text held

@@ -100,6 +100,12 @@ class GenerationRegistry:
     def running(self, room_id: str) -> GenerationTask | None:
         return self._running.get(room_id)
 
+    def queue_position(self, room_id: str) -> int:
+        """Where the room's answer waits in the model's line, if it runs here (0: it
+        does not wait, or runs elsewhere)."""
+        generation = self._running.get(room_id)
+        return generation.queue_position if generation is not None else 0
+
     # --- admission and launch ------------------------------------------------------
 
     async def admit(self, sender: str, room_id: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from operator import attrgetter
 
 from gateway import protocol
@@ -52,8 +53,11 @@ class Joining:
         presence: Presence,
         page: Page,
         depth: int,
+        queue_position: Callable[[str], int] = lambda room_id: 0,
     ) -> None:
         self.db = db
+        self.queue_position = queue_position
+        """Where the room's answer, if it runs here, waits in the model's line (0: not)."""
         self.hub = hub
         self.presence = presence
         self.bus = bus
@@ -153,6 +157,8 @@ class Joining:
         messages = snapshot.views
         live = position.live
         if live is not None:
+            if waiting := self.queue_position(room_id):
+                live = {**live, "queue_position": waiting}
             messages = [
                 {**view, "content": live["text"]} if view["id"] == live["message_id"] else view
                 for view in messages

@@ -413,6 +413,11 @@ def start_frame(generation_id: str, message: Frame) -> Frame:
     }
 
 
+def queue_frame(generation_id: str, position: int) -> Frame:
+    """Where a waiting answer is in the model's line (1: next); 0 once it has started."""
+    return {"type": "queue", "generation_id": generation_id, "position": position}
+
+
 def token_frame(generation_id: str, seq: int, text: str) -> Frame:
     return {"type": "token", "generation_id": generation_id, "seq": seq, "text": text}
 

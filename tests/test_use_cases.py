@@ -265,6 +265,34 @@ async def test_a_join_during_an_answer_shows_its_text_so_far(
     assert ready["messages"][-1]["content"] == "Hello"
 
 
+async def test_an_answer_the_model_keeps_waiting_tells_the_room_its_place_in_line(
+    parts: Parts, provider: ScriptedProvider
+) -> None:
+    room_id = await parts.new_room()
+    member = await parts.member(room_id)
+    provider.queue = [2, 1, 0]
+    provider.gate.hold()  # the answer waits, 2nd in line
+    await parts.chat.sending.send(room_id, "Hi")
+    await provider.gate.waiting.wait()
+    assert (await member.until("queue"))[-1]["position"] == 2
+
+    ready, _ = await parts.chat.joining.join(room_id)  # someone comes in meanwhile
+    assert ready["generation"]["queue_position"] == 2
+    assert ready["messages"][-1]["status"] == "streaming"
+
+    provider.gate.release()
+    frames = await member.until("done")
+    assert [(f["type"], f.get("position")) for f in frames if f["type"] != "token"] == [
+        ("queue", 1),
+        ("queue", 0),
+        ("done", None),
+    ]
+    assert "event_id" in frames[-1]
+    assert all("event_id" not in f for f in frames if f["type"] == "queue")  # not logged
+    ready, _ = await parts.chat.joining.join(room_id)
+    assert ready["generation"] is None
+
+
 async def test_after_a_regenerate_the_next_join_reads_again_then_not(parts: Parts) -> None:
     room_id = await parts.new_room()
     member = await parts.member(room_id)

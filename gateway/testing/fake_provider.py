@@ -42,8 +42,10 @@ class Gate:
 class ScriptedProvider:
     """A :class:`~gateway.providers.base.ChatProvider` answering every request with
     ``tokens`` then ``finish_reason``; while :attr:`gate` is held, each answer waits
-    after its first token. Records the requests, and the streams closed before their
-    end (:attr:`stopped`: the upstream work really stopped)."""
+    after its first token. With :attr:`queue` positions, each answer first reports
+    them, as a model that keeps answers in line does, waiting (while the gate is held)
+    after the first. Records the requests, and the streams closed before their end
+    (:attr:`stopped`: the upstream work really stopped)."""
 
     name = "scripted"
     default_model = "scripted-model"
@@ -54,11 +56,16 @@ class ScriptedProvider:
         self.gate = Gate()
         self.requests: list[CompletionRequest] = []
         self.stopped = 0
+        self.queue: list[int] = []
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[Chunk]:
         self.requests.append(request)
         ended = False
         try:
+            for i, position in enumerate(self.queue):
+                yield Chunk(queue_position=position)
+                if i == 0:
+                    await self.gate.passage()
             for i, token in enumerate(self.tokens):
                 if i == 1:
                     await self.gate.passage()

@@ -62,7 +62,12 @@ export class Conversation {
         this.messages = frame.messages;
         this.earlier = Boolean(frame.earlier);
         this.live = frame.generation
-          ? { generation_id: frame.generation.generation_id, message_id: frame.generation.message_id, seq: frame.generation.seq }
+          ? {
+              generation_id: frame.generation.generation_id,
+              message_id: frame.generation.message_id,
+              seq: frame.generation.seq,
+              queue: frame.generation.queue_position ?? 0,
+            }
           : null;
         this.redrawAll = true;
         break;
@@ -71,7 +76,7 @@ export class Conversation {
         break;
       case "start":
         this.upsert(frame.message);
-        this.live = { generation_id: frame.generation_id, message_id: frame.message_id, seq: 0 };
+        this.live = { generation_id: frame.generation_id, message_id: frame.message_id, seq: 0, queue: 0 };
         this.redrawAll = true; // every answer's buttons are disabled while generating
         break;
       case "token": {
@@ -83,6 +88,19 @@ export class Conversation {
           this.dirty.add(message.id);
         }
         live.seq = frame.seq;
+        if (live.queue) {
+          live.queue = 0;
+          this.dirty.add(live.message_id);
+        }
+        break;
+      }
+      case "queue": {
+        // Where the answer waits for the model (0: started). Signals may overtake
+        // tokens: once text came, it is not waiting any more.
+        const live = this.live;
+        if (!live || live.generation_id !== frame.generation_id || live.seq > 0) break;
+        live.queue = frame.position;
+        this.dirty.add(live.message_id);
         break;
       }
       case "done":
@@ -318,8 +336,9 @@ export class Conversation {
     const author = el("span", "author", own ? "You" : authorName(message));
     if (own && message.author?.name) author.title = message.author.name;
     head.append(author);
-    const label = STATUS_LABELS[message.status];
-    if (label) head.append(el("span", `badge ${message.status}`, label));
+    const waiting = this.live?.message_id === message.id ? this.live.queue : 0;
+    const label = waiting ? `waiting for the model (${ordinal(waiting)} in line)` : STATUS_LABELS[message.status];
+    if (label) head.append(el("span", `badge ${waiting ? "waiting" : message.status}`, label));
     if (message.role === "assistant") {
       const stats = answerStats(message);
       if (stats) head.append(el("span", "stats", stats));
@@ -468,4 +487,11 @@ function button(text, label, onClick) {
   b.setAttribute("aria-label", label);
   b.addEventListener("click", onClick);
   return b;
+}
+
+/** 1 → "1st", 2 → "2nd", 11 → "11th", 23 → "23rd". */
+export function ordinal(n) {
+  const tens = n % 100;
+  const suffix = tens >= 11 && tens <= 13 ? "th" : { 1: "st", 2: "nd", 3: "rd" }[n % 10] ?? "th";
+  return `${n}${suffix}`;
 }
