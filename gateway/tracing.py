@@ -290,15 +290,14 @@ class OpenTelemetryTracing:
     @contextmanager
     def answer(self, action: str, room_id: str, generation_id: str) -> Iterator[AnswerTrace]:
         # The current context: an HTTP request's traceparent, when TraceContext took one.
-        span = self._tracer.start_span(
-            "answer",
-            attributes={
-                "gateway.action": action,
-                "gateway.room.id": room_id,
-                "gateway.generation.id": generation_id,
-                "gateway.request.id": logs.request_id.get() or "",
-            },
-        )
+        attributes = {
+            "gateway.action": action,
+            "gateway.room.id": room_id,
+            "gateway.generation.id": generation_id,
+        }
+        if (request_id := logs.request_id.get()) is not None:
+            attributes["gateway.request.id"] = request_id
+        span = self._tracer.start_span("answer", attributes=attributes)
         trace = _OtelTrace(self._tracer, span)
         try:
             yield trace
