@@ -89,7 +89,7 @@ def _local(settings: Settings) -> ChatProvider:
         check_available(settings.local_model),
         context_tokens=settings.local_context_tokens,
         threads=settings.local_threads,
-        slots=settings.local_slots,
+        max_sequences=settings.local_slots,
         queue_size=settings.local_queue_size,
     )
 

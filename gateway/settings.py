@@ -83,9 +83,11 @@ class Settings(BaseSettings):
     local_context_tokens: int = Field(4096, ge=256)
     # None: all cores but one, which stays free for the event loop.
     local_threads: int | None = Field(None, ge=1)
-    # Generations the model runs at once (each holds its own copy of the context),
-    # and how many more may wait for one; past that, generations fail with ``busy``.
-    local_slots: int = Field(1, ge=1, le=16)
+    # The most answers the model decodes together, in one batch (one context with a
+    # sequence each; the KV cache holds local_context_tokens for each, about 23 KB a
+    # token for the bundled model), and how many more may wait for a place in the
+    # batch; past that, generations fail with ``busy``.
+    local_slots: int = Field(4, ge=1, le=64)
     local_queue_size: int = Field(8, ge=0)
 
     # Limits and flow control.

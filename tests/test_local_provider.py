@@ -8,15 +8,20 @@ installs the extra (.ci/run), so there they always run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.app import choose_provider
-from gateway.providers.base import CompletionRequest
+from gateway.errors import ModelBusy, UpstreamError
+from gateway.providers.base import Chunk, CompletionRequest
 from gateway.providers.local import LocalModelMissing, LocalProvider, check_available
 from gateway.settings import SettingsError
 from tests.conftest import Client, console_script, create_room, scaled
@@ -121,8 +126,8 @@ async def test_cancel_stops_the_local_model_and_keeps_the_partial_answer(
 
 
 @needs_model
-async def test_closing_a_local_stream_stops_sampling_and_frees_the_slot() -> None:
-    provider = LocalProvider(MODEL, threads=1)  # type: ignore[arg-type]
+async def test_closing_a_local_stream_stops_sampling_and_frees_the_sequence() -> None:
+    provider = LocalProvider(MODEL, threads=1, max_sequences=1)  # type: ignore[arg-type]
     request = CompletionRequest(
         model=provider.default_model,
         messages=[{"role": "user", "content": STORY}],
@@ -134,13 +139,305 @@ async def test_closing_a_local_stream_stops_sampling_and_frees_the_slot() -> Non
         async for chunk in chunks:
             if chunk.text:
                 break
-        assert provider.free_slots == 0
+        assert provider.free_sequences == 0
         await chunks.aclose()
         async with asyncio.timeout(scaled(5)):
-            while provider.free_slots == 0:  # noqa: ASYNC110 - set from the worker thread
+            while provider.free_sequences == 0:  # noqa: ASYNC110 - set from the engine thread
                 await asyncio.sleep(0.001)
+        assert provider.running == 0
     finally:
         await provider.aclose()
+
+
+# --------------------------------------------------------------------------- batching
+# The provider itself, several answers at once in one batch.
+
+
+@pytest.fixture
+async def make_provider() -> AsyncIterator[Callable[..., LocalProvider]]:
+    """``make_provider(**options)``: a LocalProvider on the bundled model, closed after."""
+    made: list[LocalProvider] = []
+
+    def make(**options: Any) -> LocalProvider:
+        options.setdefault("threads", 1)
+        provider = LocalProvider(MODEL, **options)  # type: ignore[arg-type]
+        made.append(provider)
+        return provider
+
+    yield make
+    for provider in made:
+        await provider.aclose()
+
+
+def ask(
+    provider: LocalProvider, content: str = STORY, *, temperature: float = 0.7, max_tokens: int = 40
+) -> CompletionRequest:
+    return CompletionRequest(
+        model=provider.default_model,
+        messages=[{"role": "user", "content": content}],
+        temperature=temperature,
+        max_tokens=max_tokens,
+    )
+
+
+@dataclass
+class Received:
+    """What one stream yielded, each chunk with its monotonic arrival time."""
+
+    chunks: list[tuple[float, Chunk]] = field(default_factory=list)
+
+    @property
+    def text_times(self) -> list[float]:
+        return [at for at, chunk in self.chunks if chunk.text]
+
+    @property
+    def text(self) -> str:
+        return "".join(chunk.text for _, chunk in self.chunks)
+
+    @property
+    def last(self) -> Chunk:
+        return self.chunks[-1][1]
+
+    @property
+    def queue_positions(self) -> list[int]:
+        return [c.queue_position for _, c in self.chunks if c.queue_position is not None]
+
+
+async def receive(stream: AsyncIterator[Chunk], into: Received | None = None) -> Received:
+    """Read ``stream`` to its end, noting when each chunk came."""
+    received = into if into is not None else Received()
+    async for chunk in stream:
+        received.chunks.append((time.monotonic(), chunk))
+    return received
+
+
+async def until_text(stream: AsyncIterator[Chunk], received: Received) -> None:
+    """Read ``stream`` until its first text (or its end)."""
+    async with asyncio.timeout(scaled(30)):
+        with contextlib.suppress(StopAsyncIteration):
+            while not received.text_times:
+                received.chunks.append((time.monotonic(), await anext(stream)))
+
+
+async def until_settled(provider: LocalProvider) -> None:
+    """Wait until the engine has let go of every answer (it does so from its thread)."""
+    async with asyncio.timeout(scaled(10)):
+        while provider.running or provider.free_sequences < provider.max_sequences:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
+async def assert_cache_accounted(provider: LocalProvider) -> None:
+    """Each sequence's KV cells are exactly the tokens the engine keeps for it: one
+    run of positions from 0 (an ended answer's, kept for a prompt that begins the
+    same), or none."""
+    for first, last, held in await provider.cache_report():
+        assert (first, last) == ((0, held - 1) if held else (-1, -1)), (first, last, held)
+
+
+@needs_model
+async def test_two_answers_stream_at_once_their_tokens_interleaved(make_provider: Any) -> None:
+    provider = make_provider(max_sequences=2)
+    first, second = await asyncio.gather(
+        receive(provider.stream(ask(provider, max_tokens=40))),
+        receive(provider.stream(ask(provider, max_tokens=40))),
+    )
+    a, b = first.text_times, second.text_times
+    assert len(a) >= 10 and len(b) >= 10, (first.text, second.text)
+    assert b[0] < a[-1] and a[0] < b[-1]  # neither waited for the other's end
+    assert sum(b[0] < t < b[-1] for t in a) >= 5  # and they alternate all along
+    assert sum(a[0] < t < a[-1] for t in b) >= 5
+    assert first.last.finish_reason and second.last.finish_reason
+    assert first.queue_positions == second.queue_positions == []  # nobody waited
+
+
+@needs_model
+async def test_closing_one_answer_leaves_the_other_running_to_its_end(make_provider: Any) -> None:
+    provider = make_provider(max_sequences=2)
+    leaving = provider.stream(ask(provider, max_tokens=1000))
+    staying = provider.stream(ask(provider, max_tokens=60))
+    left, stayed = Received(), Received()
+    await asyncio.gather(until_text(leaving, left), until_text(staying, stayed))
+    assert provider.running == 2
+    await leaving.aclose()
+
+    await receive(staying, stayed)
+    assert stayed.last.finish_reason in ("stop", "length")
+    assert stayed.last.usage is not None
+    await until_settled(provider)
+    await assert_cache_accounted(provider)
+
+
+@needs_model
+async def test_an_answer_beyond_the_batch_is_told_its_place_then_starts(
+    make_provider: Any,
+) -> None:
+    provider = make_provider(max_sequences=2, queue_size=1)
+    running = [provider.stream(ask(provider, max_tokens=1000)) for _ in range(2)]
+    seen = [Received(), Received()]
+    await asyncio.gather(*(until_text(s, r) for s, r in zip(running, seen, strict=True)))
+
+    third = provider.stream(ask(provider, "Say hi.", max_tokens=20))
+    waited = Received()
+    waited.chunks.append((time.monotonic(), await anext(third)))
+    assert waited.queue_positions == [1]
+    assert provider.waiting == 1
+
+    fourth = provider.stream(ask(provider, "Say hi.", max_tokens=20))
+    with pytest.raises(ModelBusy, match="GATEWAY_LOCAL_QUEUE_SIZE"):
+        await anext(fourth)
+
+    await running[0].aclose()  # its sequence goes to the third answer
+    async with asyncio.timeout(scaled(30)):
+        await receive(third, waited)
+    chunks = [chunk for _, chunk in waited.chunks]
+    assert [c.queue_position for c in chunks[:2]] == [1, 0]
+    assert all(c.queue_position is None for c in chunks[2:])
+    assert all(not c.text and c.finish_reason is None for c in chunks[:2])  # before any text
+    assert waited.text and waited.last.finish_reason
+    await running[1].aclose()
+
+
+@needs_model
+async def test_places_in_line_move_up_when_an_answer_ahead_leaves(make_provider: Any) -> None:
+    provider = make_provider(max_sequences=1, queue_size=2)
+    running = provider.stream(ask(provider, max_tokens=1000))
+    await until_text(running, Received())
+    second = provider.stream(ask(provider, "Say hi.", max_tokens=10))
+    third = provider.stream(ask(provider, "Say hi.", max_tokens=10))
+    assert (await anext(second)).queue_position == 1
+    assert (await anext(third)).queue_position == 2
+
+    await second.aclose()  # leaves the line: the third moves up
+    assert (await anext(third)).queue_position == 1
+    await running.aclose()
+    assert (await anext(third)).queue_position == 0
+    rest = await receive(third)
+    assert rest.text and rest.last.finish_reason and rest.queue_positions == []
+
+
+@needs_model
+async def test_nothing_leaks_after_many_answers_some_cancelled(make_provider: Any) -> None:
+    provider = make_provider(max_sequences=4, queue_size=64)
+
+    async def one(index: int) -> None:
+        stream = provider.stream(ask(provider, f"Count to {index}.", max_tokens=1 + index % 8))
+        if index % 5 == 0:  # closed at its first text
+            await until_text(stream, Received())
+            await stream.aclose()
+        elif index % 7 == 0:  # closed while waiting in line, or just after it started
+            await anext(stream)
+            await stream.aclose()
+        else:
+            assert (await receive(stream)).last.finish_reason in ("stop", "length")
+
+    async with asyncio.timeout(scaled(120)):
+        await asyncio.gather(*(one(i) for i in range(50)))
+    await until_settled(provider)
+    assert provider.running == 0 and provider.waiting == 0
+    assert provider.free_sequences == 4
+    await assert_cache_accounted(provider)
+    # And it still answers.
+    assert (await receive(provider.stream(ask(provider, max_tokens=3)))).last.finish_reason
+
+
+@needs_model
+async def test_each_answer_samples_on_its_own_greedy_stays_greedy_in_a_batch(
+    make_provider: Any,
+) -> None:
+    provider = make_provider(max_sequences=3)
+    prompt = "Tell me about cats."
+    alone = await receive(provider.stream(ask(provider, prompt, temperature=0, max_tokens=30)))
+
+    hot = provider.stream(ask(provider, STORY, temperature=1.0, max_tokens=200))
+    beside_hot = Received()
+    await until_text(hot, beside_hot)  # the greedy one joins a running batch
+    greedy = await receive(provider.stream(ask(provider, prompt, temperature=0, max_tokens=30)))
+    await hot.aclose()
+
+    assert greedy.text == alone.text
+    assert greedy.last.usage is not None and greedy.last.usage["completion_tokens"] >= 1
+
+
+@needs_model
+async def test_usage_counts_the_prompt_as_fed_and_the_answer(make_provider: Any) -> None:
+    provider = make_provider()
+    short = await receive(provider.stream(ask(provider, STORY, max_tokens=5)))
+    assert short.last.finish_reason == "length"
+    usage = short.last.usage
+    assert usage is not None
+    assert usage["completion_tokens"] == 5
+    assert usage["prompt_tokens"] > len(STORY.split())  # the template's markers too
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 5
+
+    # A history longer than one sequence's context is trimmed, oldest turns first:
+    # the prompt fed (and counted) fits with room for the answer.
+    small = make_provider(context_tokens=256)
+    turn = "word " * 60
+    history = [
+        {"role": role, "content": f"{n} {turn}"}
+        for n in range(10)
+        for role in ("user", "assistant")
+    ] + [{"role": "user", "content": "Say hi."}]
+    request = CompletionRequest(small.default_model, history, temperature=0.7, max_tokens=20)
+    trimmed = await receive(small.stream(request))
+    usage = trimmed.last.usage
+    assert usage is not None
+    assert usage["prompt_tokens"] + 20 <= 256
+
+    too_long = CompletionRequest(
+        small.default_model, [{"role": "user", "content": turn * 10}], 0.7, 20
+    )
+    with pytest.raises(UpstreamError) as error:
+        await receive(small.stream(too_long))
+    assert error.value.code == "context_too_long"
+    await until_settled(small)
+
+
+@needs_model
+async def test_a_rooms_next_message_reuses_its_history_already_in_the_cache(
+    make_provider: Any,
+) -> None:
+    provider = make_provider(max_sequences=2)
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": STORY}]
+    request = CompletionRequest(provider.default_model, messages, temperature=0.7, max_tokens=20)
+    first = await receive(provider.stream(request))
+    assert first.last.usage is not None
+    assert first.last.usage["prompt_tokens_details"]["cached_tokens"] == 0
+
+    # Another room meanwhile, with the same persona: it takes the other sequence
+    # rather than the one holding the first room's history.
+    other = [messages[0], {"role": "user", "content": "Say hi."}]
+    request = CompletionRequest(provider.default_model, other, temperature=0.7, max_tokens=5)
+    await receive(provider.stream(request))
+
+    # The next message: the history so far, the answer, a new question.
+    followed = [*messages, {"role": "assistant", "content": first.text}]
+    followed.append({"role": "user", "content": "And then?"})
+    request = CompletionRequest(provider.default_model, followed, temperature=0.7, max_tokens=20)
+    second = await receive(provider.stream(request))
+    usage = second.last.usage
+    assert usage is not None
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= first.last.usage["prompt_tokens"]
+    assert usage["prompt_tokens"] > usage["prompt_tokens_details"]["cached_tokens"]
+    await until_settled(provider)
+    await assert_cache_accounted(provider)
+
+
+@needs_model
+async def test_closing_the_provider_ends_running_and_waiting_answers(make_provider: Any) -> None:
+    provider = make_provider(max_sequences=1)
+    running = provider.stream(ask(provider, max_tokens=1000))
+    await until_text(running, Received())
+    waiting = provider.stream(ask(provider, max_tokens=10))
+    assert (await anext(waiting)).queue_position == 1
+
+    await provider.aclose()
+    for stream in (running, waiting):
+        with pytest.raises(UpstreamError) as error:
+            await receive(stream)
+        assert error.value.code == "upstream_unavailable"
+    with pytest.raises(UpstreamError, match="shutting down"):
+        await anext(provider.stream(ask(provider)))
 
 
 # --------------------------------------------------------------------------- regenerate
