@@ -126,6 +126,48 @@ async def test_cancel_stops_the_local_model_and_keeps_the_partial_answer(
 
 
 @needs_model
+async def test_rooms_answer_together_and_one_beyond_the_batch_hears_its_place_in_line(
+    start_gateway: Any, connect: Any
+) -> None:
+    gateway = start_gateway(
+        provider="local",
+        openai_base_url=None,
+        openai_api_key=None,
+        default_model=None,
+        local_slots=2,
+    )
+    rooms = [await create_room(gateway, max_tokens=m) for m in (80, 80, 20)]
+    clients = [await connect(room["id"], gateway_=gateway) for room in rooms]
+    arrivals: list[list[float]] = [[], []]
+
+    async def tokens_of(index: int) -> dict[str, Any]:
+        while (frame := await clients[index].recv(timeout=60))["type"] != "done":
+            if frame["type"] == "token":
+                arrivals[index].append(time.monotonic())
+        return frame
+
+    for client in clients[:2]:
+        await client.send({"type": "send", "content": STORY})
+    together = asyncio.gather(tokens_of(0), tokens_of(1))
+    async with asyncio.timeout(scaled(30)):
+        while not arrivals[0]:  # both streaming: the batch is full
+            await asyncio.sleep(0.01)
+    await clients[2].send({"type": "send", "content": "Say hi."})
+    last = await answer(clients[2], 120)
+    await together
+
+    a, b = arrivals
+    assert len(a) >= 10 and len(b) >= 10
+    assert sum(b[0] < t < b[-1] for t in a) >= 5  # the two rooms' tokens interleave
+    queue = [f["position"] for f in clients[2].of_type("queue")]
+    assert queue[0] == 1 and queue[-1] == 0, queue  # 1st in line, then started
+    assert last["type"] == "done" and last["message"]["content"]
+    assert last["usage"]["total_tokens"] == (
+        last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
+    )
+
+
+@needs_model
 async def test_closing_a_local_stream_stops_sampling_and_frees_the_sequence() -> None:
     provider = LocalProvider(MODEL, threads=1, max_sequences=1)  # type: ignore[arg-type]
     request = CompletionRequest(
