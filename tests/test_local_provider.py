@@ -139,19 +139,20 @@ async def test_rooms_answer_together_and_one_beyond_the_batch_hears_its_place_in
     rooms = [await create_room(gateway, max_tokens=m) for m in (80, 80, 20)]
     clients = [await connect(room["id"], gateway_=gateway) for room in rooms]
     arrivals: list[list[float]] = [[], []]
+    streaming = asyncio.Event()  # tokens come: both rooms are in the batch, it is full
 
     async def tokens_of(index: int) -> dict[str, Any]:
         while (frame := await clients[index].recv(timeout=60))["type"] != "done":
             if frame["type"] == "token":
                 arrivals[index].append(time.monotonic())
+                streaming.set()
         return frame
 
     for client in clients[:2]:
         await client.send({"type": "send", "content": STORY})
     together = asyncio.gather(tokens_of(0), tokens_of(1))
     async with asyncio.timeout(scaled(30)):
-        while not arrivals[0]:  # both streaming: the batch is full
-            await asyncio.sleep(0.01)
+        await streaming.wait()
     await clients[2].send({"type": "send", "content": "Say hi."})
     last = await answer(clients[2], 120)
     await together
