@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway import installed_version, logs
@@ -112,23 +112,11 @@ class _NoCall:
         pass
 
 
-class _Nothing(AbstractContextManager[Any]):
-    """A context manager that does nothing and gives ``value``."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __enter__(self) -> Any:
-        return self.value
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
-
-
 class _NoTrace:
     def __init__(self) -> None:
-        self._step = _Nothing(None)
-        self._upstream = _Nothing(_NoCall())
+        # One of each, reused: a nullcontext may be entered any number of times.
+        self._step = nullcontext()
+        self._upstream = nullcontext(_NoCall())
 
     def step(self, name: str, **attributes: Any) -> AbstractContextManager[None]:
         return self._step
@@ -150,7 +138,7 @@ NO_TRACE: AnswerTrace = _NoTrace()
 
 class _NoTracing:
     def __init__(self) -> None:
-        self._answer = _Nothing(NO_TRACE)
+        self._answer = nullcontext(NO_TRACE)
 
     def answer(
         self, action: str, room_id: str, generation_id: str
