@@ -18,6 +18,12 @@ Runs the gateway in this process (uvicorn on this script's event loop, provider
    the process: one answer, then N answers started ``--stagger`` s apart.
 5. **cancel** — on the provider itself: start a stream, read a few chunks, close
    it, and time until sampling has stopped and its sequence is free again.
+6. **ceiling** — llama.cpp alone, no engine: the time of a decode carrying one
+   answer's next token (on the threads the engine gives one token) and of one
+   carrying N answers' next tokens (on its batch threads), each after the same
+   prompt. N x the first / the second is the most any engine built on llama.cpp can
+   gain from decoding N answers together on this machine: phase 4's ratio is judged
+   against it.
 
 With ``--baseline-module PATH`` (a copy of an earlier ``gateway/providers/local.py``)
 phases 2 to 5 run on that engine too, in the same run, runs taking turns between the
@@ -57,7 +63,14 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.app import create_app  # noqa: E402
 from gateway.providers.base import CompletionRequest  # noqa: E402
-from gateway.providers.local import PREFILL_CHUNK, LocalProvider, check_available  # noqa: E402
+from gateway.providers.local import (  # noqa: E402
+    PREFILL_CHUNK,
+    LocalProvider,
+    _Model,
+    check_available,
+    default_batch_threads,
+    default_threads,
+)
 from gateway.server import uvicorn_options  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
 
@@ -457,6 +470,67 @@ async def measure_cancel(args: argparse.Namespace, engine: str) -> list[float]:
     return latencies
 
 
+def measure_ceiling(args: argparse.Namespace, steps: int = 96) -> dict[str, Any]:
+    """Decode times straight from llama.cpp (a thread of its own, like the engine's):
+    one sequence's next token alone, then the next token of ``args.rooms`` sequences
+    at once, blocks of each taking turns; every sequence first reads the same
+    storyteller prompt as the other phases."""
+    import llama_cpp
+
+    threads = args.threads or default_threads()
+    batch_threads = args.batch_threads or args.threads or default_batch_threads()
+    model = _Model(
+        llama_cpp,
+        check_available(None),
+        context_tokens=4096,
+        max_sequences=args.rooms,
+        threads=threads,
+        batch_threads=batch_threads,
+        flash_attention=args.flash_attention,
+    )
+    lib, batch = model.lib, model.batch
+    messages = [
+        {"role": "system", "content": f"Room 0: {STORYTELLER}"},
+        {"role": "user", "content": PROMPT},
+    ]
+    prompt = model.prompt(messages)
+    positions = [0] * args.rooms
+
+    def decode(tokens: list[tuple[int, int]]) -> float:
+        """Decode ``(sequence, token)`` pairs, each at its sequence's next position,
+        logits for all; returns the seconds llama_decode took."""
+        for index, (seq_id, token) in enumerate(tokens):
+            batch.token[index], batch.pos[index] = token, positions[seq_id]
+            batch.n_seq_id[index], batch.seq_id[index][0] = 1, seq_id
+            batch.logits[index] = True
+            positions[seq_id] += 1
+        batch.n_tokens = len(tokens)
+        start = now()
+        status = lib.llama_decode(model.ctx, batch)
+        assert status == 0, status
+        return now() - start
+
+    try:
+        for seq_id in range(args.rooms):
+            decode([(seq_id, token) for token in prompt])
+        one: list[float] = []
+        together: list[float] = []
+        token = prompt[-1]  # which token is fed does not change a decode's cost
+        for _ in range(steps // 8):
+            one += [decode([(0, token)]) for _ in range(8)]
+            together += [decode([(i, token) for i in range(args.rooms)]) for _ in range(8)]
+    finally:
+        model.close()
+    t1, tn = statistics.median(one), statistics.median(together)
+    return {
+        "threads": threads,
+        "batch_threads": batch_threads,
+        "one_ms": t1 * 1000,
+        "together_ms": tn * 1000,
+        "ceiling": args.rooms * t1 / tn,
+    }
+
+
 def report(name: str, results: dict[str, Any], out: Any) -> None:
     print(f"\n== {name} engine", file=out)
     print("milliseconds:", file=out)
@@ -507,6 +581,15 @@ def report(name: str, results: dict[str, Any], out: Any) -> None:
         file=out,
     )
     print(summary("cancel -> sequence free", results["cancel"]), file=out)
+    if ceiling := results.get("ceiling"):
+        n = len(runs[0]["ttft"])
+        print(
+            f"llama.cpp alone (no engine): one token {ceiling['one_ms']:.1f} ms on "
+            f"{ceiling['threads']} thread(s), {n} answers' tokens {ceiling['together_ms']:.1f} ms "
+            f"on {ceiling['batch_threads']}: at most {ceiling['ceiling']:.2f}x one answer's "
+            f"tokens/s on this machine (the engine alone reached {together / alone:.2f}x)",
+            file=out,
+        )
 
 
 async def main() -> None:
@@ -538,6 +621,7 @@ async def main() -> None:
         results[engine]["engine"] = figures
     for engine in engines:
         results[engine]["cancel"] = await measure_cancel(args, engine)
+    results["new"]["ceiling"] = await asyncio.to_thread(measure_ceiling, args)
 
     if args.json:
         print(json.dumps(results, indent=1))

@@ -588,26 +588,36 @@ class _Engine:
             sequence.feeding += 1
             count += 1
 
-        generating = False
+        # What each answer feeds: its next token, or (first come, first read) a chunk
+        # of its prompt; while others generate a short chunk rides along, alone a
+        # full batch.
+        feeds: list[tuple[_Sequence, list[int]]] = []
         for sequence in self._sequences:
             sequence.feeding, sequence.output = 0, -1
             if sequence.next_token is not None:
-                put(sequence, sequence.next_token, True)
-                generating = True
-        # While others generate, a short chunk of prompt rides along; alone, a full batch.
-        budget = min(self._prefill_chunk, BATCH_TOKENS - count) if generating else BATCH_TOKENS
+                feeds.append((sequence, [sequence.next_token]))
+        budget = min(self._prefill_chunk, BATCH_TOKENS - len(feeds)) if feeds else BATCH_TOKENS
         for sequence in self._sequences:
             if budget <= 0:
                 break
             if sequence.next_token is None:
-                start = sequence.fed
-                end = min(len(sequence.prompt), start + budget)
-                for token in sequence.prompt[start:end]:
-                    put(sequence, token, False)
-                budget -= end - start
-                if end == len(sequence.prompt):
-                    batch.logits[count - 1] = True
-                    sequence.output = count - 1
+                chunk = sequence.prompt[sequence.fed : sequence.fed + budget]
+                feeds.append((sequence, chunk))
+                budget -= len(chunk)
+        # In sequence id order: with a KV stream per sequence, llama.cpp decodes a
+        # batch as one pass per run of consecutive ids in the order it meets them
+        # (split_equal, "sequential"), so answers on ids 2, 0, 3, 1 cost three or
+        # four passes, on 0, 1, 2, 3 one.
+        feeds.sort(key=lambda feed: feed[0].id)
+        for sequence, tokens in feeds:
+            last = len(tokens) - 1
+            ends_prompt = sequence.fed + len(tokens) == len(sequence.prompt)
+            for index, token in enumerate(tokens):
+                put(
+                    sequence,
+                    token,
+                    index == last and (sequence.next_token is not None or ends_prompt),
+                )
         if count == 0:
             return released
         batch.n_tokens = count
