@@ -22,7 +22,13 @@ import pytest
 from gateway.app import choose_provider
 from gateway.errors import ModelBusy, UpstreamError
 from gateway.providers.base import Chunk, CompletionRequest
-from gateway.providers.local import LocalModelMissing, LocalProvider, check_available
+from gateway.providers.local import (
+    LocalModelMissing,
+    LocalProvider,
+    check_available,
+    choose_sequence,
+    passes,
+)
 from gateway.settings import SettingsError
 from tests.conftest import Client, console_script, create_room, scaled
 
@@ -464,6 +470,52 @@ async def test_a_rooms_next_message_reuses_its_history_already_in_the_cache(
     assert usage["prompt_tokens"] > usage["prompt_tokens_details"]["cached_tokens"]
     await until_settled(provider)
     await assert_cache_accounted(provider)
+
+
+# Which sequence id a new answer takes (no model needed: the choice is pure).
+
+
+def test_a_batch_costs_a_pass_per_run_of_consecutive_sequence_ids() -> None:
+    assert passes(set()) == 0
+    assert passes({0, 1, 2, 3}) == passes({2}) == 1
+    assert passes({0, 2, 3}) == 2
+    assert passes({0, 2}) == passes({1, 3}) == 2
+
+
+def choose(prompt: list[int], cached: list[list[int]], running: set[int], **kw: Any) -> int:
+    idle = [i for i in range(len(cached)) if i not in running]
+    last_used = kw.pop("last_used", [0] * len(cached))
+    seq_id, _ = choose_sequence(
+        prompt, idle=idle, running=running, cached=cached, last_used=last_used, worth_keeping=64
+    )
+    return seq_id
+
+
+def test_a_new_answer_takes_an_id_next_to_the_running_ones() -> None:
+    # Answers run on 2 and 3; id 0 was used least recently, but taking it would
+    # split the batch into two passes: id 1 keeps it one.
+    cached = [[7] * 30, [8] * 30, [], []]
+    assert choose([1] * 40, cached, running={2, 3}, last_used=[1, 2, 3, 4]) == 1
+
+
+def test_a_rooms_long_history_in_the_cache_wins_over_adjacency() -> None:
+    history = list(range(500))
+    cached = [[9] * 30, [8] * 30, [7] * 30, history]
+    prompt = [*history, 1, 2, 3]
+    assert choose(prompt, cached, running={0}) == 3  # 500 tokens not read again
+
+
+def test_a_short_shared_beginning_does_not_outweigh_adjacency() -> None:
+    system = list(range(20))  # the same persona: id 3 would spare reading 20 tokens
+    cached = [[], [], [], [*system, 6]]
+    assert choose([*system, 7, 7], cached, running={0}) == 1
+
+
+def test_among_adjacent_ids_the_one_holding_nothing_of_worth_is_taken() -> None:
+    # 1 and 3 both keep the batch in one pass (running 2); 3 holds another room's
+    # long history, 1 nothing: 1 is taken, the history stays.
+    cached = [[], [], [], list(range(300))]
+    assert choose([4] * 40, cached, running={2}) == 1
 
 
 @needs_model

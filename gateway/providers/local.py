@@ -22,12 +22,16 @@ thread-safe) and loops:
 
 1. admit new answers: trim the history to the context (:meth:`LocalProvider._fit`),
    format it with the GGUF's own chat template (as ``create_chat_completion`` would)
-   and tokenize it; take the free sequence id whose cells already hold the longest
-   beginning of that prompt (a room's next message starts with its whole history);
+   and tokenize it; take the free sequence id whose cells already hold a long
+   beginning of that prompt (a room's next message starts with its whole history),
+   else one next to the running ids (:func:`choose_sequence`);
 2. drop the answers whose consumer went away;
 3. build ONE batch: the next token of every answer that is generating, then up to
    ``prefill_chunk`` prompt tokens of answers still reading their prompt (a full
-   batch when nothing else runs), and decode it;
+   batch when nothing else runs), laid out in sequence id order, and decode it.
+   With a KV stream per sequence, llama.cpp computes a batch in one pass per run
+   of consecutive sequence ids, taken in the batch's order: answers on ids 0-3 in
+   order cost one pass, on 2, 0, 3, 1 three, hence the order and the choice of ids;
 4. sample every answer that got logits, each with its own sampler; turn the token
    into text (bytes held back until they make whole UTF-8 characters); end the
    answer at an end-of-generation token, at its ``max_tokens`` or when its context
@@ -65,6 +69,7 @@ import contextlib
 import ctypes
 import importlib.resources
 import io
+import itertools
 import logging
 import os
 import random
@@ -394,6 +399,45 @@ def _common_prefix(cached: list[int], prompt: list[int]) -> int:
     return count
 
 
+def passes(ids: set[int]) -> int:
+    """How many passes llama.cpp makes to decode a batch with one token of each of
+    ``ids`` (in id order): one per run of consecutive ids."""
+    ordered = sorted(ids)
+    return int(bool(ordered)) + sum(b != a + 1 for a, b in itertools.pairwise(ordered))
+
+
+def choose_sequence(
+    prompt: list[int],
+    *,
+    idle: list[int],
+    running: set[int],
+    cached: list[list[int]],
+    last_used: list[int],
+    worth_keeping: int,
+) -> tuple[int, int]:
+    """The idle sequence id a new answer takes, and how many of its prompt's tokens
+    that id's KV cells already hold.
+
+    In this order: the id holding the longest beginning of the prompt when that is
+    worth a prompt chunk or more (a room's next message: its whole history so far)
+    and keeps at least half of what the id holds; else an id that keeps the running
+    ids consecutive (a gap costs every step of every running answer a pass of its
+    own, see :func:`passes`); then one whose cells hold nothing worth more to another
+    room (a room sharing only the system prompt does not wipe another's history);
+    then the longest shared beginning; then the least recently used. At least the
+    prompt's last token is decoded again, for its logits."""
+    reuse = {i: min(_common_prefix(cached[i], prompt), len(prompt) - 1) for i in idle}
+
+    def preference(i: int) -> tuple[int, int, bool, int, int]:
+        keeps_most = reuse[i] * 2 >= len(cached[i])
+        worth = reuse[i] if keeps_most and reuse[i] >= worth_keeping else 0
+        kept = reuse[i] if keeps_most else 0
+        return worth, -passes(running | {i}), keeps_most, kept, -last_used[i]
+
+    seq_id = max(idle, key=preference)
+    return seq_id, reuse[seq_id]
+
+
 class _Engine:
     """The thread that owns the model and runs every admitted answer in steps.
 
@@ -541,21 +585,14 @@ class _Engine:
                 exc = UpstreamError(f"the local model failed: {exc}", code="upstream_error")
             items += [(answer, exc), (answer, None)]
             return 1
-        # Which idle id: the one whose cells hold the longest beginning of this
-        # prompt (a room's next message: its whole history so far), among those it
-        # would keep at least half of; else the least recently used one, so a room
-        # sharing only the system prompt does not wipe another room's history. At
-        # least the prompt's last token is decoded again, for its logits.
-        reuse = {
-            i: min(_common_prefix(self._cached[i], prompt), len(prompt) - 1) for i in self._idle
-        }
-
-        def preference(i: int) -> tuple[bool, int, int]:
-            keeps_most = reuse[i] * 2 >= len(self._cached[i])
-            return keeps_most, reuse[i] if keeps_most else 0, -self._last_used[i]
-
-        seq_id = max(self._idle, key=preference)
-        reused = reuse[seq_id]
+        seq_id, reused = choose_sequence(
+            prompt,
+            idle=self._idle,
+            running={sequence.id for sequence in self._sequences},
+            cached=self._cached,
+            last_used=self._last_used,
+            worth_keeping=self._prefill_chunk,
+        )
         self._idle.remove(seq_id)
         self._admitted += 1
         self._last_used[seq_id] = self._admitted
