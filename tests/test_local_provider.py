@@ -472,6 +472,37 @@ async def test_a_rooms_next_message_reuses_its_history_already_in_the_cache(
     await assert_cache_accounted(provider)
 
 
+@needs_model
+async def test_a_step_lays_out_its_batch_in_sequence_id_order(make_provider: Any) -> None:
+    """Four rooms' follow-ups, admitted in the order 3, 2, 1, 0 (each to the id
+    holding its history), still make one batch in id order: llama.cpp computes a
+    batch in one pass per run of consecutive ids, in the order it meets them."""
+    provider = make_provider(max_sequences=4)
+    histories = []
+    for index in range(4):  # one after another: rooms 0-3 on ids 0-3
+        messages = [{"role": "user", "content": f"Room {index}. {STORY}"}]
+        request = CompletionRequest(provider.default_model, messages, 0.7, max_tokens=60)
+        first = await receive(provider.stream(request))
+        histories.append([*messages, {"role": "assistant", "content": first.text}])
+    streams = []
+    for messages in reversed(histories):
+        followed = [*messages, {"role": "user", "content": "And then?"}]
+        request = CompletionRequest(provider.default_model, followed, 0.7, max_tokens=400)
+        stream = provider.stream(request)
+        await until_text(stream, Received())
+        streams.append(stream)
+
+    def layout(engine: Any) -> list[int]:  # the last step's batch, one token an answer
+        batch = engine._model.batch
+        return [batch.seq_id[i][0] for i in range(batch.n_tokens)]
+
+    ids = await asyncio.wrap_future(provider._engine.call(layout))
+    for stream in streams:
+        await stream.aclose()
+    assert len(ids) >= 3, f"answers ended before the check: {ids}"
+    assert ids == sorted(ids)
+
+
 # Which sequence id a new answer takes (no model needed: the choice is pure).
 
 

@@ -31,7 +31,8 @@ thread-safe) and loops:
    batch when nothing else runs), laid out in sequence id order, and decode it.
    With a KV stream per sequence, llama.cpp computes a batch in one pass per run
    of consecutive sequence ids, taken in the batch's order: answers on ids 0-3 in
-   order cost one pass, on 2, 0, 3, 1 three, hence the order and the choice of ids;
+   order cost one pass, in the order 3, 2, 1, 0 four; hence the order, and the choice
+   of ids;
 4. sample every answer that got logits, each with its own sampler; turn the token
    into text (bytes held back until they make whole UTF-8 characters); end the
    answer at an end-of-generation token, at its ``max_tokens`` or when its context
@@ -643,8 +644,8 @@ class _Engine:
                 budget -= len(chunk)
         # In sequence id order: with a KV stream per sequence, llama.cpp decodes a
         # batch as one pass per run of consecutive ids in the order it meets them
-        # (split_equal, "sequential"), so answers on ids 2, 0, 3, 1 cost three or
-        # four passes, on 0, 1, 2, 3 one.
+        # (split_equal, "sequential"): answers on ids 0, 1, 2, 3 cost one pass, in
+        # the order 2, 0, 3, 1 two ({2, 3} then {0, 1}), 3, 2, 1, 0 four.
         feeds.sort(key=lambda feed: feed[0].id)
         for sequence, tokens in feeds:
             last = len(tokens) - 1
