@@ -503,6 +503,43 @@ async def test_a_step_lays_out_its_batch_in_sequence_id_order(make_provider: Any
     assert ids == sorted(ids)
 
 
+@needs_model
+async def test_an_answer_ending_in_the_middle_leaves_no_gap_and_the_moved_one_goes_on(
+    make_provider: Any,
+) -> None:
+    """Three answers on ids 0-2; the one on id 1 is stopped: the one on id 2 moves
+    down (its KV cells copied), so a step stays one pass, and it goes on exactly as
+    it would have (greedy: the same text as alone)."""
+    provider = make_provider(max_sequences=3)
+    prompt = "Tell me about cats."
+    alone = await receive(provider.stream(ask(provider, prompt, temperature=0, max_tokens=60)))
+    assert len(alone.text_times) >= 30, alone.text  # long enough to be moved midway
+
+    first = provider.stream(ask(provider, STORY, max_tokens=400))  # id 1 (0 holds alone's)
+    await until_text(first, Received())
+    greedy_stream = provider.stream(ask(provider, prompt, temperature=0, max_tokens=60))
+    greedy = Received()
+    await until_text(greedy_stream, greedy)  # id 2
+    third = provider.stream(ask(provider, f"{STORY} Make it sad.", max_tokens=400))  # id 0
+    await until_text(third, Received())
+
+    def layout(engine: Any) -> list[int]:  # the last step's batch, one token an answer
+        batch = engine._model.batch
+        return [batch.seq_id[i][0] for i in range(batch.n_tokens)]
+
+    assert await asyncio.wrap_future(provider._engine.call(layout)) == [0, 1, 2]
+    await first.aclose()
+    while len(greedy.text_times) < 10:  # a few steps after the move
+        greedy.chunks.append((time.monotonic(), await anext(greedy_stream)))
+    assert await asyncio.wrap_future(provider._engine.call(layout)) == [0, 1]
+    await receive(greedy_stream, greedy)
+    await third.aclose()
+
+    assert greedy.text == alone.text
+    await until_settled(provider)
+    await assert_cache_accounted(provider)
+
+
 # Which sequence id a new answer takes (no model needed: the choice is pure).
 
 
