@@ -18,7 +18,10 @@ Runs the gateway in this process (uvicorn on this script's event loop, provider
    the process: one answer, then N answers started ``--stagger`` s apart.
 5. **cancel** — on the provider itself: start a stream, read a few chunks, close
    it, and time until sampling has stopped and its sequence is free again.
-6. **ceiling** — llama.cpp alone, no engine: the time of a decode carrying one
+6. **gap** — on the provider: three answers, the middle one short; the two left,
+   after it ended, against two answers alone together (an engine that leaves the
+   gap pays llama.cpp a pass per answer each step).
+7. **ceiling** — llama.cpp alone, no engine: the time of a decode carrying one
    answer's next token (on the threads the engine gives one token) and of one
    carrying N answers' next tokens (on its batch threads), each after the same
    prompt. N x the first / the second is the most any engine built on llama.cpp can
@@ -391,13 +394,41 @@ async def provider_answer(provider: Any, tokens: int, delay: float = 0.0) -> dic
         temperature=0.7,
         max_tokens=tokens,
     )
-    sent, first, count = now(), None, 0
+    sent, times = now(), []
     async for chunk in provider.stream(request):
         if chunk.text:
-            first = first or now()
-            count += 1
-    assert first is not None
-    return {"sent": sent, "first": first, "end": now(), "tokens": count}
+            times.append(now())
+    assert times
+    return {"sent": sent, "first": times[0], "end": now(), "tokens": len(times), "times": times}
+
+
+def rate_between(answers: list[dict[str, Any]], start: float, end: float) -> float:
+    """Tokens/s of ``answers`` together between ``start`` and ``end``."""
+    return sum(start < t <= end for a in answers for t in a["times"]) / (end - start)
+
+
+async def measure_gap(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Three answers started 0.3 s apart on consecutive sequences, the middle one
+    stopping after 40 tokens: the other two's tokens/s after it ended, beside two
+    answers alone together (the same when the engine closed the gap it left)."""
+    provider = make_provider("new", args)
+    results: dict[str, list[float]] = {"two": [], "after_gap": []}
+    try:
+        await provider_answer(provider, 5)  # warm-up
+        for _ in range(args.room_runs):
+            two = await asyncio.gather(*(provider_answer(provider, args.tokens) for _ in range(2)))
+            start, end = max(a["first"] for a in two), min(a["end"] for a in two)
+            results["two"].append(rate_between(two, start, end))
+            first, middle, last = await asyncio.gather(
+                provider_answer(provider, args.tokens),
+                provider_answer(provider, 40, 0.3),
+                provider_answer(provider, args.tokens, 0.6),
+            )
+            end = min(first["end"], last["end"])
+            results["after_gap"].append(rate_between([first, last], middle["end"], end))
+    finally:
+        await provider.aclose()
+    return results
 
 
 async def measure_engines(args: argparse.Namespace, engines: list[str]) -> dict[str, Any]:
@@ -581,6 +612,13 @@ def report(name: str, results: dict[str, Any], out: Any) -> None:
         file=out,
     )
     print(summary("cancel -> sequence free", results["cancel"]), file=out)
+    if gap := results.get("gap"):
+        two, after = statistics.median(gap["two"]), statistics.median(gap["after_gap"])
+        print(
+            f"two answers left after a third on the sequence between them ended: "
+            f"{after:.1f} tokens/s (two alone together {two:.1f}/s, {after / two:.2f}x)",
+            file=out,
+        )
     if ceiling := results.get("ceiling"):
         n = len(runs[0]["ttft"])
         print(
@@ -621,6 +659,7 @@ async def main() -> None:
         results[engine]["engine"] = figures
     for engine in engines:
         results[engine]["cancel"] = await measure_cancel(args, engine)
+    results["new"]["gap"] = await measure_gap(args)
     results["new"]["ceiling"] = await asyncio.to_thread(measure_ceiling, args)
 
     if args.json:
