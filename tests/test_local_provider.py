@@ -472,6 +472,16 @@ async def test_a_rooms_next_message_reuses_its_history_already_in_the_cache(
     await assert_cache_accounted(provider)
 
 
+async def batch_layout(provider: LocalProvider) -> list[int]:
+    """The sequence id of each token in the engine's last step's batch."""
+
+    def layout(engine: Any) -> list[int]:
+        batch = engine._model.batch
+        return [batch.seq_id[i][0] for i in range(batch.n_tokens)]
+
+    return await asyncio.wrap_future(provider._engine.call(layout))
+
+
 @needs_model
 async def test_a_step_lays_out_its_batch_in_sequence_id_order(make_provider: Any) -> None:
     """Four rooms' follow-ups, admitted in the order 3, 2, 1, 0 (each to the id
@@ -492,11 +502,7 @@ async def test_a_step_lays_out_its_batch_in_sequence_id_order(make_provider: Any
         await until_text(stream, Received())
         streams.append(stream)
 
-    def layout(engine: Any) -> list[int]:  # the last step's batch, one token an answer
-        batch = engine._model.batch
-        return [batch.seq_id[i][0] for i in range(batch.n_tokens)]
-
-    ids = await asyncio.wrap_future(provider._engine.call(layout))
+    ids = await batch_layout(provider)
     for stream in streams:
         await stream.aclose()
     assert len(ids) >= 3, f"answers ended before the check: {ids}"
@@ -515,23 +521,21 @@ async def test_an_answer_ending_in_the_middle_leaves_no_gap_and_the_moved_one_go
     alone = await receive(provider.stream(ask(provider, prompt, temperature=0, max_tokens=60)))
     assert len(alone.text_times) >= 30, alone.text  # long enough to be moved midway
 
-    first = provider.stream(ask(provider, STORY, max_tokens=400))  # id 1 (0 holds alone's)
+    # Greedy all: each answer's length is the same every run, none ends too soon.
+    first = provider.stream(ask(provider, STORY, temperature=0, max_tokens=400))  # id 1
     await until_text(first, Received())
     greedy_stream = provider.stream(ask(provider, prompt, temperature=0, max_tokens=60))
     greedy = Received()
     await until_text(greedy_stream, greedy)  # id 2
-    third = provider.stream(ask(provider, f"{STORY} Make it sad.", max_tokens=400))  # id 0
+    sad = f"{STORY} Make it sad."
+    third = provider.stream(ask(provider, sad, temperature=0, max_tokens=400))  # id 0
     await until_text(third, Received())
 
-    def layout(engine: Any) -> list[int]:  # the last step's batch, one token an answer
-        batch = engine._model.batch
-        return [batch.seq_id[i][0] for i in range(batch.n_tokens)]
-
-    assert await asyncio.wrap_future(provider._engine.call(layout)) == [0, 1, 2]
+    assert await batch_layout(provider) == [0, 1, 2]
     await first.aclose()
     while len(greedy.text_times) < 10:  # a few steps after the move
         greedy.chunks.append((time.monotonic(), await anext(greedy_stream)))
-    assert await asyncio.wrap_future(provider._engine.call(layout)) == [0, 1]
+    assert await batch_layout(provider) == [0, 1]
     await receive(greedy_stream, greedy)
     await third.aclose()
 
