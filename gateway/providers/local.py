@@ -317,7 +317,7 @@ class _Model:
 
     def move(self, source: int, target: int) -> None:
         """Give ``source``'s KV cells to ``target`` (whose own are dropped). With a KV
-        stream per sequence, llama.cpp copies the stream's buffers (about 24 KB a
+        stream per sequence, llama.cpp copies the stream's buffers (about 23 KB a
         token of context: ~95 MB for 4096) at the start of the next decode."""
         self.forget(target)
         self.lib.llama_memory_seq_cp(self.memory, source, target, -1, -1)
